@@ -1,0 +1,187 @@
+"""The one dispatch point between the reference ops and the fused Triton kernels.
+
+Every hot operation of the model is called through this module. Which implementation runs
+is chosen by the backend:
+
+* ``"reference"``: plain PyTorch (``rwmn.reference``), any device.
+* ``"triton"``: the fused kernels of the ``kernels`` package. They run on CUDA tensors, and
+  on CPU tensors only under the Triton interpreter (``TRITON_INTERPRET=1``, for tests).
+  Asking for them where they cannot run raises :class:`BackendUnavailableError`; there is
+  no silent fallback.
+* ``"auto"``: triton for CUDA tensors when Triton is installed, else reference.
+
+The default comes from the environment variable ``RWMN_BACKEND`` (``"auto"`` when unset),
+read once at import; :func:`use_backend` overrides it inside a ``with`` block::
+
+    with rwmn.ops.use_backend("reference"):
+        logits = model(story, query, answers)
+
+The choice is held as an attribute of a module-level object rather than a ContextVar
+because TorchDynamo guards on such attributes (a compiled model recompiles when the
+backend changes) but cannot trace ContextVar reads. It is process-wide, not per thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import os
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from rwmn import reference
+
+BACKENDS = ("reference", "triton", "auto")
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run the op on these tensors."""
+
+
+def _check_backend(name: str, origin: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{origin}: unknown backend {name!r}; expected one of {BACKENDS}")
+    return name
+
+
+class _BackendState:
+    def __init__(self) -> None:
+        self.backend = _check_backend(os.environ.get("RWMN_BACKEND", "auto"), "RWMN_BACKEND")
+
+
+_STATE = _BackendState()
+
+
+def get_backend() -> str:
+    """The backend in force: the innermost :func:`use_backend`, else ``RWMN_BACKEND``."""
+    return _STATE.backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[str]:
+    """Run the ops inside the ``with`` block on backend ``name``."""
+    _check_backend(name, "use_backend")
+    previous = _STATE.backend
+    _STATE.backend = name
+    try:
+        yield name
+    finally:
+        _STATE.backend = previous
+
+
+def triton_available() -> bool:
+    """Whether the ``triton`` package is importable."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(op: str, *tensors: torch.Tensor) -> str:
+    """The concrete backend ("reference" or "triton") that runs ``op`` on ``tensors``."""
+    backend = _STATE.backend
+    on_cuda = all(t.is_cuda for t in tensors)
+    if backend == "reference":
+        return "reference"
+    if backend == "auto":
+        return "triton" if on_cuda and triton_available() else "reference"
+    if not triton_available():
+        raise BackendUnavailableError(
+            f"rwmn.ops.{op}: backend 'triton' was requested but the triton package is not "
+            "installed; install triton or use backend 'reference'"
+        )
+    if not on_cuda and not _interpreting():
+        devices = sorted({str(t.device) for t in tensors})
+        raise BackendUnavailableError(
+            f"rwmn.ops.{op}: backend 'triton' needs CUDA tensors (got {devices}); set "
+            "TRITON_INTERPRET=1 to run the kernels on the CPU interpreter, or use backend "
+            "'reference'"
+        )
+    return "triton"
+
+
+def _fused(module: str, name: str):
+    try:
+        return getattr(importlib.import_module(f"kernels.{module}"), name)
+    except (ImportError, AttributeError) as exc:
+        raise BackendUnavailableError(
+            f"rwmn.ops.{name}: no fused kernel kernels.{module}.{name} is available ({exc})"
+        ) from exc
+
+
+def _tensors(*items) -> tuple[torch.Tensor, ...]:
+    return tuple(t for t in items if isinstance(t, torch.Tensor))
+
+
+def cbp(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    h1: torch.Tensor,
+    s1: torch.Tensor,
+    h2: torch.Tensor,
+    s2: torch.Tensor,
+    out_dim: int,
+    sum_pool: bool = False,
+) -> torch.Tensor:
+    """Compact bilinear pooling; see :func:`rwmn.reference.cbp`."""
+    if resolve_backend("cbp", x, y) == "triton":
+        return _fused("cbp", "cbp")(x, y, h1, s1, h2, s2, out_dim, sum_pool)
+    return reference.cbp(x, y, h1, s1, h2, s2, out_dim, sum_pool)
+
+
+def memory_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: int,
+    relu: bool = True,
+) -> torch.Tensor:
+    """Strided full-width SAME convolution + bias + ReLU; see :func:`rwmn.reference.memory_conv`."""
+    if resolve_backend("memory_conv", *_tensors(x, weight, bias)) == "triton":
+        return _fused("memconv", "memory_conv")(x, weight, bias, stride, relu)
+    return reference.memory_conv(x, weight, bias, stride, relu)
+
+
+def attention_read(
+    rows: torch.Tensor, u: torch.Tensor, sharp: float, normalize: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention readout; see :func:`rwmn.reference.attention_read`."""
+    if resolve_backend("attention_read", rows, u) == "triton":
+        return _fused("attention", "attention_read")(rows, u, sharp, normalize)
+    return reference.attention_read(rows, u, sharp, normalize)
+
+
+def conv_attention_read(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: int,
+    u: torch.Tensor,
+    sharp: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last read layer fused with the readout; see :func:`rwmn.reference.conv_attention_read`."""
+    if resolve_backend("conv_attention_read", *_tensors(x, weight, bias, u)) == "triton":
+        return _fused("attention", "conv_attention_read")(x, weight, bias, stride, u, sharp)
+    return reference.conv_attention_read(x, weight, bias, stride, u, sharp)
+
+
+def read_network(
+    memory: torch.Tensor,
+    u: torch.Tensor,
+    hashes: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None],
+    strides: Sequence[int],
+    sharp: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's whole read network; see :func:`rwmn.reference.read_network`."""
+    if resolve_backend("read_network", memory, u, *weights) == "triton":
+        fused = _fused("read_network", "read_network")
+        return fused(memory, u, hashes, weights, biases, strides, sharp)
+    return reference.read_network(memory, u, hashes, weights, biases, strides, sharp)
+
+
+unit_norm = reference.unit_norm

@@ -1,0 +1,191 @@
+"""Plain-PyTorch reference implementations of RWMN's hot operations.
+
+These are the ground truth that the fused Triton kernels in ``kernels/`` are tested and
+benchmarked against, and they are what the model runs under the ``"reference"`` backend.
+Every function here is differentiable with ordinary autograd and works for any floating
+dtype; half-precision inputs are upcast where PyTorch requires it (FFT) and the result is
+cast back to the inputs' dtype.
+
+Shapes follow the model (SPEC.md): d is the memory width, C memory channels, m slots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+#: eps of unit_norm(x) = x / sqrt(eps + sum(x^2)), as in the released TensorFlow code.
+UNIT_NORM_EPS = 1e-12
+
+
+def unit_norm(x: torch.Tensor, eps: float = UNIT_NORM_EPS) -> torch.Tensor:
+    """x / sqrt(eps + sum(x^2)) along the last axis."""
+    return x * torch.rsqrt(eps + (x * x).sum(-1, keepdim=True))
+
+
+# --------------------------------------------------------------------------------------
+# Compact bilinear pooling
+# --------------------------------------------------------------------------------------
+
+
+def _fft_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    # torch.fft in half precision only accepts power-of-two sizes, and CBP sizes such as
+    # 300 or 16000 are not: compute in fp32 (fp64 when asked for it) and cast back.
+    if any(t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
+
+
+def count_sketch(x: torch.Tensor, h: torch.Tensor, s: torch.Tensor, out_dim: int) -> torch.Tensor:
+    """psi(x)_j = sum_{i: h(i) = j} s(i) x_i over the last axis of x.
+
+    x [..., n], h [n] integer in [0, out_dim), s [n] in {-1, +1}. Returns [..., out_dim].
+    """
+    out = x.new_zeros(*x.shape[:-1], out_dim)
+    return out.index_add(-1, h, x * s.to(x.dtype))
+
+
+def cbp(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    h1: torch.Tensor,
+    s1: torch.Tensor,
+    h2: torch.Tensor,
+    s2: torch.Tensor,
+    out_dim: int,
+    sum_pool: bool = False,
+) -> torch.Tensor:
+    """Compact bilinear pooling, CBP(x, y) = IFFT(FFT(psi_1(x)) * FFT(psi_2(y))).
+
+    x [..., n1] and y [..., n2]; their leading axes broadcast against each other, so one
+    question vector y [B, 1, 1, n2] pools every row of a memory x [C, m, n1] without being
+    tiled: each operand is sketched and transformed once. The result is the circular
+    convolution (mod out_dim) of the two sketches, shape [broadcast(...), out_dim].
+    With ``sum_pool`` the result is summed over every leading axis but the first (the
+    spatial positions of an [batch, H, W, C] input), giving [batch, out_dim].
+    """
+    out_dtype = torch.promote_types(x.dtype, y.dtype)
+    compute = _fft_dtype(x, y)
+    px = count_sketch(x.to(compute), h1, s1, out_dim)
+    py = count_sketch(y.to(compute), h2, s2, out_dim)
+    spec = torch.fft.rfft(px, n=out_dim) * torch.fft.rfft(py, n=out_dim)
+    out = torch.fft.irfft(spec, n=out_dim)
+    if sum_pool and out.dim() > 2:
+        out = out.sum(dim=tuple(range(1, out.dim() - 1)))
+    return out.to(out_dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Strided full-width memory convolution
+# --------------------------------------------------------------------------------------
+
+
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int, int]:
+    """TensorFlow SAME padding: (out, pad_before, pad_after) along one axis."""
+    out = -(-size // stride)
+    pad_total = max((out - 1) * stride + kernel - size, 0)
+    return out, pad_total // 2, pad_total - pad_total // 2
+
+
+def memory_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: int,
+    relu: bool = True,
+) -> torch.Tensor:
+    """One write/read layer: SAME conv with a kernel spanning the full width, bias, ReLU.
+
+    x [..., c_in, n, d], weight [c_out, c_in, k, d], bias [c_out] or None, stride (s, 1).
+    out[..., o, i, :] = relu(b_o + sum_{c, a} x[..., c, i*s + a - p, :] (*) w[o, c, a, :]),
+    (*) the SAME-padded correlation along the width. Returns [..., c_out, ceil(n/s), d].
+    """
+    c_out, c_in, k, d = weight.shape
+    if x.dim() < 3 or x.shape[-3] != c_in or x.shape[-1] != d:
+        raise ValueError(
+            f"memory_conv: input of shape {tuple(x.shape)} does not match a kernel of shape "
+            f"{tuple(weight.shape)} (expected [..., {c_in}, n, {d}])"
+        )
+    lead, n = x.shape[:-3], x.shape[-2]
+    _, top, bottom = same_padding(n, k, stride)
+    _, left, right = same_padding(d, d, 1)
+    x4 = F.pad(x.reshape(-1, c_in, n, d), (left, right, top, bottom))
+    out = F.conv2d(x4, weight, bias, stride=(stride, 1))
+    if relu:
+        out = F.relu(out)
+    return out.reshape(*lead, c_out, out.shape[-2], d)
+
+
+# --------------------------------------------------------------------------------------
+# Attention readout
+# --------------------------------------------------------------------------------------
+
+
+def attention_read(
+    rows: torch.Tensor, u: torch.Tensor, sharp: float, normalize: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """p = softmax(sharp * <u, r>) over the rows r, o = sum_r p_r r.
+
+    rows [B, R, d] (one memory per question) or [R, d] (one memory shared by all
+    questions), u [B, d]. With ``normalize`` every row is unit-normalised first (r is then
+    the normalised row in both formulas). Returns o [B, d] and p [B, R].
+    """
+    if normalize:
+        rows = unit_norm(rows)
+    if rows.dim() == 2:
+        logits = u @ rows.transpose(0, 1)
+    else:
+        logits = torch.einsum("brd,bd->br", rows, u)
+    p = torch.softmax(sharp * logits, dim=-1)
+    if rows.dim() == 2:
+        o = p @ rows
+    else:
+        o = torch.einsum("br,brd->bd", p, rows)
+    return o, p
+
+
+def conv_attention_read(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: int,
+    u: torch.Tensor,
+    sharp: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last read layer fused with the readout: attention_read over the rows of
+    memory_conv(x) (ReLU included), rows in (channel, slot) order.
+
+    x [B, c_in, n, d], u [B, d]. Returns o [B, d] and p [B, c_out * ceil(n/s)].
+    """
+    mr = memory_conv(x, weight, bias, stride)
+    return attention_read(mr.flatten(-3, -2), u, sharp, normalize=True)
+
+
+def read_network(
+    memory: torch.Tensor,
+    u: torch.Tensor,
+    hashes: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None],
+    strides: Sequence[int],
+    sharp: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's read network for B questions over one write memory.
+
+    memory [C, m, d] (the write network's output), u [B, d], hashes (h1, s1, h2, s2) of
+    the read CBP (output size d). Mq[b, c, i] = CBP(memory[c, i], u[b]); the read
+    convolutions run over Mq [B, C, m, d]; the readout attends over every (channel, slot)
+    row of the last one (at least one read layer). Returns o [B, d] and p [B, R].
+    """
+    if not weights:
+        raise ValueError("read_network needs at least one read layer")
+    h1, s1, h2, s2 = hashes
+    d = memory.shape[-1]
+    mq = cbp(memory.unsqueeze(0), u[:, None, None, :], h1, s1, h2, s2, d)
+    layers = list(zip(weights, biases, strides, strict=True))
+    for w, b, s in layers[:-1]:
+        mq = memory_conv(mq, w, b, s)
+    w, b, s = layers[-1]
+    return conv_attention_read(mq, w, b, s, u, sharp)
