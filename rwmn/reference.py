@@ -113,7 +113,8 @@ def memory_conv(
 
     x [..., c_in, n, d], weight [c_out, c_in, k, d], bias [c_out] or None, stride (s, 1).
     With T_{o,c,a}[t, j] = w[o, c, a, t - j + p_left] the d x d Toeplitz matrix of kernel
-    row (o, c, a), out[..., o, i, :] = relu(b_o + sum_{c,a} x[..., c, i*s + a - p_top, :] T_{o,c,a}),
+    row (o, c, a),
+    out[..., o, i, :] = relu(b_o + sum_{c,a} x[..., c, i*s + a - p_top, :] T_{o,c,a}),
     rows outside [0, n) being zero. Returns [..., c_out, ceil(n/s), d].
 
     Computed as one GEMM [rows, c_in*k*d] @ [c_in*k*d, c_out*d] over the strided row
