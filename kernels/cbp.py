@@ -425,6 +425,21 @@ def cbp_rows_backward(
     return gx, gy
 
 
+# Explicit fake (meta) kernels. triton_op would trace the bodies above instead, but under
+# TRITON_INTERPRET=1 wrap_triton hands back the interpreted kernel, which cannot run on
+# fake tensors; these keep shape propagation identical on every platform.
+@cbp_rows.register_fake
+def _cbp_rows_fake(x, y, xoff, yoff, h1, s1, h2, s2, out_dim):
+    return x.new_empty((*xoff.shape, out_dim), dtype=torch.promote_types(x.dtype, y.dtype))
+
+
+@cbp_rows_backward.register_fake
+def _cbp_rows_backward_fake(grad, x, y, xoff, yoff, h1, s1, h2, s2):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
+        y, memory_format=torch.contiguous_format
+    )
+
+
 def _setup_context(ctx, inputs, output) -> None:
     x, y, xoff, yoff, h1, s1, h2, s2, _ = inputs
     ctx.save_for_backward(x, y, xoff, yoff, h1, s1, h2, s2)
