@@ -22,9 +22,10 @@ with G_k = sum_j g_j w^{jk} (the same sketch-DFT with h(j) = j, s = 1). Nothing 
 from the forward: the backward recomputes X and Y from x and y.
 
 Kernels. One program owns BLOCK_R rows. Phase 1 walks the half spectrum in BLOCK_K tiles;
-each twiddle tile cos/sin(2 pi ((h(i) k) mod D) / D) is generated on the fly in registers
-(the phase index is reduced mod D in integer arithmetic first, so angles are exact for every
-D this module fuses) and contracted with the input rows on tensor cores (tl.dot). The
+each twiddle tile cos/sin(2 pi ((h(i) k) mod D) / D) is built on the fly in registers (the
+phase index is reduced mod D in integer arithmetic, then looked up in a 2 x D table of
+correctly rounded cos/sin, so no angle error grows with h k) and contracted with the input
+rows on tensor cores (tl.dot). D is a compile-time constant (one compilation per size). The
 complex products, scaled by c_k, go to a per-row workspace of 2 (forward) or 4 (backward)
 x (D//2 + 1) fp32 values. Phase 2, after a CTA barrier, contracts the workspace with the
 inverse twiddle tiles and writes each output element exactly once. The workspace is only
@@ -49,6 +50,7 @@ surrounding ops produced.
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 
 import torch
@@ -79,16 +81,16 @@ BLOCK_J = 64
 
 
 @triton.jit
-def _twiddle(a, b, D):
+def _twiddle(a, b, tab_ptr, D: tl.constexpr):
     """cos and sin of 2 pi (a b mod D) / D for int32 vectors a [A] and b [B] -> [A, B].
 
-    The product is reduced mod D in integers and folded into (-D/2, D/2] before the float
-    conversion, so the angle carries no error from large h * k and cos/sin see |angle|<=pi.
+    The phase index is reduced mod D in integers (exact for every fused D: a b < 2^31), then
+    looked up in the launcher's table of correctly rounded cos/sin of 2 pi p / D. With D a
+    constexpr the mod is a multiply-shift, and the lookup (an L1-resident gather of at most
+    2 x 16384 fp32) replaces tens of instructions of accurate cosf/sinf per element.
     """
     ph = (a[:, None] * b[None, :]) % D
-    ph = tl.where(2 * ph > D, ph - D, ph)
-    angle = ph.to(tl.float32) * (6.283185307179586 / D)
-    return tl.cos(angle), tl.sin(angle)
+    return tl.load(tab_ptr + ph), tl.load(tab_ptr + D + ph)
 
 
 @triton.jit
@@ -100,7 +102,8 @@ def _sketch_dft(
     s_ptr,
     N,
     ks,
-    D,
+    tab_ptr,
+    D: tl.constexpr,
     IDENTITY: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -127,7 +130,7 @@ def _sketch_dft(
         else:
             h = tl.load(h_ptr + ns, mask=nmask, other=0).to(tl.int32)
             s = tl.load(s_ptr + ns, mask=nmask, other=0.0).to(tl.float32)
-        cos, sin = _twiddle(h, ks, D)
+        cos, sin = _twiddle(h, ks, tab_ptr, D)
         re += tl.dot(v, cos * s[:, None], input_precision=PRECISION)
         im -= tl.dot(v, sin * s[:, None], input_precision=PRECISION)
     return re, im
@@ -145,8 +148,9 @@ def _inverse_tile(
     ws_row,
     rmask,
     a,
-    K,
-    D,
+    tab_ptr,
+    K: tl.constexpr,
+    D: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_A: tl.constexpr,
@@ -160,7 +164,7 @@ def _inverse_tile(
         m = rmask[:, None] & (ks < K)[None, :]
         wr = tl.load(ws_row + ks[None, :], mask=m, other=0.0)
         wi = tl.load(ws_row + K + ks[None, :], mask=m, other=0.0)
-        cos, sin = _twiddle(ks, a, D)
+        cos, sin = _twiddle(ks, a, tab_ptr, D)
         acc += tl.dot(wr, cos, input_precision=PRECISION)
         acc -= tl.dot(wi, sin, input_precision=PRECISION)
     return acc
@@ -176,13 +180,14 @@ def _cbp_fwd_kernel(
     s1_ptr,
     h2_ptr,
     s2_ptr,
+    tab_ptr,
     out_ptr,
     ws_ptr,
     R,
     N1,
     N2,
-    D,
-    K,
+    D: tl.constexpr,
+    K: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -200,11 +205,11 @@ def _cbp_fwd_kernel(
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         xr, xi = _sketch_dft(
-            x_ptr, xrow, rmask, h1_ptr, s1_ptr, N1, ks, D,
+            x_ptr, xrow, rmask, h1_ptr, s1_ptr, N1, ks, tab_ptr, D,
             False, BLOCK_R, BLOCK_K, BLOCK_N, PRECISION,
         )  # fmt: skip
         yr, yi = _sketch_dft(
-            y_ptr, yrow, rmask, h2_ptr, s2_ptr, N2, ks, D,
+            y_ptr, yrow, rmask, h2_ptr, s2_ptr, N2, ks, tab_ptr, D,
             False, BLOCK_R, BLOCK_K, BLOCK_N, PRECISION,
         )  # fmt: skip
         c = _spectrum_weight(ks, K, D)[None, :]
@@ -218,7 +223,7 @@ def _cbp_fwd_kernel(
     out_row = out_ptr + rows[:, None].to(tl.int64) * D
     for j0 in range(0, D, BLOCK_J):
         js = j0 + tl.arange(0, BLOCK_J)
-        acc = _inverse_tile(ws_row, rmask, js, K, D, BLOCK_R, BLOCK_K, BLOCK_J, PRECISION)
+        acc = _inverse_tile(ws_row, rmask, js, tab_ptr, K, D, BLOCK_R, BLOCK_K, BLOCK_J, PRECISION)
         m = rmask[:, None] & (js < D)[None, :]
         tl.store(out_row + js[None, :], acc.to(out_ptr.dtype.element_ty), mask=m)
 
@@ -234,14 +239,15 @@ def _cbp_bwd_kernel(
     s1_ptr,
     h2_ptr,
     s2_ptr,
+    tab_ptr,
     gx_ptr,
     gy_ptr,
     ws_ptr,
     R,
     N1,
     N2,
-    D,
-    K,
+    D: tl.constexpr,
+    K: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -260,15 +266,15 @@ def _cbp_bwd_kernel(
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         gr, gi = _sketch_dft(
-            g_ptr, rows64 * D, rmask, h1_ptr, s1_ptr, D, ks, D,
+            g_ptr, rows64 * D, rmask, h1_ptr, s1_ptr, D, ks, tab_ptr, D,
             True, BLOCK_R, BLOCK_K, BLOCK_N, PRECISION,
         )  # fmt: skip
         xr, xi = _sketch_dft(
-            x_ptr, xrow, rmask, h1_ptr, s1_ptr, N1, ks, D,
+            x_ptr, xrow, rmask, h1_ptr, s1_ptr, N1, ks, tab_ptr, D,
             False, BLOCK_R, BLOCK_K, BLOCK_N, PRECISION,
         )  # fmt: skip
         yr, yi = _sketch_dft(
-            y_ptr, yrow, rmask, h2_ptr, s2_ptr, N2, ks, D,
+            y_ptr, yrow, rmask, h2_ptr, s2_ptr, N2, ks, tab_ptr, D,
             False, BLOCK_R, BLOCK_K, BLOCK_N, PRECISION,
         )  # fmt: skip
         c = _spectrum_weight(ks, K, D)[None, :]
@@ -287,7 +293,7 @@ def _cbp_bwd_kernel(
         nmask = ns < N1
         h = tl.load(h1_ptr + ns, mask=nmask, other=0).to(tl.int32)
         s = tl.load(s1_ptr + ns, mask=nmask, other=0.0).to(tl.float32)
-        acc = _inverse_tile(ws_row, rmask, h, K, D, BLOCK_R, BLOCK_K, BLOCK_N, PRECISION)
+        acc = _inverse_tile(ws_row, rmask, h, tab_ptr, K, D, BLOCK_R, BLOCK_K, BLOCK_N, PRECISION)
         m = rmask[:, None] & nmask[None, :]
         tl.store(gx_row + ns[None, :], (acc * s[None, :]).to(gx_ptr.dtype.element_ty), mask=m)
 
@@ -297,7 +303,9 @@ def _cbp_bwd_kernel(
         nmask = ns < N2
         h = tl.load(h2_ptr + ns, mask=nmask, other=0).to(tl.int32)
         s = tl.load(s2_ptr + ns, mask=nmask, other=0.0).to(tl.float32)
-        acc = _inverse_tile(ws_row + 2 * K, rmask, h, K, D, BLOCK_R, BLOCK_K, BLOCK_N, PRECISION)
+        acc = _inverse_tile(
+            ws_row + 2 * K, rmask, h, tab_ptr, K, D, BLOCK_R, BLOCK_K, BLOCK_N, PRECISION
+        )
         m = rmask[:, None] & nmask[None, :]
         tl.store(gy_row + ns[None, :], (acc * s[None, :]).to(gy_ptr.dtype.element_ty), mask=m)
 
@@ -325,10 +333,32 @@ def _check_rows(name: str, t: torch.Tensor, offsets: torch.Tensor) -> None:
         raise ValueError(f"cbp: {name} row offsets must be contiguous int64")
 
 
-def cbp_forward_launch(x, y, xoff, yoff, h1, s1, h2, s2, out, workspace) -> None:
+def twiddle_table(out_dim: int, device: torch.device | str) -> torch.Tensor:
+    """[cos(2 pi p / D) for p < D, sin(2 pi p / D) for p < D] as fp32 [2 * D], computed in
+    float64 so every entry is correctly rounded."""
+    angle = torch.arange(out_dim, dtype=torch.float64, device=device) * (2 * math.pi / out_dim)
+    return torch.cat((torch.cos(angle), torch.sin(angle))).to(torch.float32)
+
+
+@functools.cache
+def _cached_twiddle_table(out_dim: int, device: torch.device) -> torch.Tensor:
+    return twiddle_table(out_dim, device)
+
+
+def _check_twiddles(twiddles: torch.Tensor, out_dim: int) -> None:
+    if twiddles.shape != (2 * out_dim,) or twiddles.dtype != torch.float32:
+        raise ValueError(
+            f"cbp: twiddle table of shape {tuple(twiddles.shape)} and dtype {twiddles.dtype} "
+            f"must be fp32 [{2 * out_dim}] (see twiddle_table)"
+        )
+
+
+def cbp_forward_launch(x, y, xoff, yoff, h1, s1, h2, s2, twiddles, out, workspace) -> None:
     """Launch the forward kernel: out [R, D] (contiguous) from the rows of x and y at the
-    element offsets xoff, yoff [R]; workspace is fp32 with at least R * 2 * (D//2+1) values."""
+    element offsets xoff, yoff [R]; twiddles = twiddle_table(D); workspace is fp32 with at
+    least R * 2 * (D//2+1) values."""
     rows, out_dim = out.shape
+    _check_twiddles(twiddles, out_dim)
     _check_rows("x", x, xoff)
     _check_rows("y", y, yoff)
     if not out.is_contiguous() or xoff.numel() != rows or yoff.numel() != rows:
@@ -337,17 +367,21 @@ def cbp_forward_launch(x, y, xoff, yoff, h1, s1, h2, s2, out, workspace) -> None
         raise ValueError(f"cbp: workspace of shape {tuple(workspace.shape)} is too small")
     grid = (triton.cdiv(rows, BLOCK_R),)
     wrap_triton(_cbp_fwd_kernel)[grid](
-        x, y, xoff, yoff, h1, s1, h2, s2, out, workspace,
+        x, y, xoff, yoff, h1, s1, h2, s2, twiddles, out, workspace,
         rows, x.shape[-1], y.shape[-1], out_dim, half_spectrum(out_dim),
         BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, BLOCK_J=BLOCK_J,
         PRECISION=_precision(x, y),
     )  # fmt: skip
 
 
-def cbp_backward_launch(grad, x, y, xoff, yoff, h1, s1, h2, s2, gx, gy, workspace) -> None:
+def cbp_backward_launch(
+    grad, x, y, xoff, yoff, h1, s1, h2, s2, twiddles, gx, gy, workspace
+) -> None:
     """Launch the backward kernel: gx [R, n1] and gy [R, n2] (contiguous, per broadcast row)
-    from grad [R, D] (contiguous); workspace fp32 with at least R * 4 * (D//2+1) values."""
+    from grad [R, D] (contiguous); twiddles = twiddle_table(D); workspace fp32 with at least
+    R * 4 * (D//2+1) values."""
     rows, out_dim = grad.shape
+    _check_twiddles(twiddles, out_dim)
     _check_rows("x", x, xoff)
     _check_rows("y", y, yoff)
     if not grad.is_contiguous():
@@ -363,7 +397,7 @@ def cbp_backward_launch(grad, x, y, xoff, yoff, h1, s1, h2, s2, gx, gy, workspac
         raise ValueError(f"cbp: workspace of shape {tuple(workspace.shape)} is too small")
     grid = (triton.cdiv(rows, BLOCK_R),)
     wrap_triton(_cbp_bwd_kernel)[grid](
-        grad, x, y, xoff, yoff, h1, s1, h2, s2, gx, gy, workspace,
+        grad, x, y, xoff, yoff, h1, s1, h2, s2, twiddles, gx, gy, workspace,
         rows, x.shape[-1], y.shape[-1], out_dim, half_spectrum(out_dim),
         BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N,
         PRECISION=_precision(grad, x, y),
@@ -385,14 +419,17 @@ def cbp_rows(
     s1: torch.Tensor,
     h2: torch.Tensor,
     s2: torch.Tensor,
-    out_dim: int,
+    twiddles: torch.Tensor,
 ) -> torch.Tensor:
     """CBP of the broadcast rows: xoff, yoff of the broadcast leading shape L hold each
-    row's element offset into x and y. Returns [*L, out_dim] in promote(x, y)."""
-    rows = xoff.numel()
+    row's element offset into x and y; twiddles = twiddle_table(D) sets the output size D.
+    Returns [*L, D] in promote(x, y)."""
+    rows, out_dim = xoff.numel(), twiddles.numel() // 2
     out = x.new_empty((rows, out_dim), dtype=torch.promote_types(x.dtype, y.dtype))
     workspace = x.new_empty((rows, 2 * half_spectrum(out_dim)), dtype=torch.float32)
-    cbp_forward_launch(x, y, xoff.reshape(-1), yoff.reshape(-1), h1, s1, h2, s2, out, workspace)
+    cbp_forward_launch(
+        x, y, xoff.reshape(-1), yoff.reshape(-1), h1, s1, h2, s2, twiddles, out, workspace
+    )
     return out.view(*xoff.shape, out_dim)
 
 
@@ -407,6 +444,7 @@ def cbp_rows_backward(
     s1: torch.Tensor,
     h2: torch.Tensor,
     s2: torch.Tensor,
+    twiddles: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of cbp_rows in x and y, summed over the rows each was broadcast to."""
     lead, rows, out_dim = xoff.shape, xoff.numel(), grad.shape[-1]
@@ -418,7 +456,19 @@ def cbp_rows_backward(
     workspace = x.new_empty((rows, 4 * half_spectrum(out_dim)), dtype=torch.float32)
     grad = grad.reshape(rows, out_dim).contiguous()
     cbp_backward_launch(
-        grad, x, y, xoff.reshape(-1), yoff.reshape(-1), h1, s1, h2, s2, gx, gy, workspace
+        grad,
+        x,
+        y,
+        xoff.reshape(-1),
+        yoff.reshape(-1),
+        h1,
+        s1,
+        h2,
+        s2,
+        twiddles,
+        gx,
+        gy,
+        workspace,
     )
     gx = gx.view(*lead, n1).sum_to_size(x.shape).to(x.dtype)
     gy = gy.view(*lead, n2).sum_to_size(y.shape).to(y.dtype)
@@ -429,20 +479,21 @@ def cbp_rows_backward(
 # TRITON_INTERPRET=1 wrap_triton hands back the interpreted kernel, which cannot run on
 # fake tensors; these keep shape propagation identical on every platform.
 @cbp_rows.register_fake
-def _cbp_rows_fake(x, y, xoff, yoff, h1, s1, h2, s2, out_dim):
-    return x.new_empty((*xoff.shape, out_dim), dtype=torch.promote_types(x.dtype, y.dtype))
+def _cbp_rows_fake(x, y, xoff, yoff, h1, s1, h2, s2, twiddles):
+    return x.new_empty(
+        (*xoff.shape, twiddles.shape[0] // 2), dtype=torch.promote_types(x.dtype, y.dtype)
+    )
 
 
 @cbp_rows_backward.register_fake
-def _cbp_rows_backward_fake(grad, x, y, xoff, yoff, h1, s1, h2, s2):
+def _cbp_rows_backward_fake(grad, x, y, xoff, yoff, h1, s1, h2, s2, twiddles):
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
         y, memory_format=torch.contiguous_format
     )
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, y, xoff, yoff, h1, s1, h2, s2, _ = inputs
-    ctx.save_for_backward(x, y, xoff, yoff, h1, s1, h2, s2)
+    ctx.save_for_backward(*inputs)
 
 
 def _backward(ctx, grad):
@@ -534,8 +585,12 @@ def cbp(
         x = x.contiguous()
     if y.stride(-1) != 1:
         y = y.contiguous()
+    if torch.compiler.is_compiling():
+        twiddles = twiddle_table(out_dim, x.device)  # traced into the graph
+    else:
+        twiddles = _cached_twiddle_table(out_dim, x.device)
     out = torch.ops.rwmn.cbp_rows(
-        x, y, row_offsets(x, lead), row_offsets(y, lead), h1, s1, h2, s2, out_dim
+        x, y, row_offsets(x, lead), row_offsets(y, lead), h1, s1, h2, s2, twiddles
     )
     if sum_pool and out.dim() > 2:
         out = out.sum(dim=tuple(range(1, out.dim() - 1)))
@@ -551,4 +606,5 @@ __all__ = [
     "cbp_rows_backward",
     "half_spectrum",
     "row_offsets",
+    "twiddle_table",
 ]

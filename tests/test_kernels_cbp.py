@@ -175,17 +175,18 @@ def test_launchers_write_every_element(x_shape, y_shape, out_dim, sum_pool, requ
     xoff = kcbp.row_offsets(x, lead).reshape(-1)
     yoff = kcbp.row_offsets(y, lead).reshape(-1)
     rows, k = xoff.numel(), kcbp.half_spectrum(out_dim)
+    twiddles = kcbp.twiddle_table(out_dim, DEVICE)
     nan = float("nan")
 
     out = torch.full((rows, out_dim), nan, device=DEVICE)
     ws = torch.full((rows, 2 * k), nan, device=DEVICE)
-    kcbp.cbp_forward_launch(x, y, xoff, yoff, h1, s1, h2, s2, out, ws)
+    kcbp.cbp_forward_launch(x, y, xoff, yoff, h1, s1, h2, s2, twiddles, out, ws)
 
     g = torch.randn(rows, out_dim, device=DEVICE)
     gx = torch.full((rows, x.shape[-1]), nan, device=DEVICE)
     gy = torch.full((rows, y.shape[-1]), nan, device=DEVICE)
     ws = torch.full((rows, 4 * k), nan, device=DEVICE)
-    kcbp.cbp_backward_launch(g, x, y, xoff, yoff, h1, s1, h2, s2, gx, gy, ws)
+    kcbp.cbp_backward_launch(g, x, y, xoff, yoff, h1, s1, h2, s2, twiddles, gx, gy, ws)
 
     npx, npy, nh1, ns1, nh2, ns2, ng = to_np(x, y, h1, s1, h2, s2, g)
     nh1, nh2 = nh1.astype(np.int64), nh2.astype(np.int64)
@@ -216,6 +217,13 @@ def test_strided_inputs(request):
     (rgx,) = torch.autograd.grad(reference.cbp(xs, y, h1, s1, h2, s2, out_dim), xs,
                                  torch.ones_like(out))  # fmt: skip
     torch.testing.assert_close(gx, rgx, rtol=1e-4, atol=1e-4)
+
+
+def test_twiddle_table_is_correctly_rounded():
+    for out_dim in (15, 300, 4096):
+        p = np.arange(out_dim) * (2 * np.pi / out_dim)
+        expected = np.concatenate((np.cos(p), np.sin(p))).astype(np.float32)
+        assert np.array_equal(kcbp.twiddle_table(out_dim, "cpu").numpy(), expected)
 
 
 def test_row_offsets_use_strides_not_copies():
@@ -312,14 +320,17 @@ def test_custom_op_registration(request):
     xoff, yoff = kcbp.row_offsets(x, lead), kcbp.row_offsets(y, lead)
     x.requires_grad_(True)
     y.requires_grad_(True)
+    twiddles = kcbp.twiddle_table(9, DEVICE)
     tests = ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(
-        torch.ops.rwmn.cbp_rows.default, (x, y, xoff, yoff, h1, s1, h2, s2, 9), test_utils=tests
+        torch.ops.rwmn.cbp_rows.default,
+        (x, y, xoff, yoff, h1, s1, h2, s2, twiddles),
+        test_utils=tests,
     )
     g = torch.randn(3, 2, 9, device=DEVICE)
     torch.library.opcheck(
         torch.ops.rwmn.cbp_rows_backward.default,
-        (g, x.detach(), y.detach(), xoff, yoff, h1, s1, h2, s2),
+        (g, x.detach(), y.detach(), xoff, yoff, h1, s1, h2, s2, twiddles),
         test_utils=("test_schema", "test_faketensor"),
     )
 
