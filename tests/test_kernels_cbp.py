@@ -335,6 +335,25 @@ def test_custom_op_registration(request):
     )
 
 
+def test_dynamo_fullgraph_traces_wrapper(request):
+    """TorchDynamo captures the whole wrapper (offsets, table, custom op, sum pooling) in one
+    graph. backend="eager" runs the captured graph without Inductor, which the interpreter
+    cannot lower; the Inductor path is test_compile_fullgraph (CUDA)."""
+    torch._dynamo.reset()
+    x, y, h1, s1, h2, s2 = make_inputs((2, 3, 5, 11), (2, 1, 1, 7), 13, fresh_seed(request))
+    x.requires_grad_(True)
+
+    def pool(x, y):
+        return kcbp.cbp(x, y, h1, s1, h2, s2, 13, True)
+
+    eager = pool(x, y)
+    (eager_gx,) = torch.autograd.grad(eager.sum(), x)
+    compiled = torch.compile(pool, fullgraph=True, backend="eager")(x, y)
+    (gx,) = torch.autograd.grad(compiled.sum(), x)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    torch.testing.assert_close(gx, eager_gx, rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------------------
 # GPU: half precision, autocast, torch.compile
 # --------------------------------------------------------------------------------------
@@ -385,7 +404,12 @@ def test_autocast_bf16():
 
 @pytest.mark.cuda
 @requires_cuda
-def test_compile_fullgraph():
+@pytest.mark.parametrize("entry", ["kernels", "ops"])
+def test_compile_fullgraph(entry):
+    """Inductor compiles the custom ops (wrap_triton) with no graph break. The "ops" entry
+    also needs rwmn.ops._fused to be traceable by Dynamo (importlib is not)."""
+    fn = kcbp.cbp if entry == "kernels" else ops.cbp
+
     class Pool(torch.nn.Module):
         def __init__(self, h1, s1, h2, s2, out_dim):
             super().__init__()
@@ -394,11 +418,12 @@ def test_compile_fullgraph():
                 self.register_buffer(name, t)
 
         def forward(self, x, y):
-            return ops.cbp(x, y, self.h1, self.s1, self.h2, self.s2, self.out_dim, True)
+            return fn(x, y, self.h1, self.s1, self.h2, self.s2, self.out_dim, True)
 
     x, y, *hashes = make_inputs((2, 3, 5, 64), (2, 1, 1, 48), 300, 3)
     model = Pool(*hashes, 300)
     x.requires_grad_(True)
+    torch._dynamo.reset()
     with ops.use_backend("triton"):
         eager = model(x, y)
         (eager_gx,) = torch.autograd.grad(eager.sum(), x)
