@@ -30,6 +30,13 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     tensors itself, so nothing is skipped.
     """
     if interpreting() and any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
+        if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FUNCTIONAL) is not None:
+            # AOTAutograd inlines triton_op bodies; an interpreted kernel cannot be traced,
+            # so the graph would silently lose it.
+            raise RuntimeError(
+                "kernels: an AOTAutograd/inductor compile of the fused ops needs a GPU; under "
+                "TRITON_INTERPRET=1 use torch.compile(backend='eager')"
+            )
         return
     kernel[grid](*args, **kwargs)
 
