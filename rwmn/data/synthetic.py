@@ -51,6 +51,9 @@ class SyntheticConfig:
     dim_sub: int = 300
     num_answer: int = 5
     noise: float = 0.3
+    #: "story": distractors are other scenes' values of the same movie (only the key finds
+    #: the answer); "outside": distractors appear nowhere in the story (reading it suffices).
+    distractors: str = "outside"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -117,7 +120,7 @@ class _Generator:
         vwidth = min(qv_b.stop - qv_b.start, values.shape[1])
         for i in range(q):
             others = rng.permutation(np.delete(np.arange(scenes), asked[i]))
-            pool = list(others[: cfg.num_answer - 1])
+            pool = list(others[: cfg.num_answer - 1]) if cfg.distractors == "story" else []
             while len(pool) < cfg.num_answer - 1:  # fewer scenes than candidates
                 pool.append(-1)
             slots = [j for j in range(cfg.num_answer) if j != correct[i]]
