@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rwmn import ops
 from rwmn.cbp import CompactBilinearPooling
 from rwmn.config import RWMNConfig
 from rwmn.memconv import MemoryConvStack
@@ -36,6 +37,7 @@ class RWMN(nn.Module):
 
     def __init__(self, cfg: RWMNConfig) -> None:
         super().__init__()
+        ops.preload_kernels()
         self.cfg = cfg
         d = cfg.dim_memory
         # One linear map for question and answers, and for the story in text mode (SPEC 1).

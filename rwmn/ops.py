@@ -27,6 +27,7 @@ import contextlib
 import importlib
 import importlib.util
 import os
+import sys
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -63,6 +64,8 @@ def get_backend() -> str:
 def use_backend(name: str) -> Iterator[str]:
     """Run the ops inside the ``with`` block on backend ``name``."""
     _check_backend(name, "use_backend")
+    if name != "reference":
+        preload_kernels()
     previous = _STATE.backend
     _STATE.backend = name
     try:
@@ -103,9 +106,27 @@ def resolve_backend(op: str, *tensors: torch.Tensor) -> str:
     return "triton"
 
 
+KERNEL_MODULES = ("cbp", "memconv", "attention", "read_network")
+
+
+def preload_kernels() -> None:
+    """Import the fused kernel modules where they could run (CUDA or the interpreter).
+
+    TorchDynamo cannot trace an import, so the modules are imported eagerly here (by
+    :func:`use_backend` and by the model's constructor) and :func:`_fused` only looks them
+    up; a compiled model then traces the fused ops without a graph break.
+    """
+    if triton_available() and (torch.cuda.is_available() or _interpreting()):
+        for module in KERNEL_MODULES:
+            importlib.import_module(f"kernels.{module}")
+
+
 def _fused(module: str, name: str):
     try:
-        return getattr(importlib.import_module(f"kernels.{module}"), name)
+        loaded = sys.modules.get(f"kernels.{module}")
+        if loaded is None:  # not preloaded: an eager call, where an import is fine
+            loaded = importlib.import_module(f"kernels.{module}")
+        return getattr(loaded, name)
     except (ImportError, AttributeError) as exc:
         raise BackendUnavailableError(
             f"rwmn.ops.{name}: no fused kernel kernels.{module}.{name} is available ({exc})"
