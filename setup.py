@@ -1,0 +1,30 @@
+"""Packaging for rwmn (model, data, training) and kernels (fused Triton kernels)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="rwmn",
+    version="0.1.0",
+    description="Read-Write Memory Network (ICCV 2017) in PyTorch with fused Triton kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["rwmn", "rwmn.*", "kernels", "kernels.*"]),
+    py_modules=["train"],
+    install_requires=[
+        # Install torch first (see README): an unpinned torch pulls the CUDA build.
+        "torch>=2.6",
+        # Triton ships wheels for Linux x86-64 (and aarch64); elsewhere the reference
+        # backend runs alone.
+        "triton>=3.2; platform_system == 'Linux'",
+        "numpy>=1.24",
+        "h5py>=3.8",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6"],
+        "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
+        "tensorboard": ["tensorboard>=2.14"],
+    },
+    entry_points={"console_scripts": ["rwmn-train=rwmn.training:main"]},
+)
