@@ -1,1 +1,13 @@
-"""RWMN: the Read-Write Memory Network (Na et al., ICCV 2017) in PyTorch."""
+"""RWMN: the Read-Write Memory Network (Na et al., ICCV 2017) in PyTorch.
+
+    from rwmn import RWMN, RWMNConfig
+    model = RWMN(RWMNConfig(data_source="sub"))
+    logits = model(story, query, answers)        # [B, A]
+
+The hot ops go through ``rwmn.ops`` (reference PyTorch or fused Triton kernels).
+"""
+
+from rwmn.config import ConfigError, LayerSpec, RWMNConfig, parse_layer_spec
+from rwmn.model import RWMN, RWMNOutput
+
+__all__ = ["RWMN", "RWMNConfig", "RWMNOutput", "ConfigError", "LayerSpec", "parse_layer_spec"]

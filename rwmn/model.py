@@ -1,0 +1,135 @@
+"""The Read-Write Memory Network (SPEC.md sections 1-6)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rwmn.cbp import CompactBilinearPooling
+from rwmn.config import RWMNConfig
+from rwmn.memconv import MemoryConvStack
+from rwmn.profiling import nvtx_range
+from rwmn.read_network import ReadNetwork
+from rwmn.reference import unit_norm
+
+Story = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+class RWMNOutput(NamedTuple):
+    """What ``RWMN.forward(..., return_attention=True)`` returns."""
+
+    logits: torch.Tensor  # [B, A]
+    attention: tuple[torch.Tensor, ...]  # one [B, R] per hop
+
+
+class RWMN(nn.Module):
+    """RWMN(cfg)(story, query, answers) -> logits [B, A].
+
+    story: [n, dim_text] for the text sources, or (rgb [n, dim_rgb], sub [n, dim_sub]) for
+    video_sub; query [B, dim_text]; answers [B, A, dim_text]; all B questions are about
+    this one story. ``forward(..., return_attention=True)`` returns an
+    :class:`RWMNOutput` holding the attention weights of every hop as well.
+    """
+
+    def __init__(self, cfg: RWMNConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim_memory
+        # One linear map for question and answers, and for the story in text mode (SPEC 1).
+        self.embed = nn.Linear(cfg.dim_text, d)
+        if cfg.video:
+            self.story_cbp = CompactBilinearPooling(
+                cfg.dim_rgb, cfg.dim_sub, cfg.dim_mcb, cfg.cbp_hash
+            )
+            self.story_embed = nn.Linear(cfg.dim_mcb, d)
+        self.write = MemoryConvStack(cfg.write_layers, 1, d)
+        memory_channels = self.write.out_channels
+        self.read = ReadNetwork(
+            cfg.read_layers, memory_channels, d, cfg.sharp, cfg.legacy, cfg.cbp_hash
+        )
+
+    # ----------------------------------------------------------------------------------
+    def _check_inputs(self, story: Story, query: torch.Tensor, answers: torch.Tensor) -> None:
+        cfg = self.cfg
+        if cfg.video:
+            if not isinstance(story, tuple | list) or len(story) != 2:
+                raise ValueError(
+                    "video_sub story must be a pair (rgb [n, dim_rgb], sub [n, dim_sub])"
+                )
+            rgb, sub = story
+            expect = ((rgb, cfg.dim_rgb, "rgb"), (sub, cfg.dim_sub, "sub"))
+            if rgb.dim() != 2 or sub.dim() != 2 or rgb.shape[0] != sub.shape[0]:
+                raise ValueError(
+                    f"video_sub story: rgb {tuple(rgb.shape)} and sub {tuple(sub.shape)} must be "
+                    "[n, dim] with the same n"
+                )
+        else:
+            if not isinstance(story, torch.Tensor):
+                raise ValueError(f"{cfg.data_source} story must be one tensor [n, dim_text]")
+            expect = ((story, cfg.dim_text, "story"),)
+        for tensor, dim, name in expect:
+            if tensor.dim() != 2 or tensor.shape[-1] != dim:
+                raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected [n, {dim}]")
+            if tensor.shape[0] == 0:
+                raise ValueError(f"{name} is empty: a story needs at least one element")
+        if query.dim() != 2 or query.shape[-1] != cfg.dim_text:
+            raise ValueError(f"query has shape {tuple(query.shape)}, expected [B, {cfg.dim_text}]")
+        if answers.shape != (query.shape[0], cfg.num_answer, cfg.dim_text):
+            raise ValueError(
+                f"answers has shape {tuple(answers.shape)}, expected "
+                f"[{query.shape[0]}, {cfg.num_answer}, {cfg.dim_text}]"
+            )
+
+    def embed_story(self, story: Story) -> torch.Tensor:
+        """E' = unit_norm(E W_e + b_e), [n, d]."""
+        if self.cfg.video:
+            rgb, sub = story
+            elements = self.story_cbp(unit_norm(rgb), unit_norm(sub))
+            return unit_norm(self.story_embed(elements))
+        return unit_norm(self.embed(unit_norm(story)))
+
+    def forward(
+        self,
+        story: Story,
+        query: torch.Tensor,
+        answers: torch.Tensor,
+        return_attention: bool = False,
+    ) -> torch.Tensor | RWMNOutput:
+        self._check_inputs(story, query, answers)
+        with nvtx_range("embedding"):
+            memory = self.embed_story(story)
+            u = unit_norm(self.embed(unit_norm(query)))
+            g = unit_norm(self.embed(unit_norm(answers)))
+        with nvtx_range("write"):
+            memory = self.write(memory.unsqueeze(0))  # [C, m, d]
+        attention = []
+        for hop in range(self.cfg.num_hop):
+            with nvtx_range(f"read/hop{hop}"):
+                o, p = self.read(memory, u)
+                attention.append(p)
+                if self.cfg.legacy:
+                    u = unit_norm(unit_norm(o) + u)
+                else:
+                    alpha = self.cfg.alpha
+                    u = unit_norm(alpha * unit_norm(o) + (1.0 - alpha) * u)
+        with nvtx_range("answer"):
+            logits = torch.einsum("bad,bd->ba", g, u)
+        if return_attention:
+            return RWMNOutput(logits, tuple(attention))
+        return logits
+
+    # ----------------------------------------------------------------------------------
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Softmax cross-entropy (of softmax(scores) in legacy mode) + reg * sum ||p||^2 / 2."""
+        scores = logits.float()
+        if self.cfg.legacy:
+            scores = torch.softmax(scores, dim=-1)
+        loss = F.cross_entropy(scores, target)
+        if self.cfg.reg:
+            loss = loss + self.cfg.reg * 0.5 * sum(
+                p.float().pow(2).sum() for p in self.parameters()
+            )
+        return loss

@@ -1,0 +1,67 @@
+"""ReadNetwork: the nn.Module around ``rwmn.ops.read_network`` (SPEC section 4)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from rwmn import ops
+from rwmn.cbp import CompactBilinearPooling
+from rwmn.config import LayerSpec
+from rwmn.memconv import MemoryConvStack
+
+
+def legacy_rows(memory: torch.Tensor) -> torch.Tensor:
+    """The release's reshape of an NHWC conv output [1, m, d, c] to rows [-1, d].
+
+    ``memory`` is our channel-first [c, m, d]; row-major flattening of [m, d, c] interleaves
+    the channel values into the rows when c > 1 (SPEC section 6).
+    """
+    return memory.permute(1, 2, 0).reshape(-1, memory.shape[-1])
+
+
+class ReadNetwork(MemoryConvStack):
+    """Read convolutions, the query-dependent CBP memory and the attention readout.
+
+    Paper mode: Mq = CBP(M, u) per question, the read convs over Mq, attention over the
+    unit-normalised (channel, slot) rows. Empty read spec: attention over M's rows.
+    Legacy mode: the read convs run over the release's interleaved rows of M (no CBP);
+    see SPEC section 6.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[LayerSpec],
+        memory_channels: int,
+        width: int,
+        sharp: float = 1.0,
+        legacy: bool = False,
+        cbp_hash: str = "random",
+    ) -> None:
+        # Legacy reads the reshaped memory as a one-channel image.
+        super().__init__(layers, 1 if legacy else memory_channels, width)
+        self.sharp, self.legacy = sharp, legacy
+        self.cbp = (
+            CompactBilinearPooling(width, width, width, cbp_hash) if layers and not legacy else None
+        )
+
+    def forward(self, memory: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """memory [C, m, d], u [B, d] -> o [B, d], attention p [B, R]."""
+        if self.legacy:
+            rows = legacy_rows(memory)
+            if not len(self):
+                return ops.attention_read(rows, u, self.sharp, normalize=False)
+            read = super().forward(rows.unsqueeze(0))
+            return ops.attention_read(legacy_rows(read), u, self.sharp, normalize=True)
+        if not len(self):
+            return ops.attention_read(memory.flatten(0, 1), u, self.sharp, normalize=True)
+        return ops.read_network(
+            memory,
+            u,
+            self.cbp.hashes,
+            [conv.weight for conv in self.convs],
+            [conv.bias for conv in self.convs],
+            [conv.stride for conv in self.convs],
+            self.sharp,
+        )
