@@ -70,7 +70,8 @@ def _meta_section(metas: list[dict]) -> list[str]:
             f"- file `{m['file']}`; date {m['date']}; git {m['git_commit']}"
             + (" (dirty tree)" if m.get("git_dirty") else ""),
             f"- torch {m['torch']}, triton {m['triton']}, CUDA {m.get('cuda')}, "
-            f"python {m.get('python')}; Triton interpreter: {m.get('triton_interpret')}",
+            f"python {m.get('python')}; Triton interpreter: {m.get('triton_interpret')}; "
+            f"torch threads {m.get('threads')}; load average at start {m.get('load_average_1m')}",
         ]
         ceilings = m.get("ceilings")
         if ceilings:

@@ -45,6 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--passes", default=",".join(C.PASSES))
     p.add_argument("--dtypes", default=",".join(C.DTYPES))
     p.add_argument("--out", type=Path, default=None, help="result file (.json)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--nvtx", action="store_true", help="NVTX range per case and per op call")
     p.add_argument("--warmup-s", type=float, default=None, help="warm-up budget per case")
     p.add_argument("--measure-s", type=float, default=None, help="timing budget per case")
@@ -79,6 +80,8 @@ def main(argv=None) -> int:
     from rwmn.profiling import nvtx_enabled
 
     device = args.device or ("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     meta = timing.environment(device)
     meta["argv"] = sys.argv[1:] if argv is None else list(argv)
     if not args.no_ceilings:

@@ -270,4 +270,7 @@ def environment(device: str) -> dict:
         "git_dirty": bool(dirty) if dirty is not None else None,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
+        "threads": torch.get_num_threads(),
+        # Other processes on the machine skew CPU figures: the 1-minute load at the start.
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
