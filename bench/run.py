@@ -49,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--nvtx", action="store_true", help="NVTX range per case and per op call")
     p.add_argument("--warmup-s", type=float, default=None, help="warm-up budget per case")
     p.add_argument("--measure-s", type=float, default=None, help="timing budget per case")
+    p.add_argument("--min-warmup", type=int, default=None, help="fewest warm-up calls")
+    p.add_argument("--min-reps", type=int, default=None, help="fewest timed calls")
     p.add_argument("--no-ceilings", action="store_true", help="skip the copy/matmul ceilings")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -91,7 +93,12 @@ def main(argv=None) -> int:
     out = args.out or RESULTS / f"ops-{meta['label'].lower()}-{stamp}.json"
     budget = {
         k: v
-        for k, v in (("warmup_s", args.warmup_s), ("measure_s", args.measure_s))
+        for k, v in (
+            ("warmup_s", args.warmup_s),
+            ("measure_s", args.measure_s),
+            ("min_warmup", args.min_warmup),
+            ("min_reps", args.min_reps),
+        )
         if v is not None
     }
 

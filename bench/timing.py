@@ -75,8 +75,8 @@ def _noop() -> None:
     return None
 
 
-def _rep_count(estimate_s: float, budget_s: float) -> int:
-    return int(min(MAX_REPS, max(MIN_REPS, budget_s / max(estimate_s, 1e-9))))
+def _rep_count(estimate_s: float, budget_s: float, min_reps: int = MIN_REPS) -> int:
+    return int(min(MAX_REPS, max(min_reps, budget_s / max(estimate_s, 1e-9))))
 
 
 def time_cpu(
@@ -84,14 +84,16 @@ def time_cpu(
     setup: Callable[[], object] = _noop,
     warmup_s: float = WARMUP_S,
     measure_s: float = MEASURE_S,
+    min_warmup: int = MIN_WARMUP_CALLS,
+    min_reps: int = MIN_REPS,
 ) -> Timing:
     """Median (p20, p80) wall time of ``fn`` on the CPU, warm-up excluded."""
     calls, start = 0, time.perf_counter()
-    while calls < MIN_WARMUP_CALLS or time.perf_counter() - start < warmup_s:
+    while calls < min_warmup or time.perf_counter() - start < warmup_s:
         setup()
         fn()
         calls += 1
-    reps = _rep_count((time.perf_counter() - start) / calls, measure_s)
+    reps = _rep_count((time.perf_counter() - start) / calls, measure_s, min_reps)
     ms = []
     for _ in range(reps):
         setup()
@@ -106,6 +108,8 @@ def time_cuda(
     setup: Callable[[], object] = _noop,
     warmup_s: float = WARMUP_S,
     measure_s: float = MEASURE_S,
+    min_warmup: int = MIN_WARMUP_CALLS,
+    min_reps: int = MIN_REPS,
 ) -> Timing:
     """Median (p20, p80) device time of ``fn`` with CUDA events, warm-up excluded."""
     flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
@@ -115,16 +119,16 @@ def time_cuda(
     torch.cuda.synchronize()
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     begin.record()
-    for _ in range(MIN_WARMUP_CALLS):
+    for _ in range(min_warmup):
         setup()
         fn()
     end.record()
     torch.cuda.synchronize()
-    estimate_s = begin.elapsed_time(end) / 1e3 / MIN_WARMUP_CALLS
-    for _ in range(_rep_count(estimate_s, warmup_s)):
+    estimate_s = begin.elapsed_time(end) / 1e3 / max(min_warmup, 1)
+    for _ in range(_rep_count(estimate_s, warmup_s, 0)):
         setup()
         fn()
-    reps = _rep_count(estimate_s, measure_s)
+    reps = _rep_count(estimate_s, measure_s, min_reps)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for i in range(reps):
