@@ -13,8 +13,9 @@ Backends:
   compilation (forward and backward) happens in an untimed probe call.
 
 Passes: ``forward`` is the training forward (inputs require grad, the graph is built);
-``backward`` replays ``torch.autograd.backward`` over one retained graph; ``forward+backward``
-does both. Gradients are cleared (set to None) outside the timed region.
+``backward`` is one ``torch.autograd.backward`` over a graph built by an untimed forward
+just before; ``forward+backward`` does both. Gradients are cleared (set to None) outside
+the timed region.
 """
 
 from __future__ import annotations
@@ -138,10 +139,16 @@ def prepare(
     if pass_ == "forward":
         return Prepared(forward, timing._noop)
     if pass_ == "backward":
-        outs = forward()
-        return Prepared(
-            lambda: torch.autograd.backward(outs, grads, retain_graph=True), clear_grads
-        )
+        # A fresh graph per repetition, built outside the timed region: the timed call is
+        # exactly one training backward (no retain_graph, which compiled backwards with
+        # donated buffers refuse).
+        graph: list[tuple[torch.Tensor, ...]] = []
+
+        def build_graph():
+            clear_grads()
+            graph[:] = [forward()]
+
+        return Prepared(lambda: torch.autograd.backward(graph.pop(), grads), build_graph)
     if pass_ == "forward+backward":
         return Prepared(lambda: torch.autograd.backward(forward(), grads), clear_grads)
     raise ValueError(f"unknown pass {pass_!r}; expected one of {C.PASSES}")
