@@ -127,7 +127,9 @@ def build_step(config, mode, precision, backend, device, n, batch, smoke):
     return step
 
 
-def measure_step(config, mode, precision, backend, device, n, batch, smoke, nvtx=False) -> dict:
+def measure_step(
+    config, mode, precision, backend, device, n, batch, smoke, nvtx=False, measure_s=None
+) -> dict:
     """One e2e row: time per training step, steps/s, questions/s, peak memory."""
     import torch
 
@@ -154,7 +156,7 @@ def measure_step(config, mode, precision, backend, device, n, batch, smoke, nvtx
         row["model"] = {"write": cfg.write, "read": cfg.read, "dim_memory": cfg.dim_memory}
         ctx = nvtx_range(f"bench/e2e/{config}/{mode}/{precision}/{backend}")
         with ctx if nvtx else contextlib.nullcontext():
-            t = timing.time_fn(device, step, measure_s=MEASURE_S[kind])
+            t = timing.time_fn(device, step, measure_s=measure_s or MEASURE_S[kind])
             peak, extra = timing.peak_memory(device, step)
     except Skip as exc:
         return {**row, "status": "skipped", "reason": str(exc)}
@@ -185,6 +187,7 @@ def main(argv=None) -> int:
     p.add_argument("--backends", default=",".join(BACKENDS))
     p.add_argument("--n", type=int, default=None, help=f"story length (default {N_STORY})")
     p.add_argument("--batch", type=int, default=None, help=f"questions (default {BATCH})")
+    p.add_argument("--measure-s", type=float, default=None, help="timing budget per case")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--nvtx", action="store_true", help="NVTX ranges (model stages, per case)")
@@ -216,7 +219,7 @@ def main(argv=None) -> int:
                     for mode in _csv(args.modes, MODES):
                         row = measure_step(
                             config, mode, precision, backend, device, n, batch, args.smoke,
-                            nvtx=args.nvtx,
+                            nvtx=args.nvtx, measure_s=args.measure_s,
                         )  # fmt: skip
                         row.update({k: meta[k] for k in ROW_META})
                         rows.append(row)

@@ -93,7 +93,9 @@ def time_cpu(
         setup()
         fn()
         calls += 1
-    reps = _rep_count((time.perf_counter() - start) / calls, measure_s, min_reps)
+    # No warm-up call (min_warmup=0, the caller has warmed up): no estimate, fewest reps.
+    estimate_s = (time.perf_counter() - start) / calls if calls else float("inf")
+    reps = _rep_count(estimate_s, measure_s, min_reps)
     ms = []
     for _ in range(reps):
         setup()
@@ -124,7 +126,7 @@ def time_cuda(
         fn()
     end.record()
     torch.cuda.synchronize()
-    estimate_s = begin.elapsed_time(end) / 1e3 / max(min_warmup, 1)
+    estimate_s = begin.elapsed_time(end) / 1e3 / min_warmup if min_warmup else float("inf")
     for _ in range(_rep_count(estimate_s, warmup_s, 0)):
         setup()
         fn()

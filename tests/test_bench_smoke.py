@@ -44,8 +44,8 @@ def op_results(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bench") / "ops-smoke.json"
     proc = _run(
         "bench.run", "--smoke", "--device", "cpu", "--backends", "reference,fused",
-        "--dtypes", "fp32,bf16", "--warmup-s", "0", "--measure-s", "0", "--min-warmup", "1",
-        "--min-reps", "3", "--threads", "1", "--quiet", "--out", str(out),
+        "--dtypes", "fp32,bf16", "--warmup-s", "0", "--measure-s", "0", "--min-warmup", "0",
+        "--min-reps", "2", "--threads", "1", "--quiet", "--out", str(out),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out
@@ -55,7 +55,9 @@ def test_runner_rows(op_results):
     data = json.loads(op_results.read_text())
     meta, rows = data["meta"], data["rows"]
     assert meta["label"] == "CPU" and meta["device"] == "cpu"
-    assert meta["git_commit"] and meta["date"] and meta["torch"] == torch.__version__
+    assert meta["date"] and meta["torch"] == torch.__version__
+    if (REPO / ".git").exists():  # a checkout (CI); an exported tree has no commit to record
+        assert len(meta["git_commit"]) == 40, meta["git_commit"]
     assert meta["ceilings"]["copy_bandwidth_Bps"] > 0
     assert set(meta["ceilings"]["matmul_flops_per_s"]) == {"fp32", "bf16"}
     smoke = C.cases(("smoke",))
@@ -72,7 +74,7 @@ def test_runner_rows(op_results):
         else:
             assert r.keys() >= TIMED_KEYS | ROOFLINE_KEYS
             assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
-            assert r["reps"] >= 3 and r["timer"] == "cpu perf_counter"
+            assert r["reps"] >= 2 and r["timer"] == "cpu perf_counter"
             assert r["peak_mem_bytes"] is None  # CPU: not measured, not invented
         if r["backend"] == "fused" and r["dtype"] == "bf16":
             assert r["status"] == "skipped" and "interpreter" in r["reason"]
@@ -82,7 +84,7 @@ def test_report(op_results, tmp_path):
     e2e = tmp_path / "e2e-smoke.json"
     proc = _run(
         "bench.e2e", "--smoke", "--device", "cpu", "--modes", "eager", "--precisions", "fp32",
-        "--backends", "reference", "--threads", "1", "--out", str(e2e),
+        "--backends", "reference", "--threads", "1", "--measure-s", "0.1", "--out", str(e2e),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     e2e_rows = json.loads(e2e.read_text())["rows"]
