@@ -197,7 +197,7 @@ class MovieQAData:
                 np.asarray(f["answer_rep"][rows], np.float32), f"{path}:answer_rep"
             )
             target = None
-            if "cor_idx" in f and self.require_answers:
+            if "cor_idx" in f:
                 target = np.asarray(f["cor_idx"][rows]).astype(np.int64)
                 if target.min() < 0 or target.max() >= self.num_answer:
                     raise DataError(f"{path}:cor_idx holds values outside [0, {self.num_answer})")

@@ -1,0 +1,717 @@
+"""Attention readout, alone and fused with the last read convolution.
+
+Math (rwmn.reference.attention_read / conv_attention_read are the ground truth). For one
+question b with vector u and rows r_1..r_R (eps = 1e-12, s = sharp):
+    n_r = (eps + |r|^2)^(-1/2),  rhat = n_r r       (rhat = r without ``normalize``)
+    z_r = s <u, rhat_r>,  p = softmax(z),  o = sum_r p_r rhat_r,  lse = log sum_r exp z_r.
+The forward is flash-decoding: each program owns one block of rows and writes the raw
+logits z, its block max m_blk, sum l_blk = sum exp(z - m_blk) and unnormalised readout
+acc_blk = sum exp(z - m_blk) rhat; a few tiny torch ops merge the blocks
+(M = max m_blk, L = sum e^(m_blk - M) l_blk, o = sum e^(m_blk - M) acc_blk / L,
+lse = M + log L, p = exp(z - lse)). Only [B, R] logits and [B, blocks, d] partials touch
+memory, never a normalised row.
+
+Backward, from go = dL/do and gp = dL/dp, recomputing p from the saved lse:
+    dp_r = <go, rhat_r> + gp_r,  delta = sum_r p_r dp_r = <go, o> + <p, gp>,
+    dz_r = p_r (dp_r - delta),
+    drhat_r = p_r go + s dz_r u,            du = s sum_r dz_r rhat_r,
+    dr = n_r (drhat - rhat <rhat, drhat>)   (unit-norm backward; dr = drhat otherwise).
+With rows shared by every question ([R, d]), dr sums over b: one program per row block
+loops over the questions.
+
+conv_attention_read computes the rows on the fly: the rows of question b are
+relu(memory_conv(x[b])) in (channel, slot) order, produced tile by tile by the same
+Toeplitz implicit GEMM as kernels/memconv.py (see its docstring), so the read memory Mr
+never lands in device memory in the forward. Its backward recomputes the tile, forms
+dL/dy = [y > 0] dr for the pre-activation y (written once, [B, c_out, m, d]) and hands
+it to the memory_conv backward kernels for dx, dw; dbias = sum of dL/dy.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from kernels._common import (
+    UNIT_NORM_EPS,
+    cast,
+    compute_dtype,
+    dot_precision,
+    launch,
+    pow2_at_least,
+    warn_once,
+)
+from kernels.memconv import conv_input_grads, fusable
+from rwmn import reference
+from rwmn.reference import same_padding
+
+#: Rows of one attention block (one program); the width is one block of pow2(d).
+BLOCK_R = 32
+#: Slots of one conv-attention tile and the reduction chunk of the width.
+BLOCK_I = 16
+BLOCK_K = 32
+#: Widest row the kernels hold in registers (one tile spans the whole width).
+MAX_FUSED_D = 1024
+NUM_WARPS = 8
+
+
+# --------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _softmax_block(tile, u, rn, r_ok, z_ptrs, pm_ptr, pl_ptr, acc_ptrs, d_ok, sharp):
+    """Write z, block max, block sum and block readout of the rows ``tile`` [BR, BD]."""
+    rhat = tile * rn[:, None]
+    z = sharp * tl.sum(rhat * u[None, :], axis=1)
+    z = tl.where(r_ok, z, float("-inf"))
+    tl.store(z_ptrs, z, mask=r_ok)
+    m = tl.max(z, axis=0)
+    e = tl.exp(z - m)
+    tl.store(pm_ptr, m)
+    tl.store(pl_ptr, tl.sum(e, axis=0))
+    tl.store(acc_ptrs, tl.sum(e[:, None] * rhat, axis=0), mask=d_ok)
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    rows_ptr,
+    u_ptr,
+    z_ptr,
+    pm_ptr,
+    pl_ptr,
+    pacc_ptr,
+    R,
+    D,
+    ROWS_BATCH_STRIDE,
+    N_BLOCKS,
+    sharp,
+    eps,
+    NORMALIZE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    blk = tl.program_id(1)
+    offs_r = blk * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    r_ok = offs_r < R
+    d_ok = offs_d < D
+    row_ptrs = rows_ptr + b.to(tl.int64) * ROWS_BATCH_STRIDE + offs_r.to(tl.int64) * D
+    tile = tl.load(
+        row_ptrs[:, None] + offs_d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0
+    ).to(tl.float32)
+    u = tl.load(u_ptr + b * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    if NORMALIZE:
+        rn = tl.rsqrt(eps + tl.sum(tile * tile, axis=1))
+    else:
+        rn = tl.full((BLOCK_R,), 1.0, tl.float32)
+    part = b * N_BLOCKS + blk
+    _softmax_block(
+        tile,
+        u,
+        rn,
+        r_ok,
+        z_ptr + b * R + offs_r,
+        pm_ptr + part,
+        pl_ptr + part,
+        pacc_ptr + part.to(tl.int64) * D + offs_d,
+        d_ok,
+        sharp,
+    )
+
+
+@triton.jit
+def _attn_bwd_kernel(
+    rows_ptr,
+    u_ptr,
+    go_ptr,
+    gp_ptr,
+    lse_ptr,
+    delta_ptr,
+    drows_ptr,
+    du_part_ptr,
+    B,
+    R,
+    D,
+    N_BLOCKS,
+    sharp,
+    eps,
+    NORMALIZE: tl.constexpr,
+    SHARED: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    blk = tl.program_id(1)
+    if SHARED:
+        # One row block serves every question: its gradient sums over b.
+        b_lo = 0
+        b_hi = B
+        row_base = 0
+    else:
+        b_lo = tl.program_id(0)
+        b_hi = b_lo + 1
+        row_base = b_lo.to(tl.int64) * R * D
+    offs_r = blk * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    r_ok = offs_r < R
+    d_ok = offs_d < D
+    tile_off = row_base + offs_r.to(tl.int64)[:, None] * D + offs_d[None, :]
+    tile_ok = r_ok[:, None] & d_ok[None, :]
+    tile = tl.load(rows_ptr + tile_off, mask=tile_ok, other=0.0).to(tl.float32)
+    if NORMALIZE:
+        rn = tl.rsqrt(eps + tl.sum(tile * tile, axis=1))
+    else:
+        rn = tl.full((BLOCK_R,), 1.0, tl.float32)
+    rhat = tile * rn[:, None]
+    drhat = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    for b in range(b_lo, b_hi):
+        u = tl.load(u_ptr + b * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        go = tl.load(go_ptr + b * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        gp = tl.load(gp_ptr + b * R + offs_r, mask=r_ok, other=0.0).to(tl.float32)
+        lse = tl.load(lse_ptr + b)
+        delta = tl.load(delta_ptr + b)
+        p = tl.exp(sharp * tl.sum(rhat * u[None, :], axis=1) - lse)
+        p = tl.where(r_ok, p, 0.0)
+        dz = p * (tl.sum(rhat * go[None, :], axis=1) + gp - delta)
+        drhat += p[:, None] * go[None, :] + (sharp * dz)[:, None] * u[None, :]
+        du_ptrs = du_part_ptr + (b * N_BLOCKS + blk).to(tl.int64) * D + offs_d
+        tl.store(du_ptrs, tl.sum(dz[:, None] * rhat, axis=0), mask=d_ok)
+    if NORMALIZE:
+        drhat = rn[:, None] * (drhat - rhat * tl.sum(rhat * drhat, axis=1)[:, None])
+    tl.store(drows_ptr + tile_off, drhat.to(drows_ptr.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def _conv_rows(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    b,
+    o,
+    offs_i,
+    offs_d,
+    C_IN,
+    N_ROWS,
+    M_ROWS,
+    D,
+    K,
+    STRIDE,
+    PAD_TOP,
+    PAD_LEFT,
+    HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Pre-activation conv rows y[b, o, offs_i, :] (fp32, zero outside the tensor)."""
+    x_base = x_ptr + b.to(tl.int64) * C_IN * N_ROWS * D
+    acc = tl.zeros((BLOCK_I, BLOCK_D), dtype=tl.float32)
+    for ca in range(0, C_IN * K):
+        c = ca // K
+        a = ca % K
+        rows = offs_i * STRIDE + a - PAD_TOP
+        row_ok = (offs_i < M_ROWS) & (rows >= 0) & (rows < N_ROWS)
+        x_rows = x_base + (c * N_ROWS + rows).to(tl.int64) * D
+        w_row = w_ptr + (o * C_IN * K + ca) * D
+        for jp0 in range(0, D, BLOCK_K):
+            offs_jp = jp0 + tl.arange(0, BLOCK_K)
+            xt = tl.load(
+                x_rows[:, None] + offs_jp[None, :],
+                mask=row_ok[:, None] & (offs_jp < D)[None, :],
+                other=0.0,
+            )
+            tap = offs_jp[:, None] - offs_d[None, :] + PAD_LEFT
+            wt = tl.load(w_row + tap, mask=(tap >= 0) & (tap < D), other=0.0)
+            acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + o).to(tl.float32)
+    # Padding rows/columns would otherwise carry the bias (or band taps) into the softmax.
+    valid = (offs_i < M_ROWS)[:, None] & (offs_d < D)[None, :]
+    return tl.where(valid, acc, 0.0)
+
+
+@triton.jit
+def _conv_attn_fwd_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    u_ptr,
+    z_ptr,
+    pm_ptr,
+    pl_ptr,
+    pacc_ptr,
+    C_IN,
+    C_OUT,
+    N_ROWS,
+    M_ROWS,
+    D,
+    K,
+    STRIDE,
+    PAD_TOP,
+    PAD_LEFT,
+    N_I_BLOCKS,
+    sharp,
+    eps,
+    HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    b = tl.program_id(0)
+    blk = tl.program_id(1)
+    o = blk // N_I_BLOCKS
+    offs_i = (blk % N_I_BLOCKS) * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_d = tl.arange(0, BLOCK_D)
+    i_ok = offs_i < M_ROWS
+    d_ok = offs_d < D
+    y = _conv_rows(
+        x_ptr, w_ptr, bias_ptr, b, o, offs_i, offs_d, C_IN, N_ROWS, M_ROWS, D, K, STRIDE,
+        PAD_TOP, PAD_LEFT, HAS_BIAS, PRECISION, BLOCK_I, BLOCK_D, BLOCK_K,
+    )  # fmt: skip
+    tile = tl.maximum(y, 0.0)
+    rn = tl.rsqrt(eps + tl.sum(tile * tile, axis=1))
+    u = tl.load(u_ptr + b * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    n_blocks = C_OUT * N_I_BLOCKS
+    part = b * n_blocks + blk
+    _softmax_block(
+        tile,
+        u,
+        rn,
+        i_ok,
+        z_ptr + (b * C_OUT + o) * M_ROWS + offs_i,
+        pm_ptr + part,
+        pl_ptr + part,
+        pacc_ptr + part.to(tl.int64) * D + offs_d,
+        d_ok,
+        sharp,
+    )
+
+
+@triton.jit
+def _conv_attn_bwd_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    u_ptr,
+    go_ptr,
+    gp_ptr,
+    lse_ptr,
+    delta_ptr,
+    gy_ptr,
+    du_part_ptr,
+    C_IN,
+    C_OUT,
+    N_ROWS,
+    M_ROWS,
+    D,
+    K,
+    STRIDE,
+    PAD_TOP,
+    PAD_LEFT,
+    N_I_BLOCKS,
+    sharp,
+    eps,
+    HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    b = tl.program_id(0)
+    blk = tl.program_id(1)
+    o = blk // N_I_BLOCKS
+    offs_i = (blk % N_I_BLOCKS) * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_d = tl.arange(0, BLOCK_D)
+    i_ok = offs_i < M_ROWS
+    d_ok = offs_d < D
+    y = _conv_rows(
+        x_ptr, w_ptr, bias_ptr, b, o, offs_i, offs_d, C_IN, N_ROWS, M_ROWS, D, K, STRIDE,
+        PAD_TOP, PAD_LEFT, HAS_BIAS, PRECISION, BLOCK_I, BLOCK_D, BLOCK_K,
+    )  # fmt: skip
+    tile = tl.maximum(y, 0.0)
+    rn = tl.rsqrt(eps + tl.sum(tile * tile, axis=1))
+    rhat = tile * rn[:, None]
+    u = tl.load(u_ptr + b * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    go = tl.load(go_ptr + b * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    r_idx = (b * C_OUT + o) * M_ROWS + offs_i
+    gp = tl.load(gp_ptr + r_idx, mask=i_ok, other=0.0).to(tl.float32)
+    lse = tl.load(lse_ptr + b)
+    delta = tl.load(delta_ptr + b)
+    p = tl.exp(sharp * tl.sum(rhat * u[None, :], axis=1) - lse)
+    p = tl.where(i_ok, p, 0.0)
+    dz = p * (tl.sum(rhat * go[None, :], axis=1) + gp - delta)
+    drhat = p[:, None] * go[None, :] + (sharp * dz)[:, None] * u[None, :]
+    dr = rn[:, None] * (drhat - rhat * tl.sum(rhat * drhat, axis=1)[:, None])
+    gy = tl.where(y > 0, dr, 0.0)
+    tl.store(
+        gy_ptr + r_idx.to(tl.int64)[:, None] * D + offs_d[None, :],
+        gy.to(gy_ptr.dtype.element_ty),
+        mask=i_ok[:, None] & d_ok[None, :],
+    )
+    n_blocks = C_OUT * N_I_BLOCKS
+    du_ptrs = du_part_ptr + (b * n_blocks + blk).to(tl.int64) * D + offs_d
+    tl.store(du_ptrs, tl.sum(dz[:, None] * rhat, axis=0), mask=d_ok)
+
+
+# --------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------
+
+
+def _merge_blocks(z, pm, pl, pacc, dtype):
+    """Merge per-block softmax partials: (o, p, lse) as in the module docstring."""
+    big = pm.amax(dim=1, keepdim=True)
+    scale = torch.exp(pm - big)
+    total = (scale * pl).sum(dim=1, keepdim=True)
+    o = (scale[..., None] * pacc).sum(dim=1) / total
+    lse = big + torch.log(total)
+    p = torch.exp(z - lse)
+    return o.to(dtype), p.to(dtype), lse.squeeze(1)
+
+
+def _partials(n_batch: int, n_blocks: int, r: int, d: int, device):
+    z = torch.empty((n_batch, r), device=device, dtype=torch.float32)
+    pm = torch.empty((n_batch, n_blocks), device=device, dtype=torch.float32)
+    pl = torch.empty((n_batch, n_blocks), device=device, dtype=torch.float32)
+    pacc = torch.empty((n_batch, n_blocks, d), device=device, dtype=torch.float32)
+    return z, pm, pl, pacc
+
+
+def _delta(go, gp, o, p):
+    """delta_b = <go_b, o_b> + <p_b, gp_b> (fp32)."""
+    return (go.float() * o.float()).sum(-1) + (p.float() * gp.float()).sum(-1)
+
+
+def attention_forward(rows: torch.Tensor, u: torch.Tensor, sharp: float, normalize: bool):
+    """(o [B, d], p [B, R], lse [B] fp32) for rows [B, R, d] or [R, d] and u [B, d]."""
+    n_batch, d = u.shape
+    r = rows.shape[-2]
+    n_blocks = triton.cdiv(r, BLOCK_R)
+    z, pm, pl, pacc = _partials(n_batch, n_blocks, r, d, u.device)
+    launch(
+        wrap_triton(_attn_fwd_kernel),
+        (n_batch, n_blocks),
+        rows,
+        u,
+        z,
+        pm,
+        pl,
+        pacc,
+        r,
+        d,
+        0 if rows.dim() == 2 else r * d,
+        n_blocks,
+        float(sharp),
+        UNIT_NORM_EPS,
+        NORMALIZE=normalize,
+        BLOCK_R=BLOCK_R,
+        BLOCK_D=pow2_at_least(d),
+        num_warps=NUM_WARPS,
+    )
+    return _merge_blocks(z, pm, pl, pacc, rows.dtype)
+
+
+def attention_backward(go, gp, rows, u, o, p, lse, sharp: float, normalize: bool):
+    """(drows, du) of attention_forward."""
+    n_batch, d = u.shape
+    r = rows.shape[-2]
+    shared = rows.dim() == 2
+    n_blocks = triton.cdiv(r, BLOCK_R)
+    drows = torch.empty_like(rows)
+    du_part = torch.empty((n_batch, n_blocks, d), device=u.device, dtype=torch.float32)
+    launch(
+        wrap_triton(_attn_bwd_kernel),
+        (1 if shared else n_batch, n_blocks),
+        rows,
+        u,
+        go.contiguous(),
+        gp.contiguous(),
+        lse,
+        _delta(go, gp, o, p),
+        drows,
+        du_part,
+        n_batch,
+        r,
+        d,
+        n_blocks,
+        float(sharp),
+        UNIT_NORM_EPS,
+        NORMALIZE=normalize,
+        SHARED=shared,
+        BLOCK_R=BLOCK_R,
+        BLOCK_D=pow2_at_least(d),
+        num_warps=NUM_WARPS,
+    )
+    du = (sharp * du_part.sum(dim=1)).to(u.dtype)
+    return drows, du
+
+
+def _conv_geometry(x: torch.Tensor, weight: torch.Tensor, stride: int):
+    _, c_in, n, d = x.shape
+    c_out, _, k, _ = weight.shape
+    m, top, _ = same_padding(n, k, stride)
+    left = same_padding(d, d, 1)[1]
+    return c_in, c_out, n, m, d, k, top, left
+
+
+def conv_attention_forward(x, weight, bias, stride: int, u, sharp: float):
+    """(o, p, lse) of attention over relu(memory_conv(x)) rows, without storing them."""
+    n_batch = x.shape[0]
+    c_in, c_out, n, m, d, k, top, left = _conv_geometry(x, weight, stride)
+    n_i_blocks = triton.cdiv(m, BLOCK_I)
+    n_blocks = c_out * n_i_blocks
+    z, pm, pl, pacc = _partials(n_batch, n_blocks, c_out * m, d, x.device)
+    launch(
+        wrap_triton(_conv_attn_fwd_kernel),
+        (n_batch, n_blocks),
+        x,
+        weight,
+        bias if bias is not None else weight,
+        u,
+        z,
+        pm,
+        pl,
+        pacc,
+        c_in,
+        c_out,
+        n,
+        m,
+        d,
+        k,
+        stride,
+        top,
+        left,
+        n_i_blocks,
+        float(sharp),
+        UNIT_NORM_EPS,
+        HAS_BIAS=bias is not None,
+        PRECISION=dot_precision(x.dtype),
+        BLOCK_I=BLOCK_I,
+        BLOCK_D=pow2_at_least(d),
+        BLOCK_K=BLOCK_K,
+        num_warps=NUM_WARPS,
+    )
+    return _merge_blocks(z, pm, pl, pacc, x.dtype)
+
+
+def conv_attention_backward(go, gp, x, weight, bias, stride: int, u, sharp: float, o, p, lse):
+    """(dL/dy [B, c_out, m, d] of the conv pre-activation, du)."""
+    n_batch = x.shape[0]
+    c_in, c_out, n, m, d, k, top, left = _conv_geometry(x, weight, stride)
+    n_i_blocks = triton.cdiv(m, BLOCK_I)
+    n_blocks = c_out * n_i_blocks
+    gy = torch.empty((n_batch, c_out, m, d), device=x.device, dtype=x.dtype)
+    du_part = torch.empty((n_batch, n_blocks, d), device=x.device, dtype=torch.float32)
+    launch(
+        wrap_triton(_conv_attn_bwd_kernel),
+        (n_batch, n_blocks),
+        x,
+        weight,
+        bias if bias is not None else weight,
+        u,
+        go.contiguous(),
+        gp.contiguous(),
+        lse,
+        _delta(go, gp, o, p),
+        gy,
+        du_part,
+        c_in,
+        c_out,
+        n,
+        m,
+        d,
+        k,
+        stride,
+        top,
+        left,
+        n_i_blocks,
+        float(sharp),
+        UNIT_NORM_EPS,
+        HAS_BIAS=bias is not None,
+        PRECISION=dot_precision(x.dtype),
+        BLOCK_I=BLOCK_I,
+        BLOCK_D=pow2_at_least(d),
+        BLOCK_K=BLOCK_K,
+        num_warps=NUM_WARPS,
+    )
+    return gy, (sharp * du_part.sum(dim=1)).to(u.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Custom ops and autograd
+# --------------------------------------------------------------------------------------
+
+
+@triton_op("rwmn::attention_read", mutates_args=())
+def _attention_read_op(
+    rows: torch.Tensor, u: torch.Tensor, sharp: float, normalize: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_forward(rows, u, sharp, normalize)
+
+
+@triton_op("rwmn::attention_read_backward", mutates_args=())
+def _attention_read_backward_op(
+    go: torch.Tensor,
+    gp: torch.Tensor,
+    rows: torch.Tensor,
+    u: torch.Tensor,
+    o: torch.Tensor,
+    p: torch.Tensor,
+    lse: torch.Tensor,
+    sharp: float,
+    normalize: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_backward(go, gp, rows, u, o, p, lse, sharp, normalize)
+
+
+def _zeros_if_none(grad, like):
+    return torch.zeros_like(like) if grad is None else grad.to(like.dtype)
+
+
+def _attention_setup(ctx, inputs, output):
+    rows, u, sharp, normalize = inputs
+    o, p, lse = output
+    ctx.save_for_backward(rows, u, o, p, lse)
+    ctx.sharp = sharp
+    ctx.normalize = normalize
+
+
+def _attention_backward(ctx, go, gp, _glse):
+    rows, u, o, p, lse = ctx.saved_tensors
+    go, gp = _zeros_if_none(go, o), _zeros_if_none(gp, p)
+    drows, du = torch.ops.rwmn.attention_read_backward(
+        go, gp, rows, u, o, p, lse, ctx.sharp, ctx.normalize
+    )
+    return drows, du, None, None
+
+
+_attention_read_op.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+@triton_op("rwmn::conv_attention_read", mutates_args=())
+def _conv_attention_read_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: int,
+    u: torch.Tensor,
+    sharp: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return conv_attention_forward(x, weight, bias, stride, u, sharp)
+
+
+@triton_op("rwmn::conv_attention_read_backward", mutates_args=())
+def _conv_attention_read_backward_op(
+    go: torch.Tensor,
+    gp: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: int,
+    u: torch.Tensor,
+    sharp: float,
+    o: torch.Tensor,
+    p: torch.Tensor,
+    lse: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return conv_attention_backward(go, gp, x, weight, bias, stride, u, sharp, o, p, lse)
+
+
+def _conv_attention_setup(ctx, inputs, output):
+    x, weight, bias, stride, u, sharp = inputs
+    o, p, lse = output
+    ctx.save_for_backward(x, weight, bias, u, o, p, lse)
+    ctx.stride = stride
+    ctx.sharp = sharp
+
+
+def _conv_attention_backward(ctx, go, gp, _glse):
+    x, weight, bias, u, o, p, lse = ctx.saved_tensors
+    go, gp = _zeros_if_none(go, o), _zeros_if_none(gp, p)
+    gy, du = torch.ops.rwmn.conv_attention_read_backward(
+        go, gp, x, weight, bias, ctx.stride, u, ctx.sharp, o, p, lse
+    )
+    dx, dw, db = conv_input_grads(gy, x, weight, bias is not None, ctx.stride)
+    return dx, dw, db, None, du, None
+
+
+_conv_attention_read_op.register_autograd(
+    _conv_attention_backward, setup_context=_conv_attention_setup
+)
+
+
+# --------------------------------------------------------------------------------------
+# Public entry points (the signatures rwmn.ops dispatches to)
+# --------------------------------------------------------------------------------------
+
+
+def _width_fusable(d: int, op: str) -> bool:
+    if d > MAX_FUSED_D:
+        warn_once(
+            f"kernels: {op} runs the reference for rows of width {d}: a fused tile holds the "
+            f"whole width in registers, at most {MAX_FUSED_D}"
+        )
+        return False
+    return True
+
+
+def attention_read(
+    rows: torch.Tensor, u: torch.Tensor, sharp: float, normalize: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused rwmn.reference.attention_read: rows [B, R, d] or [R, d], u [B, d] -> (o, p)."""
+    if rows.dim() not in (2, 3) or u.dim() != 2 or rows.shape[-1] != u.shape[-1]:
+        raise ValueError(
+            f"attention_read: rows {tuple(rows.shape)} must be [B, R, d] or [R, d] and u "
+            f"{tuple(u.shape)} must be [B, d] with the same d"
+        )
+    if rows.dim() == 3 and rows.shape[0] != u.shape[0]:
+        raise ValueError(
+            f"attention_read: rows {tuple(rows.shape)} and u {tuple(u.shape)} disagree on B"
+        )
+    dtype = compute_dtype(rows, u)
+    if not (fusable(dtype, "attention_read") and _width_fusable(u.shape[-1], "attention_read")):
+        return reference.attention_read(rows, u, sharp, normalize)
+    o, p, _ = torch.ops.rwmn.attention_read(
+        cast(rows, dtype), cast(u, dtype), float(sharp), normalize
+    )
+    return o, p
+
+
+def conv_attention_read(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: int,
+    u: torch.Tensor,
+    sharp: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused rwmn.reference.conv_attention_read: x [B, c_in, n, d] -> (o [B, d], p [B, R])."""
+    c_out, c_in, _, d = weight.shape
+    if x.dim() != 4 or x.shape[1] != c_in or x.shape[3] != d:
+        raise ValueError(
+            f"conv_attention_read: input of shape {tuple(x.shape)} does not match a kernel of "
+            f"shape {tuple(weight.shape)} (expected [B, {c_in}, n, {d}])"
+        )
+    if u.shape != (x.shape[0], d):
+        raise ValueError(
+            f"conv_attention_read: u {tuple(u.shape)} must be [{x.shape[0]}, {d}] for x "
+            f"{tuple(x.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (c_out,):
+        raise ValueError(f"conv_attention_read: bias must be [{c_out}], got {tuple(bias.shape)}")
+    if stride < 1:
+        raise ValueError(f"conv_attention_read: stride must be >= 1, got {stride}")
+    dtype = compute_dtype(x, weight, bias, u)
+    op = "conv_attention_read"
+    if not (fusable(dtype, op) and _width_fusable(d, op)):
+        return reference.conv_attention_read(x, weight, bias, stride, u, sharp)
+    o, p, _ = torch.ops.rwmn.conv_attention_read(
+        cast(x, dtype), cast(weight, dtype), cast(bias, dtype), stride, cast(u, dtype), float(sharp)
+    )
+    return o, p

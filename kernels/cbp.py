@@ -1,0 +1,610 @@
+"""Fused compact bilinear pooling (SPEC section 2): one launch forward, one launch backward.
+
+Math. With w = exp(-2 pi i / D), the count sketch followed by the DFT is a fixed linear map
+
+    X_k = sum_i s1(i) x_i w^{h1(i) k},      Y_k = sum_i s2(i) y_i w^{h2(i) k},
+
+so CBP(x, y) = IDFT(X * Y) is, per row, two small dense "sketch-DFT" matmuls, a complex
+product and a dense inverse-DFT matmul:
+
+    out_j = (1/D) sum_{k=0}^{D-1} X_k Y_k w^{-jk}
+          = sum_{k=0}^{D//2} c_k Re(Z_k e^{+2 pi i jk/D}),   Z = X Y,
+      c_k = 1/D for k = 0 and k = D/2 (D even), 2/D otherwise (Z is Hermitian).
+
+Backward. out = p (*) q, the circular convolution (mod D) of p = psi1(x) and q = psi2(y).
+dL/dp_a = sum_j g_j q_{(j-a) mod D} is the circular correlation of g = dL/dout with q, whose
+DFT is G_k conj(Q_k); and dL/dx_i = s1(i) (dL/dp)_{h1(i)} is the transposed count sketch:
+
+    dL/dx_i = s1(i) sum_{k=0}^{D//2} c_k Re(C_k e^{+2 pi i h1(i) k/D}),  C = G conj(Y),
+    dL/dy_i = s2(i) sum_{k=0}^{D//2} c_k Re(E_k e^{+2 pi i h2(i) k/D}),  E = G conj(X),
+
+with G_k = sum_j g_j w^{jk} (the same sketch-DFT with h(j) = j, s = 1). Nothing is saved
+from the forward: the backward recomputes X and Y from x and y.
+
+Kernels. One program owns BLOCK_R rows. Phase 1 walks the half spectrum in BLOCK_K tiles;
+each twiddle tile cos/sin(2 pi ((h(i) k) mod D) / D) is built on the fly in registers (the
+phase index is reduced mod D in integer arithmetic, then looked up in a 2 x D table of
+correctly rounded cos/sin, so no angle error grows with h k) and contracted with the input
+rows on tensor cores (tl.dot). D is a compile-time constant (one compilation per size). The
+complex products, scaled by c_k, go to a per-row workspace of 2 (forward) or 4 (backward)
+x (D//2 + 1) fp32 values. Phase 2, after a CTA barrier, contracts the workspace with the
+inverse twiddle tiles and writes each output element exactly once. The workspace is only
+ever touched by the program that owns its rows, so it stays in L1/L2; it is linear in the
+rows (about the size of the output). Inputs are read as stored (fp32, bf16 or fp16) and
+accumulated in fp32.
+
+Broadcasting. x [..., n1] and y [..., n2] broadcast their leading axes like
+``rwmn.reference.cbp``. The launcher passes per-operand row offsets (computed from the
+strides of the broadcast view, so a stride-0 axis is never materialised) and the kernel
+gathers rows through them. The gradient of a broadcast operand is summed over the rows it
+was broadcast to.
+
+Custom ops. ``rwmn::cbp_rows`` and ``rwmn::cbp_rows_backward`` are
+``torch.library.triton_op``s launched through ``wrap_triton`` with ``register_autograd``,
+so ``torch.compile(fullgraph=True)`` traces them without a graph break. They are dtype
+polymorphic (fp32 accumulation, result in the promoted input dtype, exactly as the reference
+returns), so they need no autocast rule: under autocast they run on whatever dtypes the
+surrounding ops produced.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from rwmn import reference
+
+#: Largest output size that is fused. The dense sketch-DFT costs O(D) per input element
+#: and the phase product h * k must stay below 2^31 in int32; larger D use the reference.
+MAX_FUSED_DIM = 16384
+#: Inputs the kernels read natively; float64 (and anything else) uses the reference.
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Tile sizes: rows per program, spectrum bins per tile, input elements per tile, output
+# elements per tile. 16 is the smallest tl.dot tile; the spectrum/input tiles are 64 wide
+# so a twiddle tile (64 x 64 fp32 cos + sin) stays in registers next to the accumulators.
+BLOCK_R = 16
+BLOCK_K = 64
+BLOCK_N = 64
+BLOCK_J = 64
+
+
+# --------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _twiddle(a, b, tab_ptr, D: tl.constexpr):
+    """cos and sin of 2 pi (a b mod D) / D for int32 vectors a [A] and b [B] -> [A, B].
+
+    The phase index is reduced mod D in integers (exact for every fused D: a b < 2^31), then
+    looked up in the launcher's table of correctly rounded cos/sin of 2 pi p / D. With D a
+    constexpr the mod is a multiply-shift, and the lookup (an L1-resident gather of at most
+    2 x 16384 fp32) replaces tens of instructions of accurate cosf/sinf per element.
+    """
+    ph = (a[:, None] * b[None, :]) % D
+    return tl.load(tab_ptr + ph), tl.load(tab_ptr + D + ph)
+
+
+@triton.jit
+def _sketch_dft(
+    src_ptr,
+    row_off,
+    rmask,
+    h_ptr,
+    s_ptr,
+    N,
+    ks,
+    tab_ptr,
+    D: tl.constexpr,
+    IDENTITY: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Re and Im of sum_i s(i) v_i w^{h(i) k} for the rows at row_off and the bins ks.
+
+    IDENTITY uses h(i) = i and s(i) = 1 (the plain DFT of the incoming gradient).
+    """
+    re = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    im = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        ns = n0 + tl.arange(0, BLOCK_N)
+        nmask = ns < N
+        v = tl.load(
+            src_ptr + row_off[:, None] + ns[None, :],
+            mask=rmask[:, None] & nmask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        if IDENTITY:
+            h = ns
+            s = nmask.to(tl.float32)
+        else:
+            h = tl.load(h_ptr + ns, mask=nmask, other=0).to(tl.int32)
+            s = tl.load(s_ptr + ns, mask=nmask, other=0.0).to(tl.float32)
+        cos, sin = _twiddle(h, ks, tab_ptr, D)
+        re += tl.dot(v, cos * s[:, None], input_precision=PRECISION)
+        im -= tl.dot(v, sin * s[:, None], input_precision=PRECISION)
+    return re, im
+
+
+@triton.jit
+def _spectrum_weight(ks, K, D):
+    # Hermitian half spectrum: bins 0 and D/2 appear once in the full sum, the rest twice.
+    once = (ks == 0) | (2 * ks == D)
+    return tl.where(ks < K, tl.where(once, 1.0, 2.0) / D, 0.0)
+
+
+@triton.jit
+def _inverse_tile(
+    ws_row,
+    rmask,
+    a,
+    tab_ptr,
+    K: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """sum_k Re(W_k e^{+2 pi i a k / D}) for the weighted spectrum W stored at ws_row
+    (re in [0, K), im in [K, 2K)) and the phase multipliers a [BLOCK_A]."""
+    acc = tl.zeros((BLOCK_R, BLOCK_A), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        m = rmask[:, None] & (ks < K)[None, :]
+        wr = tl.load(ws_row + ks[None, :], mask=m, other=0.0)
+        wi = tl.load(ws_row + K + ks[None, :], mask=m, other=0.0)
+        cos, sin = _twiddle(ks, a, tab_ptr, D)
+        acc += tl.dot(wr, cos, input_precision=PRECISION)
+        acc -= tl.dot(wi, sin, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _cbp_fwd_kernel(
+    x_ptr,
+    y_ptr,
+    xoff_ptr,
+    yoff_ptr,
+    h1_ptr,
+    s1_ptr,
+    h2_ptr,
+    s2_ptr,
+    tab_ptr,
+    out_ptr,
+    ws_ptr,
+    R,
+    N1,
+    N2,
+    D: tl.constexpr,
+    K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """out[r, j] = sum_k c_k Re(X_k Y_k e^{2 pi i jk/D}) for BLOCK_R rows r (module doc)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    xrow = tl.load(xoff_ptr + rows, mask=rmask, other=0)
+    yrow = tl.load(yoff_ptr + rows, mask=rmask, other=0)
+    # Row stride of the workspace: re and im of the K half-spectrum bins.
+    ws_row = ws_ptr + rows[:, None].to(tl.int64) * (2 * K)
+
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        xr, xi = _sketch_dft(
+            x_ptr, xrow, rmask, h1_ptr, s1_ptr, N1, ks, tab_ptr, D,
+            False, BLOCK_R, BLOCK_K, BLOCK_N, PRECISION,
+        )  # fmt: skip
+        yr, yi = _sketch_dft(
+            y_ptr, yrow, rmask, h2_ptr, s2_ptr, N2, ks, tab_ptr, D,
+            False, BLOCK_R, BLOCK_K, BLOCK_N, PRECISION,
+        )  # fmt: skip
+        c = _spectrum_weight(ks, K, D)[None, :]
+        m = rmask[:, None] & (ks < K)[None, :]
+        tl.store(ws_row + ks[None, :], (xr * yr - xi * yi) * c, mask=m)
+        tl.store(ws_row + K + ks[None, :], (xr * yi + xi * yr) * c, mask=m)
+
+    # Phase 2 reads workspace entries written by other threads of this program.
+    tl.debug_barrier()
+
+    out_row = out_ptr + rows[:, None].to(tl.int64) * D
+    for j0 in range(0, D, BLOCK_J):
+        js = j0 + tl.arange(0, BLOCK_J)
+        acc = _inverse_tile(ws_row, rmask, js, tab_ptr, K, D, BLOCK_R, BLOCK_K, BLOCK_J, PRECISION)
+        m = rmask[:, None] & (js < D)[None, :]
+        tl.store(out_row + js[None, :], acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _cbp_bwd_kernel(
+    g_ptr,
+    x_ptr,
+    y_ptr,
+    xoff_ptr,
+    yoff_ptr,
+    h1_ptr,
+    s1_ptr,
+    h2_ptr,
+    s2_ptr,
+    tab_ptr,
+    gx_ptr,
+    gy_ptr,
+    ws_ptr,
+    R,
+    N1,
+    N2,
+    D: tl.constexpr,
+    K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """gx[r, i] = s1(i) sum_k c_k Re(G_k conj(Y_k) e^{2 pi i h1(i) k/D}) and symmetrically
+    gy[r, i] with G conj(X), h2, s2, for BLOCK_R rows r of g [R, D] (module doc)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    rows64 = rows.to(tl.int64)
+    xrow = tl.load(xoff_ptr + rows, mask=rmask, other=0)
+    yrow = tl.load(yoff_ptr + rows, mask=rmask, other=0)
+    # Workspace row: [C re | C im | E re | E im], K bins each.
+    ws_row = ws_ptr + rows64[:, None] * (4 * K)
+
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        gr, gi = _sketch_dft(
+            g_ptr, rows64 * D, rmask, h1_ptr, s1_ptr, D, ks, tab_ptr, D,
+            True, BLOCK_R, BLOCK_K, BLOCK_N, PRECISION,
+        )  # fmt: skip
+        xr, xi = _sketch_dft(
+            x_ptr, xrow, rmask, h1_ptr, s1_ptr, N1, ks, tab_ptr, D,
+            False, BLOCK_R, BLOCK_K, BLOCK_N, PRECISION,
+        )  # fmt: skip
+        yr, yi = _sketch_dft(
+            y_ptr, yrow, rmask, h2_ptr, s2_ptr, N2, ks, tab_ptr, D,
+            False, BLOCK_R, BLOCK_K, BLOCK_N, PRECISION,
+        )  # fmt: skip
+        c = _spectrum_weight(ks, K, D)[None, :]
+        m = rmask[:, None] & (ks < K)[None, :]
+        tl.store(ws_row + ks[None, :], (gr * yr + gi * yi) * c, mask=m)
+        tl.store(ws_row + K + ks[None, :], (gi * yr - gr * yi) * c, mask=m)
+        tl.store(ws_row + 2 * K + ks[None, :], (gr * xr + gi * xi) * c, mask=m)
+        tl.store(ws_row + 3 * K + ks[None, :], (gi * xr - gr * xi) * c, mask=m)
+
+    # Phase 2 reads workspace entries written by other threads of this program.
+    tl.debug_barrier()
+
+    gx_row = gx_ptr + rows64[:, None] * N1
+    for n0 in range(0, N1, BLOCK_N):
+        ns = n0 + tl.arange(0, BLOCK_N)
+        nmask = ns < N1
+        h = tl.load(h1_ptr + ns, mask=nmask, other=0).to(tl.int32)
+        s = tl.load(s1_ptr + ns, mask=nmask, other=0.0).to(tl.float32)
+        acc = _inverse_tile(ws_row, rmask, h, tab_ptr, K, D, BLOCK_R, BLOCK_K, BLOCK_N, PRECISION)
+        m = rmask[:, None] & nmask[None, :]
+        tl.store(gx_row + ns[None, :], (acc * s[None, :]).to(gx_ptr.dtype.element_ty), mask=m)
+
+    gy_row = gy_ptr + rows64[:, None] * N2
+    for n0 in range(0, N2, BLOCK_N):
+        ns = n0 + tl.arange(0, BLOCK_N)
+        nmask = ns < N2
+        h = tl.load(h2_ptr + ns, mask=nmask, other=0).to(tl.int32)
+        s = tl.load(s2_ptr + ns, mask=nmask, other=0.0).to(tl.float32)
+        acc = _inverse_tile(
+            ws_row + 2 * K, rmask, h, tab_ptr, K, D, BLOCK_R, BLOCK_K, BLOCK_N, PRECISION
+        )
+        m = rmask[:, None] & nmask[None, :]
+        tl.store(gy_row + ns[None, :], (acc * s[None, :]).to(gy_ptr.dtype.element_ty), mask=m)
+
+
+# --------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------
+
+
+def half_spectrum(out_dim: int) -> int:
+    """Number of independent bins of the DFT of a real sequence of length out_dim."""
+    return out_dim // 2 + 1
+
+
+def _precision(*tensors: torch.Tensor) -> str:
+    # fp32 inputs get 3-pass tf32 (about fp32 accuracy on tensor cores); half inputs
+    # carry 8-11 mantissa bits, which one tf32 pass already exceeds.
+    return "tf32x3" if any(t.dtype == torch.float32 for t in tensors) else "tf32"
+
+
+def _check_rows(name: str, t: torch.Tensor, offsets: torch.Tensor) -> None:
+    if t.stride(-1) != 1:
+        raise ValueError(f"cbp: {name} of shape {tuple(t.shape)} must have a unit last stride")
+    if offsets.dtype != torch.int64 or not offsets.is_contiguous():
+        raise ValueError(f"cbp: {name} row offsets must be contiguous int64")
+
+
+def twiddle_table(out_dim: int, device: torch.device | str) -> torch.Tensor:
+    """[cos(2 pi p / D) for p < D, sin(2 pi p / D) for p < D] as fp32 [2 * D], computed in
+    float64 so every entry is correctly rounded."""
+    angle = torch.arange(out_dim, dtype=torch.float64, device=device) * (2 * math.pi / out_dim)
+    return torch.cat((torch.cos(angle), torch.sin(angle))).to(torch.float32)
+
+
+@functools.cache
+def _cached_twiddle_table(out_dim: int, device: torch.device) -> torch.Tensor:
+    return twiddle_table(out_dim, device)
+
+
+def _check_twiddles(twiddles: torch.Tensor, out_dim: int) -> None:
+    if twiddles.shape != (2 * out_dim,) or twiddles.dtype != torch.float32:
+        raise ValueError(
+            f"cbp: twiddle table of shape {tuple(twiddles.shape)} and dtype {twiddles.dtype} "
+            f"must be fp32 [{2 * out_dim}] (see twiddle_table)"
+        )
+
+
+def cbp_forward_launch(x, y, xoff, yoff, h1, s1, h2, s2, twiddles, out, workspace) -> None:
+    """Launch the forward kernel: out [R, D] (contiguous) from the rows of x and y at the
+    element offsets xoff, yoff [R]; twiddles = twiddle_table(D); workspace is fp32 with at
+    least R * 2 * (D//2+1) values."""
+    rows, out_dim = out.shape
+    _check_twiddles(twiddles, out_dim)
+    _check_rows("x", x, xoff)
+    _check_rows("y", y, yoff)
+    if not out.is_contiguous() or xoff.numel() != rows or yoff.numel() != rows:
+        raise ValueError(f"cbp: output of shape {tuple(out.shape)} must be contiguous [R, D]")
+    if workspace.dtype != torch.float32 or workspace.numel() < rows * 2 * half_spectrum(out_dim):
+        raise ValueError(f"cbp: workspace of shape {tuple(workspace.shape)} is too small")
+    grid = (triton.cdiv(rows, BLOCK_R),)
+    wrap_triton(_cbp_fwd_kernel)[grid](
+        x, y, xoff, yoff, h1, s1, h2, s2, twiddles, out, workspace,
+        rows, x.shape[-1], y.shape[-1], out_dim, half_spectrum(out_dim),
+        BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, BLOCK_J=BLOCK_J,
+        PRECISION=_precision(x, y),
+    )  # fmt: skip
+
+
+def cbp_backward_launch(
+    grad, x, y, xoff, yoff, h1, s1, h2, s2, twiddles, gx, gy, workspace
+) -> None:
+    """Launch the backward kernel: gx [R, n1] and gy [R, n2] (contiguous, per broadcast row)
+    from grad [R, D] (contiguous); twiddles = twiddle_table(D); workspace fp32 with at least
+    R * 4 * (D//2+1) values."""
+    rows, out_dim = grad.shape
+    _check_twiddles(twiddles, out_dim)
+    _check_rows("x", x, xoff)
+    _check_rows("y", y, yoff)
+    if not grad.is_contiguous():
+        raise ValueError(f"cbp: gradient of shape {tuple(grad.shape)} must be contiguous")
+    if tuple(gx.shape) != (rows, x.shape[-1]) or tuple(gy.shape) != (rows, y.shape[-1]):
+        raise ValueError(
+            f"cbp: gradients of shapes {tuple(gx.shape)}, {tuple(gy.shape)} must be "
+            f"[{rows}, {x.shape[-1]}] and [{rows}, {y.shape[-1]}]"
+        )
+    if not (gx.is_contiguous() and gy.is_contiguous()):
+        raise ValueError("cbp: gradient outputs must be contiguous")
+    if workspace.dtype != torch.float32 or workspace.numel() < rows * 4 * half_spectrum(out_dim):
+        raise ValueError(f"cbp: workspace of shape {tuple(workspace.shape)} is too small")
+    grid = (triton.cdiv(rows, BLOCK_R),)
+    wrap_triton(_cbp_bwd_kernel)[grid](
+        grad, x, y, xoff, yoff, h1, s1, h2, s2, twiddles, gx, gy, workspace,
+        rows, x.shape[-1], y.shape[-1], out_dim, half_spectrum(out_dim),
+        BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N,
+        PRECISION=_precision(grad, x, y),
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------
+# Custom ops and autograd
+# --------------------------------------------------------------------------------------
+
+
+@triton_op("rwmn::cbp_rows", mutates_args=())
+def cbp_rows(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    xoff: torch.Tensor,
+    yoff: torch.Tensor,
+    h1: torch.Tensor,
+    s1: torch.Tensor,
+    h2: torch.Tensor,
+    s2: torch.Tensor,
+    twiddles: torch.Tensor,
+) -> torch.Tensor:
+    """CBP of the broadcast rows: xoff, yoff of the broadcast leading shape L hold each
+    row's element offset into x and y; twiddles = twiddle_table(D) sets the output size D.
+    Returns [*L, D] in promote(x, y)."""
+    rows, out_dim = xoff.numel(), twiddles.numel() // 2
+    out = x.new_empty((rows, out_dim), dtype=torch.promote_types(x.dtype, y.dtype))
+    workspace = x.new_empty((rows, 2 * half_spectrum(out_dim)), dtype=torch.float32)
+    cbp_forward_launch(
+        x, y, xoff.reshape(-1), yoff.reshape(-1), h1, s1, h2, s2, twiddles, out, workspace
+    )
+    return out.view(*xoff.shape, out_dim)
+
+
+@triton_op("rwmn::cbp_rows_backward", mutates_args=())
+def cbp_rows_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    xoff: torch.Tensor,
+    yoff: torch.Tensor,
+    h1: torch.Tensor,
+    s1: torch.Tensor,
+    h2: torch.Tensor,
+    s2: torch.Tensor,
+    twiddles: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of cbp_rows in x and y, summed over the rows each was broadcast to."""
+    lead, rows, out_dim = xoff.shape, xoff.numel(), grad.shape[-1]
+    n1, n2 = x.shape[-1], y.shape[-1]
+    # A broadcast operand's per-row gradient is summed below, so keep it in fp32 until then.
+    x_bcast, y_bcast = x.numel() != rows * n1, y.numel() != rows * n2
+    gx = x.new_empty((rows, n1), dtype=torch.float32 if x_bcast else x.dtype)
+    gy = y.new_empty((rows, n2), dtype=torch.float32 if y_bcast else y.dtype)
+    workspace = x.new_empty((rows, 4 * half_spectrum(out_dim)), dtype=torch.float32)
+    grad = grad.reshape(rows, out_dim).contiguous()
+    cbp_backward_launch(
+        grad,
+        x,
+        y,
+        xoff.reshape(-1),
+        yoff.reshape(-1),
+        h1,
+        s1,
+        h2,
+        s2,
+        twiddles,
+        gx,
+        gy,
+        workspace,
+    )
+    gx = gx.view(*lead, n1).sum_to_size(x.shape).to(x.dtype)
+    gy = gy.view(*lead, n2).sum_to_size(y.shape).to(y.dtype)
+    return gx, gy
+
+
+# Explicit fake (meta) kernels. triton_op would trace the bodies above instead, but under
+# TRITON_INTERPRET=1 wrap_triton hands back the interpreted kernel, which cannot run on
+# fake tensors; these keep shape propagation identical on every platform.
+@cbp_rows.register_fake
+def _cbp_rows_fake(x, y, xoff, yoff, h1, s1, h2, s2, twiddles):
+    return x.new_empty(
+        (*xoff.shape, twiddles.shape[0] // 2), dtype=torch.promote_types(x.dtype, y.dtype)
+    )
+
+
+@cbp_rows_backward.register_fake
+def _cbp_rows_backward_fake(grad, x, y, xoff, yoff, h1, s1, h2, s2, twiddles):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
+        y, memory_format=torch.contiguous_format
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad):
+    gx, gy = torch.ops.rwmn.cbp_rows_backward(grad, *ctx.saved_tensors)
+    return gx, gy, None, None, None, None, None, None, None
+
+
+cbp_rows.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------
+# Public entry point (rwmn.ops.cbp under the "triton" backend)
+# --------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _warn_fallback(reason: str) -> None:
+    # functools.cache makes this fire once per distinct reason in the process.
+    warnings.warn(f"kernels.cbp: {reason}; using rwmn.reference.cbp", stacklevel=3)
+
+
+def row_offsets(t: torch.Tensor, lead: torch.Size) -> torch.Tensor:
+    """Element offset of every row of t broadcast to the leading shape lead, as int64 [*lead].
+
+    Built from the strides of the broadcast view (0 on broadcast axes), never from a copy.
+    """
+    view = t.expand(*lead, t.shape[-1])
+    offsets = torch.zeros(lead, dtype=torch.int64, device=t.device)
+    for axis, (size, stride) in enumerate(zip(lead, view.stride()[:-1], strict=True)):
+        if size > 1 and stride != 0:
+            shape = [1] * len(lead)
+            shape[axis] = size
+            step = torch.arange(size, dtype=torch.int64, device=t.device) * stride
+            offsets = offsets + step.view(shape)
+    return offsets
+
+
+def _check_hash(name: str, h: torch.Tensor, s: torch.Tensor, n: int, out_dim: int) -> None:
+    if h.shape != (n,) or s.shape != (n,):
+        raise ValueError(
+            f"cbp: hash {name} of shape {tuple(h.shape)} and signs of shape {tuple(s.shape)} "
+            f"must both be [{n}] to match the input's last axis"
+        )
+    if h.dtype not in (torch.int32, torch.int64) or not s.is_floating_point():
+        raise ValueError(f"cbp: hash {name} must be integer and its signs floating point")
+    if not (h.is_contiguous() and s.is_contiguous()):
+        raise ValueError(f"cbp: hash {name} and its signs must be contiguous")
+    if not torch.compiler.is_compiling() and n and (int(h.min()) < 0 or int(h.max()) >= out_dim):
+        raise ValueError(f"cbp: hash {name} has values outside [0, {out_dim})")
+
+
+def _fallback_reason(x: torch.Tensor, y: torch.Tensor, out_dim: int) -> str | None:
+    if out_dim > MAX_FUSED_DIM:
+        return (
+            f"out_dim={out_dim} exceeds the fused limit {MAX_FUSED_DIM} (the dense "
+            "sketch-DFT grows as D^2 and the int32 phase index h*k must not overflow)"
+        )
+    for name, t in (("x", x), ("y", y)):
+        if t.dtype not in FUSED_DTYPES:
+            return f"{name} of dtype {t.dtype} is not fused (only fp32, bf16 and fp16 are)"
+    return None
+
+
+def cbp(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    h1: torch.Tensor,
+    s1: torch.Tensor,
+    h2: torch.Tensor,
+    s2: torch.Tensor,
+    out_dim: int,
+    sum_pool: bool = False,
+) -> torch.Tensor:
+    """Fused compact bilinear pooling, same contract as :func:`rwmn.reference.cbp`."""
+    if x.dim() < 1 or y.dim() < 1:
+        raise ValueError(
+            f"cbp: inputs of shapes {tuple(x.shape)}, {tuple(y.shape)} need a last axis"
+        )
+    if out_dim < 1:
+        raise ValueError(f"cbp: out_dim must be positive, got {out_dim}")
+    reason = _fallback_reason(x, y, out_dim)
+    if reason is not None:
+        _warn_fallback(reason)
+        return reference.cbp(x, y, h1, s1, h2, s2, out_dim, sum_pool)
+    _check_hash("h1", h1, s1, x.shape[-1], out_dim)
+    _check_hash("h2", h2, s2, y.shape[-1], out_dim)
+    lead = torch.broadcast_shapes(x.shape[:-1], y.shape[:-1])
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if y.stride(-1) != 1:
+        y = y.contiguous()
+    if torch.compiler.is_compiling():
+        twiddles = twiddle_table(out_dim, x.device)  # traced into the graph
+    else:
+        twiddles = _cached_twiddle_table(out_dim, x.device)
+    out = torch.ops.rwmn.cbp_rows(
+        x, y, row_offsets(x, lead), row_offsets(y, lead), h1, s1, h2, s2, twiddles
+    )
+    if sum_pool and out.dim() > 2:
+        out = out.sum(dim=tuple(range(1, out.dim() - 1)))
+    return out
+
+
+__all__ = [
+    "MAX_FUSED_DIM",
+    "cbp",
+    "cbp_backward_launch",
+    "cbp_forward_launch",
+    "cbp_rows",
+    "cbp_rows_backward",
+    "half_spectrum",
+    "row_offsets",
+    "twiddle_table",
+]

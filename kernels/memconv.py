@@ -1,0 +1,480 @@
+"""Strided full-width memory convolution as an implicit GEMM (write and read layers).
+
+Math (one layer; rwmn.reference.memory_conv is the ground truth). x [N, c_in, n, d],
+weight w [c_out, c_in, k, d], bias [c_out], stride s, TF SAME padding: p = pad_top of the
+row axis (same_padding(n, k, s)), q = (d - 1) // 2 the left pad of the width axis (the
+kernel spans the full width d, so the width keeps its size). Out-of-range x reads as 0.
+
+Forward, m = ceil(n / s):
+    y[b, o, i, j] = bias[o] + sum_{c, a, t} x[b, c, i*s + a - p, j + t - q] w[o, c, a, t]
+                  = bias[o] + sum_{c, a} (X_{c,a} T_{o,c,a})[i, j]
+with X_{c,a}[i, :] = x[b, c, i*s + a - p, :] (one shifted, strided row view) and
+T_{o,c,a}[j', j] = w[o, c, a, j' - j + q] (zero outside [0, d)), the d x d Toeplitz
+matrix of kernel row a. So each output tile is a GEMM over K = (c, a, j'), with the
+Toeplitz tile gathered on the fly from the kernel row: the d x d matrices are never built.
+out = relu(y) when ``relu``.
+
+Backward, with g = dL/dy (dL/dout masked by out > 0 under ReLU):
+    dx[b, c, r, :] = sum_{o, a, i: i*s + a - p = r} g[b, o, i, :] T_{o,c,a}^T
+Only the taps a = a0 + l*s with a0 = (r + p) mod s hit row r (then i = (r + p - a)/s), so
+the kernel walks rows of one phase r mod s at a time and visits exactly those taps.
+    dw[o, c, a, t] = sum_b sum_i sum_j x[b, c, i*s + a - p, j + t - q] g[b, o, i, j]
+(the diagonal sums of dT = X^T g: T's entry (j', j) is w[j' - j + q], so dw[t] collects
+the diagonal j' - j = t - q). Rather than form dT, the kernel computes it as one implicit
+GEMM producing [c_out, c_in*k*d] directly: M = o, N = f = (c, a, t), K = (b, i, j), with
+B-operand H[(b,i,j), f] = x[b, c, i*s + a - p, j + t - q] gathered (a Hankel tile).
+K is split across programs and the fp32 partials summed afterwards (deterministic).
+    dbias[o] = sum_{b, i, j} g[b, o, i, j]
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from kernels._common import (
+    FUSED_DTYPES,
+    cast,
+    compute_dtype,
+    dot_precision,
+    launch,
+    pow2_at_least,
+    warn_once,
+)
+from rwmn import reference
+from rwmn.reference import same_padding
+
+#: Output rows x columns of one forward tile, and the reduction chunk of the width.
+BLOCK_I = 32
+BLOCK_J = 64
+BLOCK_K = 32
+#: dw: output channels (padded to the 16 tl.dot needs), flat (c, a, t) columns, width chunk.
+BLOCK_O_MIN = 16
+BLOCK_F = 64
+BLOCK_JW = 32
+#: dw: about this many (b, i) rows of the reduction per program before K is split.
+ROWS_PER_SPLIT = 64
+NUM_WARPS = 4
+
+
+# --------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _memconv_fwd_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    out_ptr,
+    C_IN,
+    C_OUT,
+    N_ROWS,
+    M_ROWS,
+    D,
+    K,
+    STRIDE,
+    PAD_TOP,
+    PAD_LEFT,
+    HAS_BIAS: tl.constexpr,
+    RELU: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_bo = tl.program_id(0)
+    pid_i = tl.program_id(1)
+    pid_j = tl.program_id(2)
+    b = pid_bo // C_OUT
+    o = pid_bo % C_OUT
+    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    j_first = pid_j * BLOCK_J
+    offs_j = j_first + tl.arange(0, BLOCK_J)
+    x_base = x_ptr + b.to(tl.int64) * C_IN * N_ROWS * D
+    w_base = w_ptr + o * C_IN * K * D
+    # Only input columns j' with a tap j' - j + q in [0, d) for some j of this tile
+    # contribute: the Toeplitz band. Start on a BLOCK_K boundary for aligned loads.
+    jp_lo = (tl.maximum(j_first - PAD_LEFT, 0) // BLOCK_K) * BLOCK_K
+    jp_hi = tl.minimum(j_first + BLOCK_J - 1 - PAD_LEFT + D, D)
+    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    for ca in range(0, C_IN * K):
+        c = ca // K
+        a = ca % K
+        rows = offs_i * STRIDE + a - PAD_TOP
+        row_ok = (offs_i < M_ROWS) & (rows >= 0) & (rows < N_ROWS)
+        x_rows = x_base + (c * N_ROWS + rows).to(tl.int64) * D
+        w_row = w_base + ca * D
+        for jp0 in range(jp_lo, jp_hi, BLOCK_K):
+            offs_jp = jp0 + tl.arange(0, BLOCK_K)
+            xt = tl.load(
+                x_rows[:, None] + offs_jp[None, :],
+                mask=row_ok[:, None] & (offs_jp < D)[None, :],
+                other=0.0,
+            )
+            tap = offs_jp[:, None] - offs_j[None, :] + PAD_LEFT
+            wt = tl.load(w_row + tap, mask=(tap >= 0) & (tap < D), other=0.0)
+            acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + o).to(tl.float32)
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    out_rows = out_ptr + ((b * C_OUT + o) * M_ROWS + offs_i).to(tl.int64) * D
+    tl.store(
+        out_rows[:, None] + offs_j[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=(offs_i < M_ROWS)[:, None] & (offs_j < D)[None, :],
+    )
+
+
+@triton.jit
+def _memconv_dx_kernel(
+    g_ptr,
+    w_ptr,
+    dx_ptr,
+    C_IN,
+    C_OUT,
+    N_ROWS,
+    M_ROWS,
+    D,
+    K,
+    STRIDE,
+    PAD_TOP,
+    PAD_LEFT,
+    N_PHASE_BLOCKS,
+    PRECISION: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_bc = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_j = tl.program_id(2)
+    b = pid_bc // C_IN
+    c = pid_bc % C_IN
+    # Rows r = q*s + rho of one phase rho share the same taps a = a0 + l*s.
+    rho = pid_r // N_PHASE_BLOCKS
+    offs_q = (pid_r % N_PHASE_BLOCKS) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    rows = offs_q * STRIDE + rho
+    row_ok = rows < N_ROWS
+    a0 = (rho + PAD_TOP) % STRIDE
+    i0 = (rho + PAD_TOP - a0) // STRIDE
+    n_taps = (K - a0 + STRIDE - 1) // STRIDE
+    jp_first = pid_j * BLOCK_J
+    offs_jp = jp_first + tl.arange(0, BLOCK_J)
+    # Output columns j with a tap j' - j + q in [0, d) for some j' of this tile.
+    j_lo = (tl.maximum(jp_first + PAD_LEFT - D + 1, 0) // BLOCK_K) * BLOCK_K
+    j_hi = tl.minimum(jp_first + BLOCK_J + PAD_LEFT, D)
+    acc = tl.zeros((BLOCK_Q, BLOCK_J), dtype=tl.float32)
+    for o in range(0, C_OUT):
+        for tap_i in range(0, n_taps):
+            a = a0 + tap_i * STRIDE
+            offs_i = offs_q + i0 - tap_i
+            i_ok = row_ok & (offs_i >= 0) & (offs_i < M_ROWS)
+            g_rows = g_ptr + ((b * C_OUT + o) * M_ROWS + offs_i).to(tl.int64) * D
+            w_row = w_ptr + ((o * C_IN + c) * K + a) * D
+            for j0 in range(j_lo, j_hi, BLOCK_K):
+                offs_j = j0 + tl.arange(0, BLOCK_K)
+                gt = tl.load(
+                    g_rows[:, None] + offs_j[None, :],
+                    mask=i_ok[:, None] & (offs_j < D)[None, :],
+                    other=0.0,
+                )
+                tap = offs_jp[None, :] - offs_j[:, None] + PAD_LEFT
+                wt = tl.load(w_row + tap, mask=(tap >= 0) & (tap < D), other=0.0)
+                acc = tl.dot(gt, wt, acc, input_precision=PRECISION)
+    dx_rows = dx_ptr + ((b * C_IN + c) * N_ROWS + rows).to(tl.int64) * D
+    tl.store(
+        dx_rows[:, None] + offs_jp[None, :],
+        acc.to(dx_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & (offs_jp < D)[None, :],
+    )
+
+
+@triton.jit
+def _memconv_dw_kernel(
+    g_ptr,
+    x_ptr,
+    dw_part_ptr,
+    N_BATCH,
+    C_IN,
+    C_OUT,
+    N_ROWS,
+    M_ROWS,
+    D,
+    K,
+    STRIDE,
+    PAD_TOP,
+    PAD_LEFT,
+    ROWS_PER_PROGRAM,
+    PRECISION: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
+    pid_o = tl.program_id(0)
+    pid_f = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    F = C_IN * K * D
+    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+    f_ok = offs_f < F
+    ca = offs_f // D
+    t = offs_f % D
+    c = ca // K
+    a = ca % K
+    o_ok = offs_o < C_OUT
+    acc = tl.zeros((BLOCK_O, BLOCK_F), dtype=tl.float32)
+    bi_lo = pid_s * ROWS_PER_PROGRAM
+    bi_hi = tl.minimum(bi_lo + ROWS_PER_PROGRAM, N_BATCH * M_ROWS)
+    for bi in range(bi_lo, bi_hi):
+        b = bi // M_ROWS
+        i = bi % M_ROWS
+        x_row = i * STRIDE + a - PAD_TOP
+        x_ok = f_ok & (x_row >= 0) & (x_row < N_ROWS)
+        x_cols = x_ptr + ((b * C_IN + c) * N_ROWS + x_row).to(tl.int64) * D + t - PAD_LEFT
+        g_row = g_ptr + ((b * C_OUT + offs_o) * M_ROWS + i).to(tl.int64) * D
+        for j0 in range(0, D, BLOCK_J):
+            offs_j = j0 + tl.arange(0, BLOCK_J)
+            gt = tl.load(
+                g_row[:, None] + offs_j[None, :],
+                mask=o_ok[:, None] & (offs_j < D)[None, :],
+                other=0.0,
+            )
+            col = offs_j[:, None] + t[None, :] - PAD_LEFT
+            ht = tl.load(
+                x_cols[None, :] + offs_j[:, None],
+                mask=x_ok[None, :] & (col >= 0) & (col < D) & (offs_j < D)[:, None],
+                other=0.0,
+            )
+            acc = tl.dot(gt, ht, acc, input_precision=PRECISION)
+    part = dw_part_ptr + (pid_s * C_OUT + offs_o).to(tl.int64)[:, None] * F + offs_f[None, :]
+    tl.store(part, acc, mask=o_ok[:, None] & f_ok[None, :])
+
+
+# --------------------------------------------------------------------------------------
+# Launchers (plain functions on contiguous 4-D tensors of one dtype)
+# --------------------------------------------------------------------------------------
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int):
+    if weight.dim() != 4:
+        raise ValueError(
+            f"memory_conv: weight must be [c_out, c_in, k, d], got {tuple(weight.shape)}"
+        )
+    c_out, c_in, _, d = weight.shape
+    if x.dim() != 4 or x.shape[1] != c_in or x.shape[3] != d:
+        raise ValueError(
+            f"memory_conv: input of shape {tuple(x.shape)} does not match a kernel of shape "
+            f"{tuple(weight.shape)} (expected [N, {c_in}, n, {d}])"
+        )
+    if bias is not None and tuple(bias.shape) != (c_out,):
+        raise ValueError(f"memory_conv: bias must be [{c_out}], got {tuple(bias.shape)}")
+    if stride < 1:
+        raise ValueError(f"memory_conv: stride must be >= 1, got {stride}")
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"memory_conv: {name} of shape {tuple(t.shape)} must be contiguous")
+        if t is not None and t.dtype != x.dtype:
+            raise ValueError(f"memory_conv: {name} is {t.dtype}, x is {x.dtype}")
+
+
+def memconv_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, relu: bool
+) -> torch.Tensor:
+    """relu(conv(x)) for x [N, c_in, n, d]; returns [N, c_out, ceil(n/s), d]."""
+    _check(x, weight, bias, stride)
+    n_batch, c_in, n, d = x.shape
+    c_out, _, k, _ = weight.shape
+    m, top, _ = same_padding(n, k, stride)
+    left = same_padding(d, d, 1)[1]
+    out = torch.empty((n_batch, c_out, m, d), device=x.device, dtype=x.dtype)
+    grid = (n_batch * c_out, triton.cdiv(m, BLOCK_I), triton.cdiv(d, BLOCK_J))
+    launch(
+        wrap_triton(_memconv_fwd_kernel),
+        grid,
+        x,
+        weight,
+        bias if bias is not None else weight,
+        out,
+        c_in,
+        c_out,
+        n,
+        m,
+        d,
+        k,
+        stride,
+        top,
+        left,
+        HAS_BIAS=bias is not None,
+        RELU=relu,
+        PRECISION=dot_precision(x.dtype),
+        BLOCK_I=BLOCK_I,
+        BLOCK_J=BLOCK_J,
+        BLOCK_K=BLOCK_K,
+        num_warps=NUM_WARPS,
+    )
+    return out
+
+
+def memconv_backward_input(grad: torch.Tensor, weight: torch.Tensor, n: int, stride: int):
+    """dx [N, c_in, n, d] from the pre-activation gradient grad [N, c_out, m, d]."""
+    n_batch, c_out, m, d = grad.shape
+    _, c_in, k, _ = weight.shape
+    _, top, _ = same_padding(n, k, stride)
+    left = same_padding(d, d, 1)[1]
+    dx = torch.empty((n_batch, c_in, n, d), device=grad.device, dtype=grad.dtype)
+    n_phase_blocks = triton.cdiv(triton.cdiv(n, stride), BLOCK_I)
+    grid = (n_batch * c_in, stride * n_phase_blocks, triton.cdiv(d, BLOCK_J))
+    launch(
+        wrap_triton(_memconv_dx_kernel),
+        grid,
+        grad,
+        weight,
+        dx,
+        c_in,
+        c_out,
+        n,
+        m,
+        d,
+        k,
+        stride,
+        top,
+        left,
+        n_phase_blocks,
+        PRECISION=dot_precision(grad.dtype),
+        BLOCK_Q=BLOCK_I,
+        BLOCK_J=BLOCK_J,
+        BLOCK_K=BLOCK_K,
+        num_warps=NUM_WARPS,
+    )
+    return dx
+
+
+def memconv_backward_weight(grad: torch.Tensor, x: torch.Tensor, k: int, stride: int):
+    """dw [c_out, c_in, k, d] (fp32) from grad [N, c_out, m, d] and x [N, c_in, n, d]."""
+    n_batch, c_out, m, d = grad.shape
+    _, c_in, n, _ = x.shape
+    _, top, _ = same_padding(n, k, stride)
+    left = same_padding(d, d, 1)[1]
+    n_cols = c_in * k * d
+    block_o = pow2_at_least(c_out, BLOCK_O_MIN)
+    rows = n_batch * m
+    splits = triton.cdiv(rows, ROWS_PER_SPLIT)
+    rows_per_program = triton.cdiv(rows, splits)
+    parts = torch.empty((splits, c_out, n_cols), device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(c_out, block_o), triton.cdiv(n_cols, BLOCK_F), splits)
+    launch(
+        wrap_triton(_memconv_dw_kernel),
+        grid,
+        grad,
+        x,
+        parts,
+        n_batch,
+        c_in,
+        c_out,
+        n,
+        m,
+        d,
+        k,
+        stride,
+        top,
+        left,
+        rows_per_program,
+        PRECISION=dot_precision(x.dtype),
+        BLOCK_O=block_o,
+        BLOCK_F=BLOCK_F,
+        BLOCK_J=BLOCK_JW,
+        num_warps=NUM_WARPS,
+    )
+    return parts.sum(0).view(c_out, c_in, k, d)
+
+
+# --------------------------------------------------------------------------------------
+# Custom ops (torch.compile sees them as opaque nodes; inductor inlines the kernels)
+# --------------------------------------------------------------------------------------
+
+
+@triton_op("rwmn::memory_conv", mutates_args=())
+def _memory_conv_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, relu: bool
+) -> torch.Tensor:
+    return memconv_forward(x, weight, bias, stride, relu)
+
+
+@triton_op("rwmn::memory_conv_backward", mutates_args=())
+def _memory_conv_backward_op(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dw) from the pre-activation gradient (ReLU mask already applied)."""
+    dx = memconv_backward_input(grad, weight, x.shape[2], stride)
+    dw = memconv_backward_weight(grad, x, weight.shape[2], stride).to(weight.dtype)
+    return dx, dw
+
+
+def conv_input_grads(grad, x, weight, has_bias: bool, stride: int):
+    """(dx, dw, dbias or None) of the layer from the pre-activation gradient."""
+    grad = grad.contiguous()
+    dx, dw = torch.ops.rwmn.memory_conv_backward(grad, x, weight, stride)
+    db = grad.sum(dim=(0, 2, 3), dtype=torch.float32).to(weight.dtype) if has_bias else None
+    return dx, dw, db
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, stride, relu = inputs
+    ctx.save_for_backward(x, weight, output)
+    ctx.has_bias = bias is not None
+    ctx.stride = stride
+    ctx.relu = relu
+
+
+def _backward(ctx, grad_out):
+    x, weight, out = ctx.saved_tensors
+    grad = torch.where(out > 0, grad_out, 0) if ctx.relu else grad_out
+    dx, dw, db = conv_input_grads(grad.to(x.dtype), x, weight, ctx.has_bias, ctx.stride)
+    return dx, dw, db, None, None
+
+
+_memory_conv_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------
+# Public entry point (the signature rwmn.ops dispatches to)
+# --------------------------------------------------------------------------------------
+
+
+def fusable(dtype: torch.dtype, op: str) -> bool:
+    """Whether the kernels run this dtype; warns once (naming the reason) if not."""
+    if dtype not in FUSED_DTYPES:
+        warn_once(
+            f"kernels: {op} runs the reference for {dtype} inputs: the fused kernels "
+            f"support {', '.join(str(t) for t in FUSED_DTYPES)}"
+        )
+        return False
+    return True
+
+
+def memory_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: int,
+    relu: bool = True,
+) -> torch.Tensor:
+    """Fused rwmn.reference.memory_conv: x [..., c_in, n, d] -> [..., c_out, ceil(n/s), d]."""
+    c_out, c_in, _, d = weight.shape
+    if x.dim() < 3 or x.shape[-3] != c_in or x.shape[-1] != d:
+        raise ValueError(
+            f"memory_conv: input of shape {tuple(x.shape)} does not match a kernel of shape "
+            f"{tuple(weight.shape)} (expected [..., {c_in}, n, {d}])"
+        )
+    dtype = compute_dtype(x, weight, bias)
+    if not fusable(dtype, "memory_conv"):
+        return reference.memory_conv(x, weight, bias, stride, relu)
+    lead, n = x.shape[:-3], x.shape[-2]
+    x4 = cast(x.reshape(-1, c_in, n, d), dtype)
+    out = torch.ops.rwmn.memory_conv(x4, cast(weight, dtype), cast(bias, dtype), stride, relu)
+    return out.reshape(*lead, c_out, out.shape[-2], d)

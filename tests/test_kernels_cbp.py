@@ -1,0 +1,434 @@
+"""Fused compact bilinear pooling (kernels/cbp.py) against rwmn.reference.cbp and an
+independent float64 numpy implementation (direct circular convolution, no FFT).
+
+On CPU the kernels run in the Triton interpreter (fp32, tiny shapes); the CUDA-marked
+tests cover bf16/fp16, autocast and torch.compile(fullgraph=True).
+"""
+
+import os
+import warnings
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Must precede the first import of triton: @triton.jit reads it at decoration time.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import kernels.cbp as kcbp  # noqa: E402
+from rwmn import ops, reference  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+#: fp32 kernel vs float64 truth, relative to the largest magnitude of the true tensor.
+FP32_RTOL = 2e-5
+
+# (x shape, y shape, out_dim, sum_pool): odd and even D (even D has a Nyquist bin), odd n1
+# and n2, the story form (same rows), the read-network form (both operands broadcast), a
+# 1-D y, sum pooling with and without broadcasting, and the model's sizes D = 300, 600.
+CASES = [
+    ((7, 37), (7, 23), 17, False),
+    ((5, 40), (5, 33), 32, False),
+    ((1, 2, 3, 19), (2, 1, 1, 19), 19, False),
+    ((4, 3, 21), (21,), 21, False),
+    ((2, 3, 5, 13), (2, 3, 5, 11), 15, True),
+    ((2, 3, 1, 9), (2, 1, 4, 7), 16, True),
+    ((3, 31), (3, 9), 300, False),
+    ((2, 17), (2, 40), 600, False),
+]
+CASE_IDS = [f"x{xs}-y{ys}-D{d}{'-pool' if p else ''}" for xs, ys, d, p in CASES]
+
+
+# --------------------------------------------------------------------------------------
+# float64 numpy ground truth
+# --------------------------------------------------------------------------------------
+
+
+def np_sketch(v, h, s, out_dim):
+    out = np.zeros(v.shape[:-1] + (out_dim,))
+    for i, (hi, si) in enumerate(zip(h, s, strict=True)):
+        out[..., hi] += si * v[..., i]
+    return out
+
+
+def np_circular_conv(p, q):
+    """out_j = sum_a p_a q_{(j - a) mod D}, directly (np.roll(q, a)[j] = q[j - a])."""
+    out_dim = p.shape[-1]
+    return sum(p[..., a : a + 1] * np.roll(q, a, axis=-1) for a in range(out_dim))
+
+
+def np_sum_to(a, shape):
+    """Sum a over the axes that broadcasting to a.shape added or stretched."""
+    a = a.sum(axis=tuple(range(a.ndim - len(shape))))
+    stretched = tuple(i for i, n in enumerate(shape) if n == 1 and a.shape[i] != 1)
+    return a.sum(axis=stretched, keepdims=True)
+
+
+def np_cbp(x, y, h1, s1, h2, s2, out_dim, sum_pool):
+    out = np_circular_conv(np_sketch(x, h1, s1, out_dim), np_sketch(y, h2, s2, out_dim))
+    if sum_pool and out.ndim > 2:
+        out = out.sum(axis=tuple(range(1, out.ndim - 1)))
+    return out
+
+
+def np_cbp_row_grads(x, y, h1, s1, h2, s2, g_rows):
+    """Per broadcast row: dL/dx_i = s1(i) (g corr q)_{h1(i)}, symmetrically for y."""
+    out_dim = g_rows.shape[-1]
+    p = np.broadcast_to(np_sketch(x, h1, s1, out_dim), g_rows.shape)
+    q = np.broadcast_to(np_sketch(y, h2, s2, out_dim), g_rows.shape)
+    # (g corr q)_a = sum_j g_j q_{(j - a) mod D}
+    gp = np.stack([(g_rows * np.roll(q, a, axis=-1)).sum(-1) for a in range(out_dim)], -1)
+    gq = np.stack([(g_rows * np.roll(p, a, axis=-1)).sum(-1) for a in range(out_dim)], -1)
+    return gp[..., h1] * s1, gq[..., h2] * s2
+
+
+def np_cbp_grads(x, y, h1, s1, h2, s2, out_dim, sum_pool, g):
+    lead = np.broadcast_shapes(x.shape[:-1], y.shape[:-1])
+    if sum_pool and len(lead) > 1:
+        g = g.reshape(g.shape[:1] + (1,) * (len(lead) - 1) + g.shape[1:])
+    g_rows = np.broadcast_to(g, lead + (out_dim,))
+    gx, gy = np_cbp_row_grads(x, y, h1, s1, h2, s2, g_rows)
+    return np_sum_to(gx, x.shape), np_sum_to(gy, y.shape)
+
+
+# --------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------
+
+
+def make_hashes(n, out_dim, gen, device=DEVICE):
+    h = torch.randint(out_dim, (n,), generator=gen).to(device)
+    s = (torch.randint(2, (n,), generator=gen) * 2 - 1).float().to(device)
+    return h, s
+
+
+def make_inputs(x_shape, y_shape, out_dim, seed, dtype=torch.float32, device=DEVICE):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(x_shape, generator=gen).to(device=device, dtype=dtype)
+    y = torch.randn(y_shape, generator=gen).to(device=device, dtype=dtype)
+    h1, s1 = make_hashes(x_shape[-1], out_dim, gen, device)
+    h2, s2 = make_hashes(y_shape[-1], out_dim, gen, device)
+    return x, y, h1, s1, h2, s2
+
+
+def to_np(*tensors):
+    return [t.detach().double().cpu().numpy() for t in tensors]
+
+
+def assert_close_to_truth(actual, truth, rtol=FP32_RTOL, what=""):
+    truth = torch.as_tensor(np.ascontiguousarray(truth))
+    actual = actual.detach().double().cpu()
+    assert actual.shape == truth.shape, what
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    scale = truth.abs().max().item()
+    err = (actual - truth).abs().max().item()
+    assert err <= rtol * scale, f"{what}: max error {err:.3e} > {rtol:.1e} * {scale:.3e}"
+
+
+def fresh_seed(request):
+    # A different seed per test case, stable across runs so a failure reproduces.
+    return zlib.crc32(request.node.nodeid.encode())
+
+
+# --------------------------------------------------------------------------------------
+# CPU (interpreter) / GPU fp32 correctness
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("x_shape", "y_shape", "out_dim", "sum_pool"), CASES, ids=CASE_IDS)
+def test_cbp_output_and_grads_fp32(x_shape, y_shape, out_dim, sum_pool, request):
+    x, y, h1, s1, h2, s2 = make_inputs(x_shape, y_shape, out_dim, fresh_seed(request))
+    x.requires_grad_(True)
+    y.requires_grad_(True)
+    out = kcbp.cbp(x, y, h1, s1, h2, s2, out_dim, sum_pool)
+    ref = reference.cbp(x, y, h1, s1, h2, s2, out_dim, sum_pool)
+    g = torch.randn_like(ref)
+    gx, gy = torch.autograd.grad(out, (x, y), g)
+    rgx, rgy = torch.autograd.grad(ref, (x, y), g)
+
+    npx, npy, nh1, ns1, nh2, ns2, ng = to_np(x, y, h1, s1, h2, s2, g)
+    nh1, nh2 = nh1.astype(np.int64), nh2.astype(np.int64)
+    truth = np_cbp(npx, npy, nh1, ns1, nh2, ns2, out_dim, sum_pool)
+    tgx, tgy = np_cbp_grads(npx, npy, nh1, ns1, nh2, ns2, out_dim, sum_pool, ng)
+
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    for name, fused, refd, t in (
+        ("out", out, ref, truth),
+        ("grad x", gx, rgx, tgx),
+        ("grad y", gy, rgy, tgy),
+    ):
+        assert_close_to_truth(refd, t, what=f"reference {name}")  # the truth is right
+        assert_close_to_truth(fused, t, what=f"fused {name}")
+        torch.testing.assert_close(fused, refd, rtol=0, atol=2 * FP32_RTOL * np.abs(t).max())
+
+
+@pytest.mark.parametrize(("x_shape", "y_shape", "out_dim", "sum_pool"), CASES, ids=CASE_IDS)
+def test_launchers_write_every_element(x_shape, y_shape, out_dim, sum_pool, request):
+    """Outputs, gradients and workspaces start as NaN: every output element must be written
+    and no workspace element read before it is written."""
+    x, y, h1, s1, h2, s2 = make_inputs(x_shape, y_shape, out_dim, fresh_seed(request))
+    lead = torch.broadcast_shapes(x.shape[:-1], y.shape[:-1])
+    xoff = kcbp.row_offsets(x, lead).reshape(-1)
+    yoff = kcbp.row_offsets(y, lead).reshape(-1)
+    rows, k = xoff.numel(), kcbp.half_spectrum(out_dim)
+    twiddles = kcbp.twiddle_table(out_dim, DEVICE)
+    nan = float("nan")
+
+    out = torch.full((rows, out_dim), nan, device=DEVICE)
+    ws = torch.full((rows, 2 * k), nan, device=DEVICE)
+    kcbp.cbp_forward_launch(x, y, xoff, yoff, h1, s1, h2, s2, twiddles, out, ws)
+
+    g = torch.randn(rows, out_dim, device=DEVICE)
+    gx = torch.full((rows, x.shape[-1]), nan, device=DEVICE)
+    gy = torch.full((rows, y.shape[-1]), nan, device=DEVICE)
+    ws = torch.full((rows, 4 * k), nan, device=DEVICE)
+    kcbp.cbp_backward_launch(g, x, y, xoff, yoff, h1, s1, h2, s2, twiddles, gx, gy, ws)
+
+    npx, npy, nh1, ns1, nh2, ns2, ng = to_np(x, y, h1, s1, h2, s2, g)
+    nh1, nh2 = nh1.astype(np.int64), nh2.astype(np.int64)
+    truth = np_cbp(npx, npy, nh1, ns1, nh2, ns2, out_dim, False).reshape(rows, out_dim)
+    tgx, tgy = np_cbp_row_grads(npx, npy, nh1, ns1, nh2, ns2, ng.reshape(tuple(lead) + (out_dim,)))
+    assert_close_to_truth(out, truth, what="out")
+    assert_close_to_truth(gx, tgx.reshape(rows, -1), what="per-row grad x")
+    assert_close_to_truth(gy, tgy.reshape(rows, -1), what="per-row grad y")
+
+
+def test_strided_inputs(request):
+    """Leading axes with arbitrary strides are read in place; a non-unit last stride is
+    made contiguous; an expanded (stride-0) y is never copied."""
+    gen = torch.Generator().manual_seed(fresh_seed(request))
+    out_dim = 13
+    x = torch.randn(4, 2, 27, generator=gen).to(DEVICE).transpose(0, 1)  # [2, 4, 27]
+    y = torch.randn(11, 4, generator=gen).to(DEVICE).t()[None].expand(2, 4, 11)
+    h1, s1 = make_hashes(27, out_dim, gen)
+    h2, s2 = make_hashes(11, out_dim, gen)
+    xs = x.detach().clone().requires_grad_(True)
+    out = kcbp.cbp(xs, y, h1, s1, h2, s2, out_dim)
+    ref = reference.cbp(x, y, h1, s1, h2, s2, out_dim)
+    truth = np_cbp(*to_np(x, y), h1.cpu().numpy(), s1.cpu().numpy(), h2.cpu().numpy(),
+                   s2.cpu().numpy(), out_dim, False)  # fmt: skip
+    assert_close_to_truth(out, truth, what="out")
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    (gx,) = torch.autograd.grad(out, xs, torch.ones_like(out))
+    (rgx,) = torch.autograd.grad(reference.cbp(xs, y, h1, s1, h2, s2, out_dim), xs,
+                                 torch.ones_like(out))  # fmt: skip
+    torch.testing.assert_close(gx, rgx, rtol=1e-4, atol=1e-4)
+
+
+def test_twiddle_table_is_correctly_rounded():
+    for out_dim in (15, 300, 4096):
+        p = np.arange(out_dim) * (2 * np.pi / out_dim)
+        expected = np.concatenate((np.cos(p), np.sin(p))).astype(np.float32)
+        assert np.array_equal(kcbp.twiddle_table(out_dim, "cpu").numpy(), expected)
+
+
+def test_row_offsets_use_strides_not_copies():
+    x = torch.arange(6.0).view(2, 1, 3)
+    off = kcbp.row_offsets(x, torch.Size([2, 4]))
+    assert off.tolist() == [[0, 0, 0, 0], [3, 3, 3, 3]]
+    y = torch.arange(12.0).view(4, 3)
+    assert kcbp.row_offsets(y, torch.Size([2, 4])).tolist() == [[0, 3, 6, 9]] * 2
+
+
+# --------------------------------------------------------------------------------------
+# Dispatch, fallback, validation, custom-op registration
+# --------------------------------------------------------------------------------------
+
+
+def test_ops_dispatch_calls_fused_kernel(monkeypatch, request):
+    calls = []
+    fused = kcbp.cbp
+
+    def counting(*args):
+        calls.append(args[6])
+        return fused(*args)
+
+    monkeypatch.setattr(kcbp, "cbp", counting)
+    x, y, h1, s1, h2, s2 = make_inputs((1, 3, 5, 20), (4, 1, 1, 20), 20, fresh_seed(request))
+    with ops.use_backend("triton"):
+        out = ops.cbp(x, y, h1, s1, h2, s2, 20)
+    assert calls == [20]
+    torch.testing.assert_close(out, reference.cbp(x, y, h1, s1, h2, s2, 20), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("out_dim", "dtype", "match"),
+    [(kcbp.MAX_FUSED_DIM + 1, torch.float32, "exceeds"), (16, torch.float64, "float64")],
+)
+def test_fallback_warns_once(out_dim, dtype, match, request):
+    kcbp._warn_fallback.cache_clear()
+    x, y, h1, s1, h2, s2 = make_inputs((2, 9), (2, 7), out_dim, fresh_seed(request), dtype)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = kcbp.cbp(x, y, h1, s1, h2, s2, out_dim)
+        second = kcbp.cbp(x, y, h1, s1, h2, s2, out_dim)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and match in messages[0], messages
+    expected = reference.cbp(x, y, h1, s1, h2, s2, out_dim)
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+
+
+def test_sizes_up_to_the_limit_are_fused():
+    x, y = torch.zeros(2, 3), torch.zeros(2, 5, dtype=torch.bfloat16)
+    for out_dim in (300, 600, 4096, 16000, kcbp.MAX_FUSED_DIM):
+        assert kcbp._fallback_reason(x, y, out_dim) is None
+    assert kcbp._fallback_reason(x, y, kcbp.MAX_FUSED_DIM + 1) is not None
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("out_dim", [16000, kcbp.MAX_FUSED_DIM])
+def test_large_out_dim_exact(out_dim):
+    """The largest sizes run the kernel (no warning) with exact phases: with 3 x 2 inputs
+    the truth is 6 sketch products, cheap even at D = 16384."""
+    kcbp._warn_fallback.cache_clear()
+    x, y, h1, s1, h2, s2 = make_inputs((4, 3), (4, 2), out_dim, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = kcbp.cbp(x, y, h1, s1, h2, s2, out_dim)
+    truth = np.zeros((4, out_dim))
+    for i in range(3):
+        for j in range(2):
+            col = (h1[i] + h2[j]).item() % out_dim
+            truth[:, col] += (s1[i] * x[:, i] * s2[j] * y[:, j]).cpu().double().numpy()
+    assert_close_to_truth(out, truth, rtol=1e-5, what=f"D = {out_dim}")
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda h, s: (h + 100, s), "outside"),
+        (lambda h, s: (h[:-1], s), "must both be"),
+        (lambda h, s: (h.float(), s), "integer"),
+    ],
+)
+def test_hash_validation(mutate, match):
+    x, y, h1, s1, h2, s2 = make_inputs((2, 9), (2, 7), 16, 0)
+    h1, s1 = mutate(h1, s1)
+    with pytest.raises(ValueError, match=match):
+        kcbp.cbp(x, y, h1, s1, h2, s2, 16)
+
+
+def test_custom_op_registration(request):
+    """Schema, fake-tensor (meta) kernel and autograd registration of both custom ops."""
+    x, y, h1, s1, h2, s2 = make_inputs((1, 2, 11), (3, 1, 7), 9, fresh_seed(request))
+    lead = torch.Size([3, 2])
+    xoff, yoff = kcbp.row_offsets(x, lead), kcbp.row_offsets(y, lead)
+    x.requires_grad_(True)
+    y.requires_grad_(True)
+    twiddles = kcbp.twiddle_table(9, DEVICE)
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(
+        torch.ops.rwmn.cbp_rows.default,
+        (x, y, xoff, yoff, h1, s1, h2, s2, twiddles),
+        test_utils=tests,
+    )
+    g = torch.randn(3, 2, 9, device=DEVICE)
+    torch.library.opcheck(
+        torch.ops.rwmn.cbp_rows_backward.default,
+        (g, x.detach(), y.detach(), xoff, yoff, h1, s1, h2, s2, twiddles),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
+def test_dynamo_fullgraph_traces_wrapper(request):
+    """TorchDynamo captures the whole wrapper (offsets, table, custom op, sum pooling) in one
+    graph. backend="eager" runs the captured graph without Inductor, which the interpreter
+    cannot lower; the Inductor path is test_compile_fullgraph (CUDA)."""
+    torch._dynamo.reset()
+    x, y, h1, s1, h2, s2 = make_inputs((2, 3, 5, 11), (2, 1, 1, 7), 13, fresh_seed(request))
+    x.requires_grad_(True)
+
+    def pool(x, y):
+        return kcbp.cbp(x, y, h1, s1, h2, s2, 13, True)
+
+    eager = pool(x, y)
+    (eager_gx,) = torch.autograd.grad(eager.sum(), x)
+    compiled = torch.compile(pool, fullgraph=True, backend="eager")(x, y)
+    (gx,) = torch.autograd.grad(compiled.sum(), x)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    torch.testing.assert_close(gx, eager_gx, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------
+# GPU: half precision, autocast, torch.compile
+# --------------------------------------------------------------------------------------
+
+# (x shape, y shape, out_dim): a slice of the story embedding and of the read network.
+GPU_CASES = [((64, 2048), (64, 300), 4096), ((1, 3, 40, 300), (8, 1, 1, 300), 300)]
+
+
+def _errors(dtype, x_shape, y_shape, out_dim, seed, fn):
+    x, y, h1, s1, h2, s2 = make_inputs(x_shape, y_shape, out_dim, seed, dtype)
+    x64, y64 = (t.double().requires_grad_(True) for t in (x, y))
+    truth = reference.cbp(x64, y64, h1, s1, h2, s2, out_dim)
+    g = torch.randn_like(truth)
+    truth_grads = torch.autograd.grad(truth, (x64, y64), g)
+    x.requires_grad_(True)
+    y.requires_grad_(True)
+    out = fn(x, y, h1, s1, h2, s2, out_dim)
+    grads = torch.autograd.grad(out, (x, y), g.to(out.dtype))
+    return [
+        ((a.double() - t).abs().max() / t.abs().max()).item()
+        for a, t in zip((out, *grads), (truth, *truth_grads), strict=True)
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("x_shape", "y_shape", "out_dim"), GPU_CASES)
+@pytest.mark.cuda
+@requires_cuda
+def test_half_precision_vs_reference_error(dtype, x_shape, y_shape, out_dim):
+    fused = _errors(dtype, x_shape, y_shape, out_dim, 1, kcbp.cbp)
+    ref = _errors(dtype, x_shape, y_shape, out_dim, 1, reference.cbp)
+    for name, f, r in zip(("out", "grad x", "grad y"), fused, ref, strict=True):
+        # The fused kernel may not be much worse than the reference's own rounding error.
+        assert f <= 2 * r + 1e-3, f"{name}: fused error {f:.2e} vs reference {r:.2e}"
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_autocast_bf16():
+    x, y, h1, s1, h2, s2 = make_inputs((16, 64), (16, 48), 300, 2)
+    lin = torch.nn.Linear(64, 64).to(DEVICE)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = kcbp.cbp(lin(x), y, h1, s1, h2, s2, 300)
+        ref = reference.cbp(lin(x), y, h1, s1, h2, s2, 300)
+    assert out.dtype == ref.dtype
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2 * ref.abs().max())
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("entry", ["kernels", "ops"])
+def test_compile_fullgraph(entry):
+    """Inductor compiles the custom ops (wrap_triton) with no graph break. The "ops" entry
+    also needs rwmn.ops._fused to be traceable by Dynamo (importlib is not)."""
+    fn = kcbp.cbp if entry == "kernels" else ops.cbp
+
+    class Pool(torch.nn.Module):
+        def __init__(self, h1, s1, h2, s2, out_dim):
+            super().__init__()
+            self.out_dim = out_dim
+            for name, t in zip(("h1", "s1", "h2", "s2"), (h1, s1, h2, s2), strict=True):
+                self.register_buffer(name, t)
+
+        def forward(self, x, y):
+            return fn(x, y, self.h1, self.s1, self.h2, self.s2, self.out_dim, True)
+
+    x, y, *hashes = make_inputs((2, 3, 5, 64), (2, 1, 1, 48), 300, 3)
+    model = Pool(*hashes, 300)
+    x.requires_grad_(True)
+    torch._dynamo.reset()
+    with ops.use_backend("triton"):
+        eager = model(x, y)
+        (eager_gx,) = torch.autograd.grad(eager.sum(), x)
+        compiled = torch.compile(model, fullgraph=True)
+        out = compiled(x, y)
+        (gx,) = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx, eager_gx, rtol=1e-5, atol=1e-5)
