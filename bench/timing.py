@@ -1,0 +1,282 @@
+"""How the benchmarks measure: timers, peak memory, the run's ceilings and its metadata.
+
+CUDA: every repetition is timed with its own pair of CUDA events, after warm-up calls that
+are not timed, with the L2 cache flushed (a 256 MiB buffer zeroed) before each
+repetition, as ``triton.testing.do_bench`` does. A ``setup`` callable (clearing
+gradients, for instance) runs outside the timed region.
+
+CPU: ``time.perf_counter`` around each call, after untimed warm-up calls. CPU figures are
+labelled "CPU" wherever they are written.
+
+Both report the median, the 20th and 80th percentiles, the minimum and the number of
+repetitions.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+#: Warm-up and measurement budgets (seconds of wall time) and repetition bounds.
+WARMUP_S = 0.025
+MEASURE_S = 0.1
+MIN_WARMUP_CALLS = 3
+MIN_REPS = 5
+MAX_REPS = 1000
+#: Size of the buffer zeroed before each CUDA repetition to flush L2 (H100: 50 MiB L2).
+L2_FLUSH_BYTES = 256 * 1024**2
+#: Quantiles reported as the spread.
+LOW_Q, HIGH_Q = 0.2, 0.8
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    min_ms: float
+    reps: int
+    timer: str
+
+    def as_row(self) -> dict:
+        return asdict(self)
+
+
+def _quantile(sorted_ms: list[float], q: float) -> float:
+    if len(sorted_ms) == 1:
+        return sorted_ms[0]
+    return statistics.quantiles(sorted_ms, n=100, method="inclusive")[round(q * 100) - 1]
+
+
+def _summarise(ms: list[float], timer: str) -> Timing:
+    ms = sorted(ms)
+    return Timing(
+        median_ms=statistics.median(ms),
+        p20_ms=_quantile(ms, LOW_Q),
+        p80_ms=_quantile(ms, HIGH_Q),
+        min_ms=ms[0],
+        reps=len(ms),
+        timer=timer,
+    )
+
+
+def _noop() -> None:
+    return None
+
+
+def _rep_count(estimate_s: float, budget_s: float, min_reps: int = MIN_REPS) -> int:
+    return int(min(MAX_REPS, max(min_reps, budget_s / max(estimate_s, 1e-9))))
+
+
+def time_cpu(
+    fn: Callable[[], object],
+    setup: Callable[[], object] = _noop,
+    warmup_s: float = WARMUP_S,
+    measure_s: float = MEASURE_S,
+    min_warmup: int = MIN_WARMUP_CALLS,
+    min_reps: int = MIN_REPS,
+) -> Timing:
+    """Median (p20, p80) wall time of ``fn`` on the CPU, warm-up excluded."""
+    calls, start = 0, time.perf_counter()
+    while calls < min_warmup or time.perf_counter() - start < warmup_s:
+        setup()
+        fn()
+        calls += 1
+    # No warm-up call (min_warmup=0, the caller has warmed up): no estimate, fewest reps.
+    estimate_s = (time.perf_counter() - start) / calls if calls else float("inf")
+    reps = _rep_count(estimate_s, measure_s, min_reps)
+    ms = []
+    for _ in range(reps):
+        setup()
+        t0 = time.perf_counter()
+        fn()
+        ms.append(1e3 * (time.perf_counter() - t0))
+    return _summarise(ms, "cpu perf_counter")
+
+
+def time_cuda(
+    fn: Callable[[], object],
+    setup: Callable[[], object] = _noop,
+    warmup_s: float = WARMUP_S,
+    measure_s: float = MEASURE_S,
+    min_warmup: int = MIN_WARMUP_CALLS,
+    min_reps: int = MIN_REPS,
+) -> Timing:
+    """Median (p20, p80) device time of ``fn`` with CUDA events, warm-up excluded."""
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    # Estimate one call's time to size the warm-up and the measurement.
+    setup()
+    fn()
+    torch.cuda.synchronize()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(min_warmup):
+        setup()
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate_s = begin.elapsed_time(end) / 1e3 / min_warmup if min_warmup else float("inf")
+    for _ in range(_rep_count(estimate_s, warmup_s, 0)):
+        setup()
+        fn()
+    reps = _rep_count(estimate_s, measure_s, min_reps)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        flush.zero_()
+        setup()
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    ms = [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
+    return _summarise(ms, "cuda events, L2 flushed")
+
+
+def time_fn(device: str, fn, setup=_noop, **budget) -> Timing:
+    timer = time_cuda if torch.device(device).type == "cuda" else time_cpu
+    return timer(fn, setup, **budget)
+
+
+def peak_memory(device: str, fn, setup=_noop) -> tuple[int | None, int | None]:
+    """(peak bytes allocated during one call, peak minus what was allocated before it).
+
+    CUDA only (``torch.cuda.max_memory_allocated`` after a reset); (None, None) on CPU."""
+    if torch.device(device).type != "cuda":
+        return None, None
+    setup()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    return peak, peak - before
+
+
+# --------------------------------------------------------------------------------------
+# The run's own ceilings, for the roofline columns
+# --------------------------------------------------------------------------------------
+
+#: Sizes of the ceiling measurements: a device-to-device copy and a square matmul.
+COPY_BYTES = {"cuda": 1024**3, "cpu": 64 * 1024**2}
+MATMUL_N = {"cuda": 8192, "cpu": 512}
+
+
+def _time_copy(device: str, nbytes: int) -> Timing:
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return time_fn(device, lambda: dst.copy_(src))
+
+
+def measure_ceilings(device: str, dtypes: dict[str, torch.dtype]) -> dict:
+    """Copy bandwidth (bytes/s, read + write counted) and matmul FLOP/s per dtype, measured
+    now on ``device`` with the same timer as the cases."""
+    kind = torch.device(device).type
+    copy = _time_copy(device, COPY_BYTES[kind])
+    n = MATMUL_N[kind]
+    matmul = {}
+    for name, dtype in dtypes.items():
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        t = time_fn(device, lambda a=a, b=b: a @ b)
+        matmul[name] = 2 * n**3 / (t.median_ms / 1e3)
+    return {
+        "copy_bytes": COPY_BYTES[kind],
+        "copy_bandwidth_Bps": 2 * COPY_BYTES[kind] / (copy.median_ms / 1e3),
+        "matmul_n": n,
+        "matmul_flops_per_s": matmul,
+        "fp32_matmul_precision": torch.get_float32_matmul_precision(),
+    }
+
+
+def roofline(flops: float, nbytes: float, median_ms: float, ceilings: dict, dtype: str) -> dict:
+    """Achieved rates, their fractions of the run's ceilings, and the roofline bound."""
+    seconds = median_ms / 1e3
+    bandwidth = ceilings["copy_bandwidth_Bps"]
+    peak = ceilings["matmul_flops_per_s"].get(dtype)
+    row = {
+        "achieved_GBps": nbytes / seconds / 1e9,
+        "achieved_TFLOPs": flops / seconds / 1e12,
+        "bw_fraction": nbytes / seconds / bandwidth,
+        "flop_fraction": None,
+        "bound": None,
+        "roofline_fraction": None,
+    }
+    if peak:
+        row["flop_fraction"] = flops / seconds / peak
+        memory_s, compute_s = nbytes / bandwidth, flops / peak
+        row["bound"] = "memory" if memory_s >= compute_s else "compute"
+        # How close the measured time is to the roofline's best time for this op.
+        row["roofline_fraction"] = max(memory_s, compute_s) / seconds
+    return row
+
+
+# --------------------------------------------------------------------------------------
+# Metadata
+# --------------------------------------------------------------------------------------
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, check=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"CPU: {_cpu_name()} ({os.cpu_count()} logical cores, {torch.get_num_threads()} threads)"
+
+
+def environment(device: str) -> dict:
+    """Who measured what, where and when: written with every result file and row."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    kind = torch.device(device).type
+    return {
+        "label": "GPU" if kind == "cuda" else "CPU",
+        "device": kind,
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(dirty) if dirty is not None else None,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
+        "threads": torch.get_num_threads(),
+        # Other processes on the machine skew CPU figures: the 1-minute load at the start.
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
