@@ -228,7 +228,9 @@ class MovieQAData:
                 yield self.batch(index, np.arange(start, min(start + batch_size, count)))
 
     def close(self) -> None:
-        if self._story_file is not None:
+        # getattr: __del__ runs this on an instance whose __init__ raised before the
+        # attribute was set (e.g. a missing --data_dir).
+        if getattr(self, "_story_file", None) is not None:
             self._story_file.close()
             self._story_file = None
 
