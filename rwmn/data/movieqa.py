@@ -150,6 +150,9 @@ class MovieQAData:
                 raise DataError(
                     f"{path}:query_rep has shape {q}, expected [q, {self.dim_text}] (--dim_text)"
                 )
+            if q[0] == 0:
+                # random_batch would draw this movie and fail on an empty batch.
+                raise DataError(f"{path}:query_rep holds no questions")
             if a != (q[0], self.num_answer, self.dim_text):
                 raise DataError(
                     f"{path}:answer_rep has shape {a}, expected "
