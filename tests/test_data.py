@@ -459,3 +459,15 @@ def test_synthetic_signal_needs_the_story(tmp_path, distractors):
     else:
         assert np.mean(wrong_in_story) > 0.5  # distractors are in the story: need the key
     data.close()
+
+
+def test_movie_without_questions(tmp_path):
+    """random_batch would pick such a movie and fail on an empty batch: refused up front."""
+    root = write_release(tmp_path)
+    with edit_qa(root) as f:
+        for key in ("query_rep", "answer_rep", "cor_idx", "qid"):
+            value = f[key][()]
+            del f[key]
+            f[key] = value[:0]
+    with pytest.raises(DataError, match=r"tt0000001\.h5:query_rep holds no questions"):
+        read(root)
