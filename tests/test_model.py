@@ -132,6 +132,19 @@ def test_forward_backward_every_mode(mode):
     assert grad_norm > 0
 
 
+@pytest.mark.parametrize("n, b", [(1, 1), (2, 4)])
+@pytest.mark.parametrize("mode", ["sub", "video_sub", "legacy", "multi_layer_legacy", "baseline"])
+def test_tiny_story_and_batch(mode, n, b):
+    """One- and two-element stories (far shorter than every kernel) and one question."""
+    cfg = config(**MODES[mode])
+    model = make_model(cfg)
+    out = model(*make_inputs(cfg, n=n, b=b), return_attention=True)
+    assert out.logits.shape == (b, cfg.num_answer) and torch.isfinite(out.logits).all()
+    assert out.attention[0].shape == (b, rows_per_hop(cfg, n))
+    model.loss(out.logits, torch.zeros(b, dtype=torch.long)).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 @pytest.mark.parametrize("legacy", [False, True])
 def test_hops_change_the_answer(legacy):
     """A second hop reads again with the updated u: the logits differ from one hop's."""
