@@ -150,6 +150,9 @@ class MovieQAData:
                 raise DataError(
                     f"{path}:query_rep has shape {q}, expected [q, {self.dim_text}] (--dim_text)"
                 )
+            if q[0] == 0:
+                # random_batch would draw this movie and fail on an empty batch.
+                raise DataError(f"{path}:query_rep holds no questions")
             if a != (q[0], self.num_answer, self.dim_text):
                 raise DataError(
                     f"{path}:answer_rep has shape {a}, expected "
@@ -228,7 +231,9 @@ class MovieQAData:
                 yield self.batch(index, np.arange(start, min(start + batch_size, count)))
 
     def close(self) -> None:
-        if self._story_file is not None:
+        # getattr: __del__ runs this on an instance whose __init__ raised before the
+        # attribute was set (e.g. a missing --data_dir).
+        if getattr(self, "_story_file", None) is not None:
             self._story_file.close()
             self._story_file = None
 
