@@ -175,7 +175,12 @@ def generate(out_dir: str | os.PathLike, cfg: SyntheticConfig) -> str:
                         f["qid"] = np.array([f"{movie}:{i}".encode() for i in range(q)])
         with open(os.path.join(tmp, "synthetic.txt"), "w") as f:
             f.write(f"rwmn.data.synthetic version {VERSION}\n{dataclasses.asdict(cfg)}\n")
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError as exc:  # another process renamed its copy into place first
+            if os.path.isdir(target):
+                raise FileExistsError(f"{target} already exists") from exc
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
