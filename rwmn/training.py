@@ -277,6 +277,9 @@ class Trainer:
         self.step = 0
         self.best_acc = -math.inf
         self.bad_evals = 0
+        # Running sums of the training loss, accuracy and questions since the last progress
+        # line; checkpointed so a resumed run logs what the uninterrupted one would.
+        self.window = {"loss": 0.0, "acc": 0.0, "questions": 0}
         self.start = time.perf_counter()
         self.writer = None  # a tensorboard SummaryWriter with --tensorboard
 
@@ -300,6 +303,7 @@ class Trainer:
             "step": self.step,
             "best_acc": self.best_acc,
             "bad_evals": self.bad_evals,
+            "window": dict(self.window),
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -317,6 +321,7 @@ class Trainer:
         self.step, self.best_acc, self.bad_evals = (
             state["step"], state["best_acc"], state["bad_evals"],
         )  # fmt: skip
+        self.window = dict(state["window"])
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():
@@ -421,28 +426,30 @@ class Trainer:
             f"amp {cfg.amp}, {sum(p.numel() for p in self.model.parameters())} parameters; "
             f"run directory {self.out_dir}"
         )
-        window_loss, window_acc, window_q, window_t = 0.0, 0.0, 0, time.perf_counter()
+        window, window_t = self.window, time.perf_counter()
         stopped = "max_steps"
         while self.step < cfg.max_steps:
             batch = train.random_batch(self.sampler, cfg.batch_size)
             loss, acc = self.train_step(batch)
             n = len(batch.qids)
-            window_loss += loss * n
-            window_acc += acc * n
-            window_q += n
+            window["loss"] += loss * n
+            window["acc"] += acc * n
+            window["questions"] += n
             if self.step % cfg.validation_step == 0:
                 elapsed = time.perf_counter() - window_t
-                tl, ta = window_loss / window_q, window_acc / window_q
-                self.record("train", ta, tl, questions_per_second=round(window_q / elapsed, 1))
+                q = window["questions"]
+                tl, ta = window["loss"] / q, window["acc"] / q
+                self.record("train", ta, tl, questions_per_second=round(q / elapsed, 1))
                 v = self.evaluate(iter([val.random_batch(self.val_sampler, cfg.batch_size)]))
                 self.record("val_batch", v.acc, v.loss)
                 self.log(
                     f"step {self.step:5d}/{cfg.max_steps} | loss {tl:.4f} | acc {ta:.3f} | "
-                    f"val batch acc {v.acc:.3f} | {window_q / elapsed:7.1f} q/s | "
+                    f"val batch acc {v.acc:.3f} | {q / elapsed:7.1f} q/s | "
                     f"{cfg.validation_step / elapsed:5.2f} steps/s | "
                     f"lr {self.scheduler.get_last_lr()[0]:.2e}"
                 )
-                window_loss, window_acc, window_q, window_t = 0.0, 0.0, 0, time.perf_counter()
+                window.update(loss=0.0, acc=0.0, questions=0)
+                window_t = time.perf_counter()
             if self.step % cfg.full_validation_step == 0:
                 v = self.evaluate(val.iter_batches(cfg.batch_size))
                 self.record("val", v.acc, v.loss)
