@@ -33,6 +33,15 @@ ever touched by the program that owns its rows, so it stays in L1/L2; it is line
 rows (about the size of the output). Inputs are read as stored (fp32, bf16 or fp16) and
 accumulated in fp32.
 
+Factorised path. For D = D1 D2 with both factors <= MAX_FACTOR and D >= FACTORISED_MIN_DIM
+(see factorisation), phase 2 is instead a per-row four-step Cooley-Tukey transform
+(_dft_factorised_row: a dense D2-point DFT matmul, a twiddle, a dense D1-point DFT matmul;
+O(D (D1 + D2)) per row, mod D, no zero-padding of the transform). Forward: inverse of the
+full spectrum (1/D) X Y, rebuilt from the stored half on load. Backward: a factorised
+forward DFT of g first (phase 0), then factorised inverses of (1/D) G conj(Y) and
+(1/D) G conj(X) into the full correlations dL/dp, dL/dq, gathered at h1, h2 (the
+transposed count sketch). The sketch-DFT of x and y stays dense in both paths.
+
 Broadcasting. x [..., n1] and y [..., n2] broadcast their leading axes like
 ``rwmn.reference.cbp``. The launcher passes per-operand row offsets (computed from the
 strides of the broadcast view, so a stride-0 axis is never materialised) and the kernel
