@@ -33,6 +33,15 @@ ever touched by the program that owns its rows, so it stays in L1/L2; it is line
 rows (about the size of the output). Inputs are read as stored (fp32, bf16 or fp16) and
 accumulated in fp32.
 
+Factorised path. For D = D1 D2 with both factors <= MAX_FACTOR and D >= FACTORISED_MIN_DIM
+(see factorisation), phase 2 is instead a per-row four-step Cooley-Tukey transform
+(_dft_factorised_row: a dense D2-point DFT matmul, a twiddle, a dense D1-point DFT matmul;
+O(D (D1 + D2)) per row, mod D, no zero-padding of the transform). Forward: inverse of the
+full spectrum (1/D) X Y, rebuilt from the stored half on load. Backward: a factorised
+forward DFT of g first (phase 0), then factorised inverses of (1/D) G conj(Y) and
+(1/D) G conj(X) into the full correlations dL/dp, dL/dq, gathered at h1, h2 (the
+transposed count sketch). The sketch-DFT of x and y stays dense in both paths.
+
 Broadcasting. x [..., n1] and y [..., n2] broadcast their leading axes like
 ``rwmn.reference.cbp``. The launcher passes per-operand row offsets (computed from the
 strides of the broadcast view, so a stride-0 axis is never materialised) and the kernel
@@ -73,6 +82,18 @@ BLOCK_R = 16
 BLOCK_K = 64
 BLOCK_N = 64
 BLOCK_J = 64
+
+#: Sizes D at or above this that factor as D1 x D2 with both factors <= MAX_FACTOR take the
+#: factorised transform; smaller or unfactorable D (primes, 2 x a large prime) stay dense.
+#: At D ~ 256 the two paths cost about the same; the factorised one wins as D grows.
+FACTORISED_MIN_DIM = 256
+#: Largest factor of the factorised transform: a stage's dense DFT matrix tile is
+#: pow2(D1) x FFT_BLOCK and its intermediate pow2(D1) x FFT_BLOCK complex, in registers.
+MAX_FACTOR = 128
+#: tl.dot needs every operand dimension >= 16, so factors are padded to at least this.
+MIN_DOT = 16
+#: Width of the column chunks of the factorised stages (output and contraction chunks).
+FFT_BLOCK = 32
 
 
 # --------------------------------------------------------------------------------------
@@ -137,8 +158,12 @@ def _sketch_dft(
 
 
 @triton.jit
-def _spectrum_weight(ks, K, D):
-    # Hermitian half spectrum: bins 0 and D/2 appear once in the full sum, the rest twice.
+def _spectrum_weight(ks, K, D, FACTORISED: tl.constexpr):
+    # The dense inverse sums the Hermitian half spectrum: bins 0 and D/2 appear once in
+    # the full sum, the rest twice. The factorised inverse rebuilds the full spectrum
+    # from the half, so every bin carries the plain 1/D.
+    if FACTORISED:
+        return tl.where(ks < K, 1.0 / D, 0.0)
     once = (ks == 0) | (2 * ks == D)
     return tl.where(ks < K, tl.where(once, 1.0, 2.0) / D, 0.0)
 
@@ -171,6 +196,89 @@ def _inverse_tile(
 
 
 @triton.jit
+def _dft_factorised_row(
+    src_re,
+    src_im,
+    dst_re,
+    dst_im,
+    tab_ptr,
+    D: tl.constexpr,
+    K: tl.constexpr,
+    D1: tl.constexpr,
+    D2: tl.constexpr,
+    P1: tl.constexpr,
+    BLOCK_F1: tl.constexpr,
+    BLOCK_F2: tl.constexpr,
+    INVERSE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One row's length-D DFT as two small dense DFTs and a twiddle (Cooley-Tukey, four
+    steps), D = D1 D2, O(D (D1 + D2)) instead of O(D^2). With sign = +1 (INVERSE) or -1,
+    input index a = a1 + D1 a2 and output index b = b2 + D2 b1 (a b = a1 b2 + D2 a1 b1 +
+    D1 a2 b2 mod D):
+
+        T[a1, b2]   = sum_{a2 < D2} v[a1 + D1 a2] e^{sign 2 pi i a2 b2 / D2}   (DFT over a2)
+        U[a1, b2]   = T[a1, b2] e^{sign 2 pi i a1 b2 / D}                      (twiddle)
+        out[b2 + D2 b1] = sum_{a1 < D1} e^{sign 2 pi i a1 b1 / D1} U[a1, b2]    (DFT over a1)
+
+    INVERSE: v is the full spectrum rebuilt from the Hermitian half spectrum at src_re /
+    src_im (K bins: v_k = conj(v_{D-k}) for k >= K); the real part of out goes to dst_re.
+    Forward: v is the real row at src_re; out_b for b < K goes to dst_re / dst_im.
+    Every stage is a tl.dot on a [pow2(D1), BLOCK] tile; every twiddle is a table lookup
+    of an integer phase reduced mod D (exact), like the dense path. Padded indices (a1 >=
+    D1, a2 >= D2) load zeros; padded outputs are masked at the store.
+    """
+    a1 = tl.arange(0, P1)
+    a1_ok = a1 < D1
+    for b0 in range(0, D2, BLOCK_F2):
+        b2 = b0 + tl.arange(0, BLOCK_F2)
+        tr = tl.zeros((P1, BLOCK_F2), dtype=tl.float32)
+        ti = tl.zeros((P1, BLOCK_F2), dtype=tl.float32)
+        for c0 in range(0, D2, BLOCK_F2):
+            a2 = c0 + tl.arange(0, BLOCK_F2)
+            idx = a1[:, None] + D1 * a2[None, :]
+            m = a1_ok[:, None] & (a2 < D2)[None, :]
+            cos, sin = _twiddle(D1 * a2, b2, tab_ptr, D)
+            if not INVERSE:
+                sin = -sin
+            if INVERSE:
+                lower = idx < K
+                half = tl.where(lower, idx, D - idx)
+                vr = tl.load(src_re + half, mask=m, other=0.0)
+                vi = tl.load(src_im + half, mask=m, other=0.0)
+                vi = tl.where(lower, vi, -vi)
+                tr += tl.dot(vr, cos, input_precision=PRECISION)
+                tr -= tl.dot(vi, sin, input_precision=PRECISION)
+                ti += tl.dot(vr, sin, input_precision=PRECISION)
+                ti += tl.dot(vi, cos, input_precision=PRECISION)
+            else:
+                vr = tl.load(src_re + idx, mask=m, other=0.0).to(tl.float32)
+                tr += tl.dot(vr, cos, input_precision=PRECISION)
+                ti += tl.dot(vr, sin, input_precision=PRECISION)
+        cos, sin = _twiddle(a1, b2, tab_ptr, D)
+        if not INVERSE:
+            sin = -sin
+        ur = tr * cos - ti * sin
+        ui = tr * sin + ti * cos
+        for e0 in range(0, D1, BLOCK_F1):
+            b1 = e0 + tl.arange(0, BLOCK_F1)
+            cos, sin = _twiddle(D2 * b1, a1, tab_ptr, D)
+            if not INVERSE:
+                sin = -sin
+            out_re = tl.dot(cos, ur, input_precision=PRECISION)
+            out_re -= tl.dot(sin, ui, input_precision=PRECISION)
+            b = b2[None, :] + D2 * b1[:, None]
+            m = (b1 < D1)[:, None] & (b2 < D2)[None, :]
+            if INVERSE:
+                tl.store(dst_re + b, out_re.to(dst_re.dtype.element_ty), mask=m)
+            else:
+                out_im = tl.dot(cos, ui, input_precision=PRECISION)
+                out_im += tl.dot(sin, ur, input_precision=PRECISION)
+                tl.store(dst_re + b, out_re, mask=m & (b < K))
+                tl.store(dst_im + b, out_im, mask=m & (b < K))
+
+
+@triton.jit
 def _cbp_fwd_kernel(
     x_ptr,
     y_ptr,
@@ -188,13 +296,23 @@ def _cbp_fwd_kernel(
     N2,
     D: tl.constexpr,
     K: tl.constexpr,
+    D1: tl.constexpr,
+    D2: tl.constexpr,
+    P1: tl.constexpr,
+    BLOCK_F1: tl.constexpr,
+    BLOCK_F2: tl.constexpr,
+    FACTORISED: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_J: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """out[r, j] = sum_k c_k Re(X_k Y_k e^{2 pi i jk/D}) for BLOCK_R rows r (module doc)."""
+    """out[r, j] = sum_k c_k Re(X_k Y_k e^{2 pi i jk/D}) for BLOCK_R rows r (module doc).
+
+    FACTORISED: phase 2 is the inverse DFT of the full spectrum (1/D) X Y as
+    _dft_factorised_row (D = D1 D2), one row at a time, instead of the dense half-spectrum
+    contraction."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
     xrow = tl.load(xoff_ptr + rows, mask=rmask, other=0)
@@ -212,7 +330,7 @@ def _cbp_fwd_kernel(
             y_ptr, yrow, rmask, h2_ptr, s2_ptr, N2, ks, tab_ptr, D,
             False, BLOCK_R, BLOCK_K, BLOCK_N, PRECISION,
         )  # fmt: skip
-        c = _spectrum_weight(ks, K, D)[None, :]
+        c = _spectrum_weight(ks, K, D, FACTORISED)[None, :]
         m = rmask[:, None] & (ks < K)[None, :]
         tl.store(ws_row + ks[None, :], (xr * yr - xi * yi) * c, mask=m)
         tl.store(ws_row + K + ks[None, :], (xr * yi + xi * yr) * c, mask=m)
@@ -220,12 +338,23 @@ def _cbp_fwd_kernel(
     # Phase 2 reads workspace entries written by other threads of this program.
     tl.debug_barrier()
 
-    out_row = out_ptr + rows[:, None].to(tl.int64) * D
-    for j0 in range(0, D, BLOCK_J):
-        js = j0 + tl.arange(0, BLOCK_J)
-        acc = _inverse_tile(ws_row, rmask, js, tab_ptr, K, D, BLOCK_R, BLOCK_K, BLOCK_J, PRECISION)
-        m = rmask[:, None] & (js < D)[None, :]
-        tl.store(out_row + js[None, :], acc.to(out_ptr.dtype.element_ty), mask=m)
+    if FACTORISED:
+        row0 = tl.program_id(0) * BLOCK_R
+        for r in range(row0, tl.minimum(row0 + BLOCK_R, R)):
+            ws = ws_ptr + tl.cast(r, tl.int64) * (2 * K)
+            _dft_factorised_row(
+                ws, ws + K, out_ptr + tl.cast(r, tl.int64) * D, out_ptr, tab_ptr,
+                D, K, D1, D2, P1, BLOCK_F1, BLOCK_F2, True, PRECISION,
+            )  # fmt: skip
+    else:
+        out_row = out_ptr + rows[:, None].to(tl.int64) * D
+        for j0 in range(0, D, BLOCK_J):
+            js = j0 + tl.arange(0, BLOCK_J)
+            acc = _inverse_tile(
+                ws_row, rmask, js, tab_ptr, K, D, BLOCK_R, BLOCK_K, BLOCK_J, PRECISION
+            )
+            m = rmask[:, None] & (js < D)[None, :]
+            tl.store(out_row + js[None, :], acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -248,27 +377,58 @@ def _cbp_bwd_kernel(
     N2,
     D: tl.constexpr,
     K: tl.constexpr,
+    D1: tl.constexpr,
+    D2: tl.constexpr,
+    P1: tl.constexpr,
+    BLOCK_F1: tl.constexpr,
+    BLOCK_F2: tl.constexpr,
+    FACTORISED: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """gx[r, i] = s1(i) sum_k c_k Re(G_k conj(Y_k) e^{2 pi i h1(i) k/D}) and symmetrically
-    gy[r, i] with G conj(X), h2, s2, for BLOCK_R rows r of g [R, D] (module doc)."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    gy[r, i] with G conj(X), h2, s2, for BLOCK_R rows r of g [R, D] (module doc).
+
+    FACTORISED (D = D1 D2): G comes from a factorised forward DFT of each g row (phase 0);
+    phase 2 inverts (1/D) G conj(Y) and (1/D) G conj(X) with the factorised inverse into
+    the full correlations dL/dp, dL/dq [D]; phase 3 gathers them at h1, h2 (the transposed
+    count sketch), so no pass costs O(D^2) or O(n D) except the sketch-DFT of x and y."""
+    row0 = tl.program_id(0) * BLOCK_R
+    rows = row0 + tl.arange(0, BLOCK_R)
     rmask = rows < R
     rows64 = rows.to(tl.int64)
     xrow = tl.load(xoff_ptr + rows, mask=rmask, other=0)
     yrow = tl.load(yoff_ptr + rows, mask=rmask, other=0)
-    # Workspace row: [C re | C im | E re | E im], K bins each.
-    ws_row = ws_ptr + rows64[:, None] * (4 * K)
+    if FACTORISED:
+        # Workspace row: [G re | G im | C re | C im | E re | E im] (K bins each), then
+        # [dL/dp | dL/dq] (D each).
+        ws_base = ws_ptr + rows64[:, None] * (6 * K + 2 * D)
+        ws_row = ws_base + 2 * K
+        for r in range(row0, tl.minimum(row0 + BLOCK_R, R)):
+            ws = ws_ptr + tl.cast(r, tl.int64) * (6 * K + 2 * D)
+            _dft_factorised_row(
+                g_ptr + tl.cast(r, tl.int64) * D, g_ptr, ws, ws + K, tab_ptr,
+                D, K, D1, D2, P1, BLOCK_F1, BLOCK_F2, False, PRECISION,
+            )  # fmt: skip
+        # Phase 1 reads G entries written by other threads of this program.
+        tl.debug_barrier()
+    else:
+        # Workspace row: [C re | C im | E re | E im], K bins each.
+        ws_row = ws_ptr + rows64[:, None] * (4 * K)
 
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        gr, gi = _sketch_dft(
-            g_ptr, rows64 * D, rmask, h1_ptr, s1_ptr, D, ks, tab_ptr, D,
-            True, BLOCK_R, BLOCK_K, BLOCK_N, PRECISION,
-        )  # fmt: skip
+        m = rmask[:, None] & (ks < K)[None, :]
+        if FACTORISED:
+            gr = tl.load(ws_base + ks[None, :], mask=m, other=0.0)
+            gi = tl.load(ws_base + K + ks[None, :], mask=m, other=0.0)
+        else:
+            gr, gi = _sketch_dft(
+                g_ptr, rows64 * D, rmask, h1_ptr, s1_ptr, D, ks, tab_ptr, D,
+                True, BLOCK_R, BLOCK_K, BLOCK_N, PRECISION,
+            )  # fmt: skip
         xr, xi = _sketch_dft(
             x_ptr, xrow, rmask, h1_ptr, s1_ptr, N1, ks, tab_ptr, D,
             False, BLOCK_R, BLOCK_K, BLOCK_N, PRECISION,
@@ -277,8 +437,7 @@ def _cbp_bwd_kernel(
             y_ptr, yrow, rmask, h2_ptr, s2_ptr, N2, ks, tab_ptr, D,
             False, BLOCK_R, BLOCK_K, BLOCK_N, PRECISION,
         )  # fmt: skip
-        c = _spectrum_weight(ks, K, D)[None, :]
-        m = rmask[:, None] & (ks < K)[None, :]
+        c = _spectrum_weight(ks, K, D, FACTORISED)[None, :]
         tl.store(ws_row + ks[None, :], (gr * yr + gi * yi) * c, mask=m)
         tl.store(ws_row + K + ks[None, :], (gi * yr - gr * yi) * c, mask=m)
         tl.store(ws_row + 2 * K + ks[None, :], (gr * xr + gi * xi) * c, mask=m)
@@ -287,26 +446,48 @@ def _cbp_bwd_kernel(
     # Phase 2 reads workspace entries written by other threads of this program.
     tl.debug_barrier()
 
+    if FACTORISED:
+        for r in range(row0, tl.minimum(row0 + BLOCK_R, R)):
+            ws = ws_ptr + tl.cast(r, tl.int64) * (6 * K + 2 * D)
+            _dft_factorised_row(
+                ws + 2 * K, ws + 3 * K, ws + 6 * K, ws, tab_ptr,
+                D, K, D1, D2, P1, BLOCK_F1, BLOCK_F2, True, PRECISION,
+            )  # fmt: skip
+            _dft_factorised_row(
+                ws + 4 * K, ws + 5 * K, ws + 6 * K + D, ws, tab_ptr,
+                D, K, D1, D2, P1, BLOCK_F1, BLOCK_F2, True, PRECISION,
+            )  # fmt: skip
+        # Phase 3 gathers correlation entries written by other threads of this program.
+        tl.debug_barrier()
+
     gx_row = gx_ptr + rows64[:, None] * N1
     for n0 in range(0, N1, BLOCK_N):
         ns = n0 + tl.arange(0, BLOCK_N)
         nmask = ns < N1
+        m = rmask[:, None] & nmask[None, :]
         h = tl.load(h1_ptr + ns, mask=nmask, other=0).to(tl.int32)
         s = tl.load(s1_ptr + ns, mask=nmask, other=0.0).to(tl.float32)
-        acc = _inverse_tile(ws_row, rmask, h, tab_ptr, K, D, BLOCK_R, BLOCK_K, BLOCK_N, PRECISION)
-        m = rmask[:, None] & nmask[None, :]
+        if FACTORISED:
+            acc = tl.load(ws_base + 6 * K + h[None, :], mask=m, other=0.0)
+        else:
+            acc = _inverse_tile(
+                ws_row, rmask, h, tab_ptr, K, D, BLOCK_R, BLOCK_K, BLOCK_N, PRECISION
+            )
         tl.store(gx_row + ns[None, :], (acc * s[None, :]).to(gx_ptr.dtype.element_ty), mask=m)
 
     gy_row = gy_ptr + rows64[:, None] * N2
     for n0 in range(0, N2, BLOCK_N):
         ns = n0 + tl.arange(0, BLOCK_N)
         nmask = ns < N2
+        m = rmask[:, None] & nmask[None, :]
         h = tl.load(h2_ptr + ns, mask=nmask, other=0).to(tl.int32)
         s = tl.load(s2_ptr + ns, mask=nmask, other=0.0).to(tl.float32)
-        acc = _inverse_tile(
-            ws_row + 2 * K, rmask, h, tab_ptr, K, D, BLOCK_R, BLOCK_K, BLOCK_N, PRECISION
-        )
-        m = rmask[:, None] & nmask[None, :]
+        if FACTORISED:
+            acc = tl.load(ws_base + 6 * K + D + h[None, :], mask=m, other=0.0)
+        else:
+            acc = _inverse_tile(
+                ws_row + 2 * K, rmask, h, tab_ptr, K, D, BLOCK_R, BLOCK_K, BLOCK_N, PRECISION
+            )
         tl.store(gy_row + ns[None, :], (acc * s[None, :]).to(gy_ptr.dtype.element_ty), mask=m)
 
 
@@ -318,6 +499,68 @@ def _cbp_bwd_kernel(
 def half_spectrum(out_dim: int) -> int:
     """Number of independent bins of the DFT of a real sequence of length out_dim."""
     return out_dim // 2 + 1
+
+
+def factorisation(out_dim: int, min_dim: int = FACTORISED_MIN_DIM) -> tuple[int, int] | None:
+    """(D1, D2) with D1 D2 = out_dim for the factorised transform, or None for the dense one.
+
+    None when out_dim < min_dim or out_dim has no factor pair with 2 <= D1, D2 <= MAX_FACTOR
+    (a prime, 2 x a prime > 128, ...). Among the pairs it picks the cheapest after padding
+    each factor to P = max(16, pow2(factor)) (the factorised stages cost about
+    P1 P2 (P1 + P2) multiply-adds), then the most balanced: 4096 -> 64 x 64,
+    16000 -> 125 x 128, 600 -> 24 x 25, 300 -> 15 x 20.
+    """
+    if out_dim < max(min_dim, 4):
+        return None
+    best = None
+    for d1 in range(2, min(MAX_FACTOR, out_dim // 2) + 1):
+        d2, rem = divmod(out_dim, d1)
+        if rem or d2 > MAX_FACTOR or d2 < 2:
+            continue
+        p1, p2 = _padded(d1), _padded(d2)
+        key = (p1 * p2 * (p1 + p2), abs(d1 - d2), d1)
+        if best is None or key < best[0]:
+            best = (key, (d1, d2))
+    return None if best is None else best[1]
+
+
+def _padded(factor: int) -> int:
+    return max(MIN_DOT, triton.next_power_of_2(factor))
+
+
+def _factor_args(factors: tuple[int, int] | None) -> dict:
+    """Compile-time arguments of the factorised path (placeholders when dense)."""
+    if factors is None:
+        return dict(D1=1, D2=1, P1=MIN_DOT, BLOCK_F1=MIN_DOT, BLOCK_F2=MIN_DOT, FACTORISED=False)
+    d1, d2 = factors
+    p1, p2 = _padded(d1), _padded(d2)
+    return dict(
+        D1=d1,
+        D2=d2,
+        P1=p1,
+        BLOCK_F1=min(FFT_BLOCK, p1),
+        BLOCK_F2=min(FFT_BLOCK, p2),
+        FACTORISED=True,
+    )
+
+
+def workspace_width(out_dim: int, backward: bool, factors: tuple[int, int] | None) -> int:
+    """fp32 workspace values per row: the half spectra (2 or 4 x (D//2+1)); the factorised
+    backward also keeps G (2 x (D//2+1)) and the two correlations (2 x D)."""
+    k = half_spectrum(out_dim)
+    if not backward:
+        return 2 * k
+    return 4 * k if factors is None else 6 * k + 2 * out_dim
+
+
+def _check_factors(factors: tuple[int, int] | None, out_dim: int) -> None:
+    if factors is None:
+        return
+    d1, d2 = factors
+    if d1 * d2 != out_dim or not (1 <= d1 <= MAX_FACTOR and 1 <= d2 <= MAX_FACTOR):
+        raise ValueError(
+            f"cbp: factors {factors} must multiply to D = {out_dim}, each in [1, {MAX_FACTOR}]"
+        )
 
 
 def _precision(*tensors: torch.Tensor) -> str:
@@ -353,35 +596,42 @@ def _check_twiddles(twiddles: torch.Tensor, out_dim: int) -> None:
         )
 
 
-def cbp_forward_launch(x, y, xoff, yoff, h1, s1, h2, s2, twiddles, out, workspace) -> None:
+def cbp_forward_launch(
+    x, y, xoff, yoff, h1, s1, h2, s2, twiddles, out, workspace, factors=None
+) -> None:
     """Launch the forward kernel: out [R, D] (contiguous) from the rows of x and y at the
     element offsets xoff, yoff [R]; twiddles = twiddle_table(D); workspace is fp32 with at
-    least R * 2 * (D//2+1) values."""
+    least R * workspace_width(D, False, factors) values. factors = (D1, D2) with D1 D2 = D
+    selects the factorised inverse (see factorisation); None the dense one."""
     rows, out_dim = out.shape
     _check_twiddles(twiddles, out_dim)
+    _check_factors(factors, out_dim)
     _check_rows("x", x, xoff)
     _check_rows("y", y, yoff)
     if not out.is_contiguous() or xoff.numel() != rows or yoff.numel() != rows:
         raise ValueError(f"cbp: output of shape {tuple(out.shape)} must be contiguous [R, D]")
-    if workspace.dtype != torch.float32 or workspace.numel() < rows * 2 * half_spectrum(out_dim):
+    width = workspace_width(out_dim, False, factors)
+    if workspace.dtype != torch.float32 or workspace.numel() < rows * width:
         raise ValueError(f"cbp: workspace of shape {tuple(workspace.shape)} is too small")
     grid = (triton.cdiv(rows, BLOCK_R),)
     wrap_triton(_cbp_fwd_kernel)[grid](
         x, y, xoff, yoff, h1, s1, h2, s2, twiddles, out, workspace,
         rows, x.shape[-1], y.shape[-1], out_dim, half_spectrum(out_dim),
+        **_factor_args(factors),
         BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, BLOCK_J=BLOCK_J,
         PRECISION=_precision(x, y),
     )  # fmt: skip
 
 
 def cbp_backward_launch(
-    grad, x, y, xoff, yoff, h1, s1, h2, s2, twiddles, gx, gy, workspace
+    grad, x, y, xoff, yoff, h1, s1, h2, s2, twiddles, gx, gy, workspace, factors=None
 ) -> None:
     """Launch the backward kernel: gx [R, n1] and gy [R, n2] (contiguous, per broadcast row)
     from grad [R, D] (contiguous); twiddles = twiddle_table(D); workspace fp32 with at least
-    R * 4 * (D//2+1) values."""
+    R * workspace_width(D, True, factors) values; factors as for cbp_forward_launch."""
     rows, out_dim = grad.shape
     _check_twiddles(twiddles, out_dim)
+    _check_factors(factors, out_dim)
     _check_rows("x", x, xoff)
     _check_rows("y", y, yoff)
     if not grad.is_contiguous():
@@ -393,12 +643,14 @@ def cbp_backward_launch(
         )
     if not (gx.is_contiguous() and gy.is_contiguous()):
         raise ValueError("cbp: gradient outputs must be contiguous")
-    if workspace.dtype != torch.float32 or workspace.numel() < rows * 4 * half_spectrum(out_dim):
+    width = workspace_width(out_dim, True, factors)
+    if workspace.dtype != torch.float32 or workspace.numel() < rows * width:
         raise ValueError(f"cbp: workspace of shape {tuple(workspace.shape)} is too small")
     grid = (triton.cdiv(rows, BLOCK_R),)
     wrap_triton(_cbp_bwd_kernel)[grid](
         grad, x, y, xoff, yoff, h1, s1, h2, s2, twiddles, gx, gy, workspace,
         rows, x.shape[-1], y.shape[-1], out_dim, half_spectrum(out_dim),
+        **_factor_args(factors),
         BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N,
         PRECISION=_precision(grad, x, y),
     )  # fmt: skip
@@ -407,6 +659,10 @@ def cbp_backward_launch(
 # --------------------------------------------------------------------------------------
 # Custom ops and autograd
 # --------------------------------------------------------------------------------------
+
+
+def _factors_of(d1: int, out_dim: int) -> tuple[int, int] | None:
+    return None if d1 == 0 else (d1, out_dim // d1)
 
 
 @triton_op("rwmn::cbp_rows", mutates_args=())
@@ -420,16 +676,21 @@ def cbp_rows(
     h2: torch.Tensor,
     s2: torch.Tensor,
     twiddles: torch.Tensor,
+    d1: int = 0,
 ) -> torch.Tensor:
     """CBP of the broadcast rows: xoff, yoff of the broadcast leading shape L hold each
     row's element offset into x and y; twiddles = twiddle_table(D) sets the output size D.
+    d1 > 0 selects the factorised transform with D = d1 x (D / d1); 0 the dense one.
     Returns [*L, D] in promote(x, y)."""
     rows, out_dim = xoff.numel(), twiddles.numel() // 2
+    factors = _factors_of(d1, out_dim)
     out = x.new_empty((rows, out_dim), dtype=torch.promote_types(x.dtype, y.dtype))
-    workspace = x.new_empty((rows, 2 * half_spectrum(out_dim)), dtype=torch.float32)
+    width = workspace_width(out_dim, False, factors)
+    workspace = x.new_empty((rows, width), dtype=torch.float32)
     cbp_forward_launch(
-        x, y, xoff.reshape(-1), yoff.reshape(-1), h1, s1, h2, s2, twiddles, out, workspace
-    )
+        x, y, xoff.reshape(-1), yoff.reshape(-1), h1, s1, h2, s2, twiddles, out, workspace,
+        factors,
+    )  # fmt: skip
     return out.view(*xoff.shape, out_dim)
 
 
@@ -445,15 +706,18 @@ def cbp_rows_backward(
     h2: torch.Tensor,
     s2: torch.Tensor,
     twiddles: torch.Tensor,
+    d1: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of cbp_rows in x and y, summed over the rows each was broadcast to."""
+    factors = _factors_of(d1, twiddles.numel() // 2)
     lead, rows, out_dim = xoff.shape, xoff.numel(), grad.shape[-1]
     n1, n2 = x.shape[-1], y.shape[-1]
     # A broadcast operand's per-row gradient is summed below, so keep it in fp32 until then.
     x_bcast, y_bcast = x.numel() != rows * n1, y.numel() != rows * n2
     gx = x.new_empty((rows, n1), dtype=torch.float32 if x_bcast else x.dtype)
     gy = y.new_empty((rows, n2), dtype=torch.float32 if y_bcast else y.dtype)
-    workspace = x.new_empty((rows, 4 * half_spectrum(out_dim)), dtype=torch.float32)
+    width = workspace_width(out_dim, True, factors)
+    workspace = x.new_empty((rows, width), dtype=torch.float32)
     grad = grad.reshape(rows, out_dim).contiguous()
     cbp_backward_launch(
         grad,
@@ -469,6 +733,7 @@ def cbp_rows_backward(
         gx,
         gy,
         workspace,
+        factors,
     )
     gx = gx.view(*lead, n1).sum_to_size(x.shape).to(x.dtype)
     gy = gy.view(*lead, n2).sum_to_size(y.shape).to(y.dtype)
@@ -479,26 +744,27 @@ def cbp_rows_backward(
 # TRITON_INTERPRET=1 wrap_triton hands back the interpreted kernel, which cannot run on
 # fake tensors; these keep shape propagation identical on every platform.
 @cbp_rows.register_fake
-def _cbp_rows_fake(x, y, xoff, yoff, h1, s1, h2, s2, twiddles):
+def _cbp_rows_fake(x, y, xoff, yoff, h1, s1, h2, s2, twiddles, d1=0):
     return x.new_empty(
         (*xoff.shape, twiddles.shape[0] // 2), dtype=torch.promote_types(x.dtype, y.dtype)
     )
 
 
 @cbp_rows_backward.register_fake
-def _cbp_rows_backward_fake(grad, x, y, xoff, yoff, h1, s1, h2, s2, twiddles):
+def _cbp_rows_backward_fake(grad, x, y, xoff, yoff, h1, s1, h2, s2, twiddles, d1=0):
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
         y, memory_format=torch.contiguous_format
     )
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs)
+    ctx.save_for_backward(*inputs[:-1])
+    ctx.d1 = inputs[-1]
 
 
 def _backward(ctx, grad):
-    gx, gy = torch.ops.rwmn.cbp_rows_backward(grad, *ctx.saved_tensors)
-    return gx, gy, None, None, None, None, None, None, None
+    gx, gy = torch.ops.rwmn.cbp_rows_backward(grad, *ctx.saved_tensors, ctx.d1)
+    return gx, gy, None, None, None, None, None, None, None, None
 
 
 cbp_rows.register_autograd(_backward, setup_context=_setup_context)
@@ -566,8 +832,13 @@ def cbp(
     s2: torch.Tensor,
     out_dim: int,
     sum_pool: bool = False,
+    *,
+    factorised_min_dim: int = FACTORISED_MIN_DIM,
 ) -> torch.Tensor:
-    """Fused compact bilinear pooling, same contract as :func:`rwmn.reference.cbp`."""
+    """Fused compact bilinear pooling, same contract as :func:`rwmn.reference.cbp`.
+
+    factorised_min_dim: smallest D that takes the factorised transform when D factors
+    (see factorisation); tests lower it to run the factorised path at tiny D."""
     if x.dim() < 1 or y.dim() < 1:
         raise ValueError(
             f"cbp: inputs of shapes {tuple(x.shape)}, {tuple(y.shape)} need a last axis"
@@ -589,8 +860,10 @@ def cbp(
         twiddles = twiddle_table(out_dim, x.device)  # traced into the graph
     else:
         twiddles = _cached_twiddle_table(out_dim, x.device)
+    factors = factorisation(out_dim, factorised_min_dim)
+    d1 = 0 if factors is None else factors[0]
     out = torch.ops.rwmn.cbp_rows(
-        x, y, row_offsets(x, lead), row_offsets(y, lead), h1, s1, h2, s2, twiddles
+        x, y, row_offsets(x, lead), row_offsets(y, lead), h1, s1, h2, s2, twiddles, d1
     )
     if sum_pool and out.dim() > 2:
         out = out.sum(dim=tuple(range(1, out.dim() - 1)))
@@ -598,13 +871,16 @@ def cbp(
 
 
 __all__ = [
+    "FACTORISED_MIN_DIM",
     "MAX_FUSED_DIM",
     "cbp",
     "cbp_backward_launch",
     "cbp_forward_launch",
     "cbp_rows",
     "cbp_rows_backward",
+    "factorisation",
     "half_spectrum",
     "row_offsets",
     "twiddle_table",
+    "workspace_width",
 ]

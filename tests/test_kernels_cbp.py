@@ -139,12 +139,12 @@ def fresh_seed(request):
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("x_shape", "y_shape", "out_dim", "sum_pool"), CASES, ids=CASE_IDS)
-def test_cbp_output_and_grads_fp32(x_shape, y_shape, out_dim, sum_pool, request):
-    x, y, h1, s1, h2, s2 = make_inputs(x_shape, y_shape, out_dim, fresh_seed(request))
+def check_cbp_output_and_grads(x_shape, y_shape, out_dim, sum_pool, seed, **kwargs):
+    """kcbp.cbp(..., **kwargs) and its gradients vs the reference vs float64 truth."""
+    x, y, h1, s1, h2, s2 = make_inputs(x_shape, y_shape, out_dim, seed)
     x.requires_grad_(True)
     y.requires_grad_(True)
-    out = kcbp.cbp(x, y, h1, s1, h2, s2, out_dim, sum_pool)
+    out = kcbp.cbp(x, y, h1, s1, h2, s2, out_dim, sum_pool, **kwargs)
     ref = reference.cbp(x, y, h1, s1, h2, s2, out_dim, sum_pool)
     g = torch.randn_like(ref)
     gx, gy = torch.autograd.grad(out, (x, y), g)
@@ -167,26 +167,32 @@ def test_cbp_output_and_grads_fp32(x_shape, y_shape, out_dim, sum_pool, request)
 
 
 @pytest.mark.parametrize(("x_shape", "y_shape", "out_dim", "sum_pool"), CASES, ids=CASE_IDS)
-def test_launchers_write_every_element(x_shape, y_shape, out_dim, sum_pool, request):
+def test_cbp_output_and_grads_fp32(x_shape, y_shape, out_dim, sum_pool, request):
+    check_cbp_output_and_grads(x_shape, y_shape, out_dim, sum_pool, fresh_seed(request))
+
+
+def check_launchers_write_every_element(x_shape, y_shape, out_dim, seed, factors=None):
     """Outputs, gradients and workspaces start as NaN: every output element must be written
     and no workspace element read before it is written."""
-    x, y, h1, s1, h2, s2 = make_inputs(x_shape, y_shape, out_dim, fresh_seed(request))
+    x, y, h1, s1, h2, s2 = make_inputs(x_shape, y_shape, out_dim, seed)
     lead = torch.broadcast_shapes(x.shape[:-1], y.shape[:-1])
     xoff = kcbp.row_offsets(x, lead).reshape(-1)
     yoff = kcbp.row_offsets(y, lead).reshape(-1)
-    rows, k = xoff.numel(), kcbp.half_spectrum(out_dim)
+    rows = xoff.numel()
     twiddles = kcbp.twiddle_table(out_dim, DEVICE)
     nan = float("nan")
 
     out = torch.full((rows, out_dim), nan, device=DEVICE)
-    ws = torch.full((rows, 2 * k), nan, device=DEVICE)
-    kcbp.cbp_forward_launch(x, y, xoff, yoff, h1, s1, h2, s2, twiddles, out, ws)
+    ws = torch.full((rows, kcbp.workspace_width(out_dim, False, factors)), nan, device=DEVICE)
+    kcbp.cbp_forward_launch(x, y, xoff, yoff, h1, s1, h2, s2, twiddles, out, ws, factors)
 
     g = torch.randn(rows, out_dim, device=DEVICE)
     gx = torch.full((rows, x.shape[-1]), nan, device=DEVICE)
     gy = torch.full((rows, y.shape[-1]), nan, device=DEVICE)
-    ws = torch.full((rows, 4 * k), nan, device=DEVICE)
-    kcbp.cbp_backward_launch(g, x, y, xoff, yoff, h1, s1, h2, s2, twiddles, gx, gy, ws)
+    ws = torch.full((rows, kcbp.workspace_width(out_dim, True, factors)), nan, device=DEVICE)
+    kcbp.cbp_backward_launch(
+        g, x, y, xoff, yoff, h1, s1, h2, s2, twiddles, gx, gy, ws, factors
+    )  # fmt: skip
 
     npx, npy, nh1, ns1, nh2, ns2, ng = to_np(x, y, h1, s1, h2, s2, g)
     nh1, nh2 = nh1.astype(np.int64), nh2.astype(np.int64)
@@ -195,6 +201,99 @@ def test_launchers_write_every_element(x_shape, y_shape, out_dim, sum_pool, requ
     assert_close_to_truth(out, truth, what="out")
     assert_close_to_truth(gx, tgx.reshape(rows, -1), what="per-row grad x")
     assert_close_to_truth(gy, tgy.reshape(rows, -1), what="per-row grad y")
+
+
+@pytest.mark.parametrize(("x_shape", "y_shape", "out_dim", "sum_pool"), CASES, ids=CASE_IDS)
+def test_launchers_write_every_element(x_shape, y_shape, out_dim, sum_pool, request):
+    check_launchers_write_every_element(x_shape, y_shape, out_dim, fresh_seed(request))
+
+
+# --------------------------------------------------------------------------------------
+# Factorised transform (D = D1 x D2), forced at tiny D
+# --------------------------------------------------------------------------------------
+
+# (x shape, y shape, D, (D1, D2)): the story form with more rows than one program owns
+# (BLOCK_R = 16), the read-network form (both operands broadcast), odd D, and factor pairs
+# whose padded width exceeds FFT_BLOCK so every chunk loop of the stages runs twice.
+FACTORISED_CASES = [
+    ((19, 37), (19, 23), 12, (3, 4)),
+    ((4, 19), (4, 30), 15, (3, 5)),
+    ((1, 3, 4, 11), (2, 1, 1, 13), 16, (4, 4)),
+    ((2, 3, 5, 13), (2, 3, 1, 11), 45, (9, 5)),
+    ((3, 21), (3, 17), 80, (2, 40)),
+    ((1, 2, 3, 9), (2, 1, 1, 10), 80, (40, 2)),
+]
+FACTORISED_IDS = [f"x{xs}-y{ys}-D{d}={f[0]}x{f[1]}" for xs, ys, d, f in FACTORISED_CASES]
+
+
+@pytest.mark.parametrize(("x_shape", "y_shape", "out_dim", "factors"), FACTORISED_CASES,
+                         ids=FACTORISED_IDS)  # fmt: skip
+def test_factorised_launchers_write_every_element(x_shape, y_shape, out_dim, factors, request):
+    check_launchers_write_every_element(x_shape, y_shape, out_dim, fresh_seed(request), factors)
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "y_shape", "out_dim", "sum_pool"),
+    [
+        ((19, 37), (19, 23), 12, False),
+        ((1, 3, 4, 11), (2, 1, 1, 13), 16, False),
+        ((2, 3, 5, 13), (2, 3, 5, 11), 15, True),
+    ],
+)
+def test_factorised_cbp_output_and_grads_fp32(
+    x_shape, y_shape, out_dim, sum_pool, request, monkeypatch
+):
+    """The public entry point with the threshold lowered runs the factorised kernels (the
+    launchers are spied on) and matches the float64 truth, forward and both gradients."""
+    seen = []
+    for name in ("cbp_forward_launch", "cbp_backward_launch"):
+        launch = getattr(kcbp, name)
+
+        def spy(*args, _launch=launch):
+            seen.append(args[-1])
+            return _launch(*args)
+
+        monkeypatch.setattr(kcbp, name, spy)
+    check_cbp_output_and_grads(
+        x_shape, y_shape, out_dim, sum_pool, fresh_seed(request), factorised_min_dim=1
+    )
+    factors = kcbp.factorisation(out_dim, min_dim=1)
+    assert factors is not None and seen == [factors, factors]
+
+
+@pytest.mark.parametrize(
+    ("out_dim", "factors"), [(300, (15, 20)), (600, (24, 25)), (4096, (64, 64)),
+                             (16000, (125, 128))]
+)  # fmt: skip
+def test_model_sizes_take_the_factorised_path(out_dim, factors):
+    assert kcbp.factorisation(out_dim) == factors
+    assert factors[0] * factors[1] == out_dim and max(factors) <= kcbp.MAX_FACTOR
+
+
+@pytest.mark.parametrize("out_dim", [17, 257, 4099, 12289, 16381, 2 * 4099, 3 * 4099])
+def test_unfactorable_sizes_stay_dense(out_dim):
+    """Primes, and products with a factor > MAX_FACTOR, have no factorised transform."""
+    assert kcbp.factorisation(out_dim) is None
+    assert kcbp.factorisation(out_dim, min_dim=1) is None
+
+
+def test_factorised_threshold_is_a_parameter():
+    assert kcbp.factorisation(255) is None  # 15 x 17, below FACTORISED_MIN_DIM
+    assert kcbp.factorisation(255, min_dim=1) == (15, 17)
+    assert kcbp.factorisation(12, min_dim=1) == (3, 4)
+    assert kcbp.factorisation(256) == (16, 16)
+
+
+def test_launcher_rejects_wrong_factors():
+    x, y, h1, s1, h2, s2 = make_inputs((2, 9), (2, 7), 16, 0)
+    off = torch.arange(2, device=DEVICE)
+    out = torch.empty(2, 16, device=DEVICE)
+    ws = torch.empty(2, kcbp.workspace_width(16, False, None), device=DEVICE)
+    twiddles = kcbp.twiddle_table(16, DEVICE)
+    with pytest.raises(ValueError, match="multiply"):
+        kcbp.cbp_forward_launch(
+            x, y, off * 9, off * 7, h1, s1, h2, s2, twiddles, out, ws, (3, 5)
+        )  # fmt: skip
 
 
 def test_strided_inputs(request):
