@@ -1,12 +1,14 @@
 """Packaging for rwmn (model, data, training) and kernels (fused Triton kernels)."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="rwmn",
     version="0.1.0",
     description="Read-Write Memory Network (ICCV 2017) in PyTorch with fused Triton kernels",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
