@@ -67,6 +67,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from kernels._common import launch
 from rwmn import reference
 
 #: Largest output size that is fused. The dense sketch-DFT costs O(D) per input element
@@ -614,7 +615,8 @@ def cbp_forward_launch(
     if workspace.dtype != torch.float32 or workspace.numel() < rows * width:
         raise ValueError(f"cbp: workspace of shape {tuple(workspace.shape)} is too small")
     grid = (triton.cdiv(rows, BLOCK_R),)
-    wrap_triton(_cbp_fwd_kernel)[grid](
+    launch(
+        wrap_triton(_cbp_fwd_kernel), grid,
         x, y, xoff, yoff, h1, s1, h2, s2, twiddles, out, workspace,
         rows, x.shape[-1], y.shape[-1], out_dim, half_spectrum(out_dim),
         **_factor_args(factors),
@@ -647,7 +649,8 @@ def cbp_backward_launch(
     if workspace.dtype != torch.float32 or workspace.numel() < rows * width:
         raise ValueError(f"cbp: workspace of shape {tuple(workspace.shape)} is too small")
     grid = (triton.cdiv(rows, BLOCK_R),)
-    wrap_triton(_cbp_bwd_kernel)[grid](
+    launch(
+        wrap_triton(_cbp_bwd_kernel), grid,
         grad, x, y, xoff, yoff, h1, s1, h2, s2, twiddles, gx, gy, workspace,
         rows, x.shape[-1], y.shape[-1], out_dim, half_spectrum(out_dim),
         **_factor_args(factors),
