@@ -91,7 +91,11 @@ def cbp(
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int, int]:
     """TensorFlow SAME padding: (out, pad_before, pad_after) along one axis."""
     out = -(-size // stride)
-    pad_total = max((out - 1) * stride + kernel - size, 0)
+    pad_total = (out - 1) * stride + kernel - size
+    if kernel < stride:
+        # Only then can the total be negative ((out - 1) * stride >= size - stride); skipping
+        # the max otherwise keeps the expression free of Max() for dynamic-shape compiles.
+        pad_total = max(pad_total, 0)
     return out, pad_total // 2, pad_total - pad_total // 2
 
 
@@ -134,13 +138,17 @@ def memory_conv(
             f"{tuple(weight.shape)} (expected [..., {c_in}, n, {d}])"
         )
     lead, n = x.shape[:-3], x.shape[-2]
-    m, top, bottom = same_padding(n, k, stride)
+    _, top, bottom = same_padding(n, k, stride)
     _, left, _ = same_padding(d, d, 1)
     rows = F.pad(x.reshape(-1, c_in, n, d), (0, 0, top, bottom))
     windows = rows.unfold(2, k, stride)  # [N, c_in, m, d, k]
-    windows = windows.flip(-2).permute(0, 2, 1, 4, 3).reshape(-1, c_in * k * d)
+    # Sizes from the unfolded tensor itself (not -1 or same_padding's ceil): under
+    # torch.compile with dynamic shapes, one symbolic expression for m keeps inductor's
+    # shape reasoning consistent.
+    batch, m = windows.shape[0], windows.shape[2]
+    windows = windows.flip(-2).permute(0, 2, 1, 4, 3).reshape(batch * m, c_in * k * d)
     taps = reversed_toeplitz(weight, left).permute(1, 2, 3, 0, 4).reshape(c_in * k * d, c_out * d)
-    out = (windows @ taps).view(-1, m, c_out, d).transpose(1, 2)
+    out = (windows @ taps).view(batch, m, c_out, d).transpose(1, 2)
     if bias is not None:
         out = out + bias[:, None, None].to(out.dtype)
     if relu:
