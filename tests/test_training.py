@@ -226,3 +226,15 @@ def test_training_beats_chance_by_reading_memory(trained):
     assert own > 0.6, own  # chance is 0.2
     assert other < 0.35, other  # another movie's story
     assert zeroed < 0.35, zeroed
+
+
+@pytest.mark.slow
+def test_tensorboard_and_compile_flags(tiny_data, tmp_path):
+    """--tensorboard writes event files; --compile trains through torch.compile."""
+    if tiny_data[1] != "sub":
+        pytest.skip("one source is enough")
+    assert _run(tiny_data, tmp_path, "--max_steps", "3", "--tensorboard", "--compile",
+                "--backend", "reference") == 0  # fmt: skip
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    assert _state(tmp_path)["step"] == 3
