@@ -24,7 +24,13 @@ setup(
         "h5py>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6", "matplotlib>=3.7"],
+        "test": [
+            "pytest>=8",
+            "pytest-benchmark>=4",
+            "ruff>=0.6",
+            "matplotlib>=3.7",
+            "tensorboard>=2.14",
+        ],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
         "tensorboard": ["tensorboard>=2.14"],
     },
