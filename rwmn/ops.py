@@ -74,9 +74,14 @@ def use_backend(name: str) -> Iterator[str]:
         _STATE.backend = previous
 
 
+# Looked up once: resolve_backend runs on every op call, inside compiled graphs too, where
+# an import-system query would be both slow and untraceable.
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
     """Whether the ``triton`` package is importable."""
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_AVAILABLE
 
 
 def _interpreting() -> bool:
