@@ -810,8 +810,16 @@ def _check_hash(name: str, h: torch.Tensor, s: torch.Tensor, n: int, out_dim: in
         raise ValueError(f"cbp: hash {name} must be integer and its signs floating point")
     if not (h.is_contiguous() and s.is_contiguous()):
         raise ValueError(f"cbp: hash {name} and its signs must be contiguous")
-    if not torch.compiler.is_compiling() and n and (int(h.min()) < 0 or int(h.max()) >= out_dim):
-        raise ValueError(f"cbp: hash {name} has values outside [0, {out_dim})")
+    if torch.compiler.is_compiling() or not n:
+        return
+    message = f"cbp: hash {name} has values outside [0, {out_dim})"
+    if h.is_cuda:
+        # A device-side assert: reading h.min()/h.max() back would synchronise the GPU on
+        # every call. Stream order runs the assert before the CBP kernel that would read it,
+        # and a failed device assert stops the CUDA context (untested here: no GPU).
+        torch._assert_async(((h >= 0) & (h < out_dim)).all(), message)
+    elif int(h.min()) < 0 or int(h.max()) >= out_dim:
+        raise ValueError(message)
 
 
 def _fallback_reason(x: torch.Tensor, y: torch.Tensor, out_dim: int) -> str | None:
