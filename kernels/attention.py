@@ -43,7 +43,7 @@ from kernels._common import (
     pow2_at_least,
     warn_once,
 )
-from kernels.memconv import conv_input_grads, fusable
+from kernels.memconv import _toeplitz_conv_tile, conv_input_grads, fusable
 from rwmn import reference
 from rwmn.reference import same_padding
 
@@ -209,25 +209,11 @@ def _conv_rows(
     BLOCK_K: tl.constexpr,
 ):
     """Pre-activation conv rows y[b, o, offs_i, :] (fp32, zero outside the tensor)."""
-    x_base = x_ptr + b.to(tl.int64) * C_IN * N_ROWS * D
-    acc = tl.zeros((BLOCK_I, BLOCK_D), dtype=tl.float32)
-    for ca in range(0, C_IN * K):
-        c = ca // K
-        a = ca % K
-        rows = offs_i * STRIDE + a - PAD_TOP
-        row_ok = (offs_i < M_ROWS) & (rows >= 0) & (rows < N_ROWS)
-        x_rows = x_base + (c * N_ROWS + rows).to(tl.int64) * D
-        w_row = w_ptr + (o * C_IN * K + ca) * D
-        for jp0 in range(0, D, BLOCK_K):
-            offs_jp = jp0 + tl.arange(0, BLOCK_K)
-            xt = tl.load(
-                x_rows[:, None] + offs_jp[None, :],
-                mask=row_ok[:, None] & (offs_jp < D)[None, :],
-                other=0.0,
-            )
-            tap = offs_jp[:, None] - offs_d[None, :] + PAD_LEFT
-            wt = tl.load(w_row + tap, mask=(tap >= 0) & (tap < D), other=0.0)
-            acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+    # One tile spans the whole width (BLOCK_D >= D), so the Toeplitz band is every column.
+    acc = _toeplitz_conv_tile(
+        x_ptr, w_ptr, b, o, offs_i, 0, offs_d, C_IN, N_ROWS, M_ROWS, D, K, STRIDE,
+        PAD_TOP, PAD_LEFT, PRECISION, BLOCK_I, BLOCK_D, BLOCK_K,
+    )  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(bias_ptr + o).to(tl.float32)
     # Padding rows/columns would otherwise carry the bias (or band taps) into the softmax.

@@ -65,6 +65,59 @@ NUM_WARPS = 4
 
 
 @triton.jit
+def _toeplitz_conv_tile(
+    x_ptr,
+    w_ptr,
+    b,
+    o,
+    offs_i,
+    j_first,
+    offs_j,
+    C_IN,
+    N_ROWS,
+    M_ROWS,
+    D,
+    K,
+    STRIDE,
+    PAD_TOP,
+    PAD_LEFT,
+    PRECISION: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Pre-activation tile acc[i, j] = sum_{c, a, j'} x[b, c, i*s + a - p_top, j']
+    * w[o, c, a, j' - j + p_left] (fp32; rows and taps outside the tensor count as zero):
+    the implicit GEMM whose Toeplitz tiles are gathered from the kernel row on the fly.
+    Shared by the memory_conv forward and the fused conv-attention kernels."""
+    x_base = x_ptr + b.to(tl.int64) * C_IN * N_ROWS * D
+    w_base = w_ptr + o * C_IN * K * D
+    # Only input columns j' with a tap j' - j + q in [0, d) for some j of this tile
+    # contribute: the Toeplitz band. Start on a BLOCK_K boundary for aligned loads.
+    jp_lo = (tl.maximum(j_first - PAD_LEFT, 0) // BLOCK_K) * BLOCK_K
+    jp_hi = tl.minimum(j_first + BLOCK_J - 1 - PAD_LEFT + D, D)
+    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    for ca in range(0, C_IN * K):
+        c = ca // K
+        a = ca % K
+        rows = offs_i * STRIDE + a - PAD_TOP
+        row_ok = (offs_i < M_ROWS) & (rows >= 0) & (rows < N_ROWS)
+        x_rows = x_base + (c * N_ROWS + rows).to(tl.int64) * D
+        w_row = w_base + ca * D
+        for jp0 in range(jp_lo, jp_hi, BLOCK_K):
+            offs_jp = jp0 + tl.arange(0, BLOCK_K)
+            xt = tl.load(
+                x_rows[:, None] + offs_jp[None, :],
+                mask=row_ok[:, None] & (offs_jp < D)[None, :],
+                other=0.0,
+            )
+            tap = offs_jp[:, None] - offs_j[None, :] + PAD_LEFT
+            wt = tl.load(w_row + tap, mask=(tap >= 0) & (tap < D), other=0.0)
+            acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _memconv_fwd_kernel(
     x_ptr,
     w_ptr,
@@ -94,30 +147,10 @@ def _memconv_fwd_kernel(
     offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     j_first = pid_j * BLOCK_J
     offs_j = j_first + tl.arange(0, BLOCK_J)
-    x_base = x_ptr + b.to(tl.int64) * C_IN * N_ROWS * D
-    w_base = w_ptr + o * C_IN * K * D
-    # Only input columns j' with a tap j' - j + q in [0, d) for some j of this tile
-    # contribute: the Toeplitz band. Start on a BLOCK_K boundary for aligned loads.
-    jp_lo = (tl.maximum(j_first - PAD_LEFT, 0) // BLOCK_K) * BLOCK_K
-    jp_hi = tl.minimum(j_first + BLOCK_J - 1 - PAD_LEFT + D, D)
-    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
-    for ca in range(0, C_IN * K):
-        c = ca // K
-        a = ca % K
-        rows = offs_i * STRIDE + a - PAD_TOP
-        row_ok = (offs_i < M_ROWS) & (rows >= 0) & (rows < N_ROWS)
-        x_rows = x_base + (c * N_ROWS + rows).to(tl.int64) * D
-        w_row = w_base + ca * D
-        for jp0 in range(jp_lo, jp_hi, BLOCK_K):
-            offs_jp = jp0 + tl.arange(0, BLOCK_K)
-            xt = tl.load(
-                x_rows[:, None] + offs_jp[None, :],
-                mask=row_ok[:, None] & (offs_jp < D)[None, :],
-                other=0.0,
-            )
-            tap = offs_jp[:, None] - offs_j[None, :] + PAD_LEFT
-            wt = tl.load(w_row + tap, mask=(tap >= 0) & (tap < D), other=0.0)
-            acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+    acc = _toeplitz_conv_tile(
+        x_ptr, w_ptr, b, o, offs_i, j_first, offs_j, C_IN, N_ROWS, M_ROWS, D, K, STRIDE,
+        PAD_TOP, PAD_LEFT, PRECISION, BLOCK_I, BLOCK_J, BLOCK_K,
+    )  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(bias_ptr + o).to(tl.float32)
     if RELU:
