@@ -1,19 +1,81 @@
-"""Helpers shared by the memory-convolution and attention kernels (not a public API)."""
+"""Helpers shared by the kernels (not a public API): launch configurations, the one launch
+path, and the launch recorder of the compile gate.
+
+Every launcher computes a :class:`LaunchConfig` (grid, constexprs, warps, stages) with a pure
+function of shapes, dtypes and options, and launches through :func:`launch`. Inside
+:func:`record_launches` the launches are recorded instead of run: the compile gate
+(``bench.compile_report``) runs the model and the bench cases that way and compiles exactly
+what they would launch, with Triton's real code generator, for each GPU target.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
 import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
+from torch.library import wrap_triton
+
+from kernels.reference import UNIT_NORM_EPS  # noqa: F401  (re-exported for the kernels)
 
 #: dtypes the kernels run natively (fp32 accumulation in all of them).
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-#: eps of the row unit-norm, as in rwmn.reference.UNIT_NORM_EPS.
-UNIT_NORM_EPS = 1e-12
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How one kernel is launched: a pure function of shapes, dtypes and options."""
+
+    grid: tuple[int, ...]
+    constexprs: Mapping[str, Any] = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass(frozen=True)
+class KernelLaunch:
+    """A launch as recorded by :func:`record_launches`: the ``@triton.jit`` function, its
+    runtime arguments (tensors, ints, floats) and its configuration."""
+
+    kernel: Any
+    args: tuple
+    config: LaunchConfig
+
+    @property
+    def name(self) -> str:
+        return self.kernel.fn.__name__ if hasattr(self.kernel, "fn") else str(self.kernel)
+
+
+_RECORDER: contextvars.ContextVar[list[KernelLaunch] | None] = contextvars.ContextVar(
+    "kernels_launch_recorder", default=None
+)
+
+
+@contextlib.contextmanager
+def record_launches() -> Iterator[list[KernelLaunch]]:
+    """Record every launch in the block instead of running it (outputs stay unwritten).
+
+    The compile gate uses this to collect the configurations that real calls make, from the
+    same launchers, on CPU tensors and without a GPU or the interpreter.
+    """
+    launches: list[KernelLaunch] = []
+    token = _RECORDER.set(launches)
+    try:
+        yield launches
+    finally:
+        _RECORDER.reset(token)
+
+
+def recording() -> bool:
+    """Whether launches are being recorded (then the kernels accept CPU tensors)."""
+    return _RECORDER.get() is not None
 
 
 def interpreting() -> bool:
@@ -21,14 +83,21 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def launch(kernel, grid, *args, **kwargs) -> None:
-    """Launch a (wrap_triton'd) kernel.
+def launch(kernel, config: LaunchConfig, *args) -> None:
+    """Launch the ``@triton.jit`` function ``kernel`` with ``config`` (or record it).
+
+    Launches go through ``wrap_triton`` so that ``torch.compile`` traces them inside the
+    ``triton_op`` custom ops.
 
     Under TRITON_INTERPRET=1 ``wrap_triton`` hands back the raw interpreted function, which
     cannot see FakeTensors; skipping the launch there lets the ops' fake (meta) path be
     checked on CPU with FakeTensorMode. On a GPU the traceable wrapper handles fake
     tensors itself, so nothing is skipped.
     """
+    recorder = _RECORDER.get()
+    if recorder is not None:
+        recorder.append(KernelLaunch(kernel, args, config))
+        return
     if interpreting() and any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
         if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FUNCTIONAL) is not None:
             # AOTAutograd inlines triton_op bodies; an interpreted kernel cannot be traced,
@@ -38,7 +107,9 @@ def launch(kernel, grid, *args, **kwargs) -> None:
                 "TRITON_INTERPRET=1 use torch.compile(backend='eager')"
             )
         return
-    kernel[grid](*args, **kwargs)
+    wrap_triton(kernel)[config.grid](
+        *args, **config.constexprs, num_warps=config.num_warps, num_stages=config.num_stages
+    )
 
 
 @functools.cache

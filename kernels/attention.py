@@ -1,6 +1,6 @@
 """Attention readout, alone and fused with the last read convolution.
 
-Math (rwmn.reference.attention_read / conv_attention_read are the ground truth). For one
+Math (kernels.reference.attention_read / conv_attention_read are the ground truth). For one
 question b with vector u and rows r_1..r_R (eps = 1e-12, s = sharp):
     n_r = (eps + |r|^2)^(-1/2),  rhat = n_r r       (rhat = r without ``normalize``)
     z_r = s <u, rhat_r>,  p = softmax(z),  o = sum_r p_r rhat_r,  lse = log sum_r exp z_r.
@@ -32,10 +32,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
+from kernels import reference
 from kernels._common import (
     UNIT_NORM_EPS,
+    LaunchConfig,
     cast,
     compute_dtype,
     dot_precision,
@@ -44,17 +46,26 @@ from kernels._common import (
     warn_once,
 )
 from kernels.memconv import _toeplitz_conv_tile, conv_input_grads, fusable
-from rwmn import reference
-from rwmn.reference import same_padding
+from kernels.reference import same_padding
 
-#: Rows of one attention block (one program); the width is one block of pow2(d).
-BLOCK_R = 32
-#: Slots of one conv-attention tile and the reduction chunk of the width.
-BLOCK_I = 16
+#: Rows of one attention block (one program); the width is one block of pow2(d). The
+#: backward holds three [rows, pow2(d)] fp32 tiles (rows, rhat, drhat): 16 rows keep them
+#: in registers at d = 300 (32 rows spilled 44-350 B per thread on sm_90a and sm_80).
+BLOCK_R_FWD = 32
+BLOCK_R_BWD = 16
+#: Slots of one conv-attention tile. bf16/fp16 forward: 64, the M of a wgmma tile on
+#: sm_90a. The backward keeps five [slots, pow2(d)] fp32 tiles live in its epilogue (y, the
+#: rows, rhat, dr, dL/dy), which spill at 64 slots, and fp32 multiplies in exact fp32 on
+#: CUDA cores (ieee), whose operand tiles spill at 64 slots: those run 16 slots.
+BLOCK_I_WGMMA = 64
+BLOCK_I_SMALL = 16
+#: Reduction chunk of the width in the conv tile.
 BLOCK_K = 32
 #: Widest row the kernels hold in registers (one tile spans the whole width).
 MAX_FUSED_D = 1024
 NUM_WARPS = 8
+#: One pipeline stage: the conv tiles' K loops spilled with 3 (the default) on both targets.
+NUM_STAGES = 1
 
 
 # --------------------------------------------------------------------------------------
@@ -374,32 +385,34 @@ def _delta(go, gp, o, p):
     return (go.float() * o.float()).sum(-1) + (p.float() * gp.float()).sum(-1)
 
 
+def attention_config(
+    n_batch: int, r: int, d: int, normalize: bool, shared: bool | None = None
+) -> LaunchConfig:
+    """Launch configuration of the attention kernels over R rows of width d: one program
+    per (question, BLOCK_R rows). ``shared`` (backward only): rows [R, d] shared by every
+    question, one program per row block looping over the questions."""
+    block_r = BLOCK_R_FWD if shared is None else BLOCK_R_BWD
+    n_blocks = triton.cdiv(r, block_r)
+    constexprs = dict(NORMALIZE=normalize, BLOCK_R=block_r, BLOCK_D=pow2_at_least(d))
+    if shared is not None:
+        constexprs["SHARED"] = shared
+    return LaunchConfig(
+        grid=(1 if shared else n_batch, n_blocks), constexprs=constexprs, num_warps=NUM_WARPS
+    )
+
+
 def attention_forward(rows: torch.Tensor, u: torch.Tensor, sharp: float, normalize: bool):
     """(o [B, d], p [B, R], lse [B] fp32) for rows [B, R, d] or [R, d] and u [B, d]."""
     n_batch, d = u.shape
     r = rows.shape[-2]
-    n_blocks = triton.cdiv(r, BLOCK_R)
+    config = attention_config(n_batch, r, d, normalize)
+    n_blocks = config.grid[1]
     z, pm, pl, pacc = _partials(n_batch, n_blocks, r, d, u.device)
     launch(
-        wrap_triton(_attn_fwd_kernel),
-        (n_batch, n_blocks),
-        rows,
-        u,
-        z,
-        pm,
-        pl,
-        pacc,
-        r,
-        d,
-        0 if rows.dim() == 2 else r * d,
-        n_blocks,
-        float(sharp),
-        UNIT_NORM_EPS,
-        NORMALIZE=normalize,
-        BLOCK_R=BLOCK_R,
-        BLOCK_D=pow2_at_least(d),
-        num_warps=NUM_WARPS,
-    )
+        _attn_fwd_kernel, config,
+        rows, u, z, pm, pl, pacc, r, d, 0 if rows.dim() == 2 else r * d, n_blocks,
+        float(sharp), UNIT_NORM_EPS,
+    )  # fmt: skip
     return _merge_blocks(z, pm, pl, pacc, rows.dtype)
 
 
@@ -407,33 +420,15 @@ def attention_backward(go, gp, rows, u, o, p, lse, sharp: float, normalize: bool
     """(drows, du) of attention_forward."""
     n_batch, d = u.shape
     r = rows.shape[-2]
-    shared = rows.dim() == 2
-    n_blocks = triton.cdiv(r, BLOCK_R)
+    config = attention_config(n_batch, r, d, normalize, shared=rows.dim() == 2)
+    n_blocks = config.grid[1]
     drows = torch.empty_like(rows)
     du_part = torch.empty((n_batch, n_blocks, d), device=u.device, dtype=torch.float32)
     launch(
-        wrap_triton(_attn_bwd_kernel),
-        (1 if shared else n_batch, n_blocks),
-        rows,
-        u,
-        go.contiguous(),
-        gp.contiguous(),
-        lse,
-        _delta(go, gp, o, p),
-        drows,
-        du_part,
-        n_batch,
-        r,
-        d,
-        n_blocks,
-        float(sharp),
-        UNIT_NORM_EPS,
-        NORMALIZE=normalize,
-        SHARED=shared,
-        BLOCK_R=BLOCK_R,
-        BLOCK_D=pow2_at_least(d),
-        num_warps=NUM_WARPS,
-    )
+        _attn_bwd_kernel, config,
+        rows, u, go.contiguous(), gp.contiguous(), lse, _delta(go, gp, o, p), drows, du_part,
+        n_batch, r, d, n_blocks, float(sharp), UNIT_NORM_EPS,
+    )  # fmt: skip
     du = (sharp * du_part.sum(dim=1)).to(u.dtype)
     return drows, du
 
@@ -446,43 +441,40 @@ def _conv_geometry(x: torch.Tensor, weight: torch.Tensor, stride: int):
     return c_in, c_out, n, m, d, k, top, left
 
 
+def conv_attention_config(
+    n_batch: int, c_out: int, m: int, d: int, dtype: torch.dtype, has_bias: bool, backward: bool
+) -> LaunchConfig:
+    """Launch configuration of the conv-attention kernels: one program per (question,
+    output channel, BLOCK_I slots), each tile spanning the whole width pow2(d)."""
+    wgmma = dtype != torch.float32 and not backward
+    block_i = BLOCK_I_WGMMA if wgmma else BLOCK_I_SMALL
+    return LaunchConfig(
+        grid=(n_batch, c_out * triton.cdiv(m, block_i)),
+        constexprs=dict(
+            HAS_BIAS=has_bias,
+            PRECISION=dot_precision(dtype),
+            BLOCK_I=block_i,
+            BLOCK_D=pow2_at_least(d),
+            BLOCK_K=BLOCK_K,
+        ),
+        num_warps=NUM_WARPS,
+        num_stages=NUM_STAGES,
+    )
+
+
 def conv_attention_forward(x, weight, bias, stride: int, u, sharp: float):
     """(o, p, lse) of attention over relu(memory_conv(x)) rows, without storing them."""
     n_batch = x.shape[0]
     c_in, c_out, n, m, d, k, top, left = _conv_geometry(x, weight, stride)
-    n_i_blocks = triton.cdiv(m, BLOCK_I)
-    n_blocks = c_out * n_i_blocks
+    config = conv_attention_config(n_batch, c_out, m, d, x.dtype, bias is not None, False)
+    n_blocks = config.grid[1]
     z, pm, pl, pacc = _partials(n_batch, n_blocks, c_out * m, d, x.device)
     launch(
-        wrap_triton(_conv_attn_fwd_kernel),
-        (n_batch, n_blocks),
-        x,
-        weight,
-        bias if bias is not None else weight,
-        u,
-        z,
-        pm,
-        pl,
-        pacc,
-        c_in,
-        c_out,
-        n,
-        m,
-        d,
-        k,
-        stride,
-        top,
-        left,
-        n_i_blocks,
-        float(sharp),
-        UNIT_NORM_EPS,
-        HAS_BIAS=bias is not None,
-        PRECISION=dot_precision(x.dtype),
-        BLOCK_I=BLOCK_I,
-        BLOCK_D=pow2_at_least(d),
-        BLOCK_K=BLOCK_K,
-        num_warps=NUM_WARPS,
-    )
+        _conv_attn_fwd_kernel, config,
+        x, weight, bias if bias is not None else weight, u, z, pm, pl, pacc,
+        c_in, c_out, n, m, d, k, stride, top, left, n_blocks // c_out,
+        float(sharp), UNIT_NORM_EPS,
+    )  # fmt: skip
     return _merge_blocks(z, pm, pl, pacc, x.dtype)
 
 
@@ -490,42 +482,17 @@ def conv_attention_backward(go, gp, x, weight, bias, stride: int, u, sharp: floa
     """(dL/dy [B, c_out, m, d] of the conv pre-activation, du)."""
     n_batch = x.shape[0]
     c_in, c_out, n, m, d, k, top, left = _conv_geometry(x, weight, stride)
-    n_i_blocks = triton.cdiv(m, BLOCK_I)
-    n_blocks = c_out * n_i_blocks
+    config = conv_attention_config(n_batch, c_out, m, d, x.dtype, bias is not None, True)
+    n_blocks = config.grid[1]
     gy = torch.empty((n_batch, c_out, m, d), device=x.device, dtype=x.dtype)
     du_part = torch.empty((n_batch, n_blocks, d), device=x.device, dtype=torch.float32)
     launch(
-        wrap_triton(_conv_attn_bwd_kernel),
-        (n_batch, n_blocks),
-        x,
-        weight,
-        bias if bias is not None else weight,
-        u,
-        go.contiguous(),
-        gp.contiguous(),
-        lse,
-        _delta(go, gp, o, p),
-        gy,
-        du_part,
-        c_in,
-        c_out,
-        n,
-        m,
-        d,
-        k,
-        stride,
-        top,
-        left,
-        n_i_blocks,
-        float(sharp),
-        UNIT_NORM_EPS,
-        HAS_BIAS=bias is not None,
-        PRECISION=dot_precision(x.dtype),
-        BLOCK_I=BLOCK_I,
-        BLOCK_D=pow2_at_least(d),
-        BLOCK_K=BLOCK_K,
-        num_warps=NUM_WARPS,
-    )
+        _conv_attn_bwd_kernel, config,
+        x, weight, bias if bias is not None else weight, u, go.contiguous(), gp.contiguous(),
+        lse, _delta(go, gp, o, p), gy, du_part,
+        c_in, c_out, n, m, d, k, stride, top, left, n_blocks // c_out,
+        float(sharp), UNIT_NORM_EPS,
+    )  # fmt: skip
     return gy, (sharp * du_part.sum(dim=1)).to(u.dtype)
 
 
@@ -650,7 +617,7 @@ def _width_fusable(d: int, op: str) -> bool:
 def attention_read(
     rows: torch.Tensor, u: torch.Tensor, sharp: float, normalize: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused rwmn.reference.attention_read: rows [B, R, d] or [R, d], u [B, d] -> (o, p)."""
+    """Fused kernels.reference.attention_read: rows [B, R, d] or [R, d], u [B, d] -> (o, p)."""
     if rows.dim() not in (2, 3) or u.dim() != 2 or rows.shape[-1] != u.shape[-1]:
         raise ValueError(
             f"attention_read: rows {tuple(rows.shape)} must be [B, R, d] or [R, d] and u "
@@ -677,7 +644,7 @@ def conv_attention_read(
     u: torch.Tensor,
     sharp: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused rwmn.reference.conv_attention_read: x [B, c_in, n, d] -> (o [B, d], p [B, R])."""
+    """Fused kernels.reference.conv_attention_read: x [B, c_in, n, d] -> (o [B, d], p [B, R])."""
     c_out, c_in, _, d = weight.shape
     if x.dim() != 4 or x.shape[1] != c_in or x.shape[3] != d:
         raise ValueError(

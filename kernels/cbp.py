@@ -43,7 +43,7 @@ forward DFT of g first (phase 0), then factorised inverses of (1/D) G conj(Y) an
 transposed count sketch). The sketch-DFT of x and y stays dense in both paths.
 
 Broadcasting. x [..., n1] and y [..., n2] broadcast their leading axes like
-``rwmn.reference.cbp``. The launcher passes per-operand row offsets (computed from the
+``kernels.reference.cbp``. The launcher passes per-operand row offsets (computed from the
 strides of the broadcast view, so a stride-0 axis is never materialised) and the kernel
 gathers rows through them. The gradient of a broadcast operand is summed over the rows it
 was broadcast to.
@@ -65,10 +65,10 @@ import warnings
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from kernels._common import launch
-from rwmn import reference
+from kernels import reference
+from kernels._common import LaunchConfig, launch
 
 #: Largest output size that is fused. The dense sketch-DFT costs O(D) per input element
 #: and the phase product h * k must stay below 2^31 in int32; larger D use the reference.
@@ -76,13 +76,12 @@ MAX_FUSED_DIM = 16384
 #: Inputs the kernels read natively; float64 (and anything else) uses the reference.
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# Tile sizes: rows per program, spectrum bins per tile, input elements per tile, output
-# elements per tile. 16 is the smallest tl.dot tile; the spectrum/input tiles are 64 wide
-# so a twiddle tile (64 x 64 fp32 cos + sin) stays in registers next to the accumulators.
-BLOCK_R = 16
-BLOCK_K = 64
-BLOCK_N = 64
-BLOCK_J = 64
+# Dense path tiles: rows per program, spectrum bins per tile, input (and output) elements
+# per tile. 16 is the smallest tl.dot tile; at 32 x 32 the two twiddle tiles and the six
+# fp32 accumulators of the backward stay in registers (64 x 64 spilled on sm_90a / sm_80).
+DENSE_BLOCK_R = 16
+DENSE_BLOCK_K = 32
+DENSE_BLOCK_N = 32
 
 #: Sizes D at or above this that factor as D1 x D2 with both factors <= MAX_FACTOR take the
 #: factorised transform; smaller or unfactorable D (primes, 2 x a large prime) stay dense.
@@ -93,8 +92,20 @@ FACTORISED_MIN_DIM = 256
 MAX_FACTOR = 128
 #: tl.dot needs every operand dimension >= 16, so factors are padded to at least this.
 MIN_DOT = 16
-#: Width of the column chunks of the factorised stages (output and contraction chunks).
-FFT_BLOCK = 32
+#: Factorised stages, by dot precision: rows of the stage-2 output chunk (the M of its
+#: product) and width of the stage-1 chunks. Stage 1's M is pow2(D1) (64 at the story size:
+#: a wgmma tile). Chosen with the compile gate (bench.compile_report): the largest tiles
+#: with no spill on sm_90a and sm_80 in one pipeline stage; fp32 (ieee, CUDA-core FMA)
+#: holds both operands in registers and needs the smaller ones.
+FFT_TILES = {"tf32": (32, 16), "ieee": (16, 16)}
+#: Width of the 1-D chunks (sketch bins, spectrum bins, gathered inputs).
+BLOCK_S = 128
+FACTORISED_WARPS = 8
+FACTORISED_STAGES = 1
+#: Bytes of factorised-kernel scratch to aim for in one launch: one program's scratch is
+#: reused for its rows, and all of it together should fit in L2 (50 MB on H100/H200,
+#: 40 MB on A100) next to the inputs and outputs.
+SCRATCH_BUDGET = 24 * 2**20
 
 
 # --------------------------------------------------------------------------------------
@@ -159,12 +170,9 @@ def _sketch_dft(
 
 
 @triton.jit
-def _spectrum_weight(ks, K, D, FACTORISED: tl.constexpr):
+def _spectrum_weight(ks, K, D):
     # The dense inverse sums the Hermitian half spectrum: bins 0 and D/2 appear once in
-    # the full sum, the rest twice. The factorised inverse rebuilds the full spectrum
-    # from the half, so every bin carries the plain 1/D.
-    if FACTORISED:
-        return tl.where(ks < K, 1.0 / D, 0.0)
+    # the full sum, the rest twice.
     once = (ks == 0) | (2 * ks == D)
     return tl.where(ks < K, tl.where(once, 1.0, 2.0) / D, 0.0)
 
@@ -239,48 +247,50 @@ def _dft_factorised_row(
             a2 = c0 + tl.arange(0, BLOCK_F2)
             idx = a1[:, None] + D1 * a2[None, :]
             m = a1_ok[:, None] & (a2 < D2)[None, :]
-            cos, sin = _twiddle(D1 * a2, b2, tab_ptr, D)
+            # Each stage names its own twiddles: Triton rejects a loop-carried variable
+            # whose shape changes, and the stages' tiles differ in shape.
+            c2, s2 = _twiddle(D1 * a2, b2, tab_ptr, D)
             if not INVERSE:
-                sin = -sin
+                s2 = -s2
             if INVERSE:
                 lower = idx < K
                 half = tl.where(lower, idx, D - idx)
                 vr = tl.load(src_re + half, mask=m, other=0.0)
                 vi = tl.load(src_im + half, mask=m, other=0.0)
                 vi = tl.where(lower, vi, -vi)
-                tr += tl.dot(vr, cos, input_precision=PRECISION)
-                tr -= tl.dot(vi, sin, input_precision=PRECISION)
-                ti += tl.dot(vr, sin, input_precision=PRECISION)
-                ti += tl.dot(vi, cos, input_precision=PRECISION)
+                tr += tl.dot(vr, c2, input_precision=PRECISION)
+                tr -= tl.dot(vi, s2, input_precision=PRECISION)
+                ti += tl.dot(vr, s2, input_precision=PRECISION)
+                ti += tl.dot(vi, c2, input_precision=PRECISION)
             else:
                 vr = tl.load(src_re + idx, mask=m, other=0.0).to(tl.float32)
-                tr += tl.dot(vr, cos, input_precision=PRECISION)
-                ti += tl.dot(vr, sin, input_precision=PRECISION)
-        cos, sin = _twiddle(a1, b2, tab_ptr, D)
+                tr += tl.dot(vr, c2, input_precision=PRECISION)
+                ti += tl.dot(vr, s2, input_precision=PRECISION)
+        ct, st = _twiddle(a1, b2, tab_ptr, D)
         if not INVERSE:
-            sin = -sin
-        ur = tr * cos - ti * sin
-        ui = tr * sin + ti * cos
+            st = -st
+        ur = tr * ct - ti * st
+        ui = tr * st + ti * ct
         for e0 in range(0, D1, BLOCK_F1):
             b1 = e0 + tl.arange(0, BLOCK_F1)
-            cos, sin = _twiddle(D2 * b1, a1, tab_ptr, D)
+            c1, s1 = _twiddle(D2 * b1, a1, tab_ptr, D)
             if not INVERSE:
-                sin = -sin
-            out_re = tl.dot(cos, ur, input_precision=PRECISION)
-            out_re -= tl.dot(sin, ui, input_precision=PRECISION)
+                s1 = -s1
+            out_re = tl.dot(c1, ur, input_precision=PRECISION)
+            out_re -= tl.dot(s1, ui, input_precision=PRECISION)
             b = b2[None, :] + D2 * b1[:, None]
             m = (b1 < D1)[:, None] & (b2 < D2)[None, :]
             if INVERSE:
                 tl.store(dst_re + b, out_re.to(dst_re.dtype.element_ty), mask=m)
             else:
-                out_im = tl.dot(cos, ui, input_precision=PRECISION)
-                out_im += tl.dot(sin, ur, input_precision=PRECISION)
+                out_im = tl.dot(c1, ui, input_precision=PRECISION)
+                out_im += tl.dot(s1, ur, input_precision=PRECISION)
                 tl.store(dst_re + b, out_re, mask=m & (b < K))
                 tl.store(dst_im + b, out_im, mask=m & (b < K))
 
 
 @triton.jit
-def _cbp_fwd_kernel(
+def _cbp_dense_fwd_kernel(
     x_ptr,
     y_ptr,
     xoff_ptr,
@@ -297,30 +307,20 @@ def _cbp_fwd_kernel(
     N2,
     D: tl.constexpr,
     K: tl.constexpr,
-    D1: tl.constexpr,
-    D2: tl.constexpr,
-    P1: tl.constexpr,
-    BLOCK_F1: tl.constexpr,
-    BLOCK_F2: tl.constexpr,
-    FACTORISED: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_J: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """out[r, j] = sum_k c_k Re(X_k Y_k e^{2 pi i jk/D}) for BLOCK_R rows r (module doc).
-
-    FACTORISED: phase 2 is the inverse DFT of the full spectrum (1/D) X Y as
-    _dft_factorised_row (D = D1 D2), one row at a time, instead of the dense half-spectrum
-    contraction."""
+    """Dense path (D without a factor pair): out[r, j] = sum_k c_k Re(X_k Y_k e^{2 pi i jk/D})
+    for BLOCK_R rows r, X and Y by the dense sketch-DFT (module doc)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
     xrow = tl.load(xoff_ptr + rows, mask=rmask, other=0)
     yrow = tl.load(yoff_ptr + rows, mask=rmask, other=0)
     # Row stride of the workspace: re and im of the K half-spectrum bins.
     ws_row = ws_ptr + rows[:, None].to(tl.int64) * (2 * K)
-
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         xr, xi = _sketch_dft(
@@ -331,35 +331,22 @@ def _cbp_fwd_kernel(
             y_ptr, yrow, rmask, h2_ptr, s2_ptr, N2, ks, tab_ptr, D,
             False, BLOCK_R, BLOCK_K, BLOCK_N, PRECISION,
         )  # fmt: skip
-        c = _spectrum_weight(ks, K, D, FACTORISED)[None, :]
+        c = _spectrum_weight(ks, K, D)[None, :]
         m = rmask[:, None] & (ks < K)[None, :]
         tl.store(ws_row + ks[None, :], (xr * yr - xi * yi) * c, mask=m)
         tl.store(ws_row + K + ks[None, :], (xr * yi + xi * yr) * c, mask=m)
-
     # Phase 2 reads workspace entries written by other threads of this program.
     tl.debug_barrier()
-
-    if FACTORISED:
-        row0 = tl.program_id(0) * BLOCK_R
-        for r in range(row0, tl.minimum(row0 + BLOCK_R, R)):
-            ws = ws_ptr + tl.cast(r, tl.int64) * (2 * K)
-            _dft_factorised_row(
-                ws, ws + K, out_ptr + tl.cast(r, tl.int64) * D, out_ptr, tab_ptr,
-                D, K, D1, D2, P1, BLOCK_F1, BLOCK_F2, True, PRECISION,
-            )  # fmt: skip
-    else:
-        out_row = out_ptr + rows[:, None].to(tl.int64) * D
-        for j0 in range(0, D, BLOCK_J):
-            js = j0 + tl.arange(0, BLOCK_J)
-            acc = _inverse_tile(
-                ws_row, rmask, js, tab_ptr, K, D, BLOCK_R, BLOCK_K, BLOCK_J, PRECISION
-            )
-            m = rmask[:, None] & (js < D)[None, :]
-            tl.store(out_row + js[None, :], acc.to(out_ptr.dtype.element_ty), mask=m)
+    out_row = out_ptr + rows[:, None].to(tl.int64) * D
+    for j0 in range(0, D, BLOCK_J):
+        js = j0 + tl.arange(0, BLOCK_J)
+        acc = _inverse_tile(ws_row, rmask, js, tab_ptr, K, D, BLOCK_R, BLOCK_K, BLOCK_J, PRECISION)
+        m = rmask[:, None] & (js < D)[None, :]
+        tl.store(out_row + js[None, :], acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _cbp_bwd_kernel(
+def _cbp_dense_bwd_kernel(
     g_ptr,
     x_ptr,
     y_ptr,
@@ -378,58 +365,27 @@ def _cbp_bwd_kernel(
     N2,
     D: tl.constexpr,
     K: tl.constexpr,
-    D1: tl.constexpr,
-    D2: tl.constexpr,
-    P1: tl.constexpr,
-    BLOCK_F1: tl.constexpr,
-    BLOCK_F2: tl.constexpr,
-    FACTORISED: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """gx[r, i] = s1(i) sum_k c_k Re(G_k conj(Y_k) e^{2 pi i h1(i) k/D}) and symmetrically
-    gy[r, i] with G conj(X), h2, s2, for BLOCK_R rows r of g [R, D] (module doc).
-
-    FACTORISED (D = D1 D2): G comes from a factorised forward DFT of each g row (phase 0);
-    phase 2 inverts (1/D) G conj(Y) and (1/D) G conj(X) with the factorised inverse into
-    the full correlations dL/dp, dL/dq [D]; phase 3 gathers them at h1, h2 (the transposed
-    count sketch), so no pass costs O(D^2) or O(n D) except the sketch-DFT of x and y."""
-    row0 = tl.program_id(0) * BLOCK_R
-    rows = row0 + tl.arange(0, BLOCK_R)
+    """Dense path: gx[r, i] = s1(i) sum_k c_k Re(G_k conj(Y_k) e^{2 pi i h1(i) k/D}) and
+    symmetrically gy[r, i] with G conj(X), h2, s2, for BLOCK_R rows r of g [R, D]."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
     rows64 = rows.to(tl.int64)
     xrow = tl.load(xoff_ptr + rows, mask=rmask, other=0)
     yrow = tl.load(yoff_ptr + rows, mask=rmask, other=0)
-    if FACTORISED:
-        # Workspace row: [G re | G im | C re | C im | E re | E im] (K bins each), then
-        # [dL/dp | dL/dq] (D each).
-        ws_base = ws_ptr + rows64[:, None] * (6 * K + 2 * D)
-        ws_row = ws_base + 2 * K
-        for r in range(row0, tl.minimum(row0 + BLOCK_R, R)):
-            ws = ws_ptr + tl.cast(r, tl.int64) * (6 * K + 2 * D)
-            _dft_factorised_row(
-                g_ptr + tl.cast(r, tl.int64) * D, g_ptr, ws, ws + K, tab_ptr,
-                D, K, D1, D2, P1, BLOCK_F1, BLOCK_F2, False, PRECISION,
-            )  # fmt: skip
-        # Phase 1 reads G entries written by other threads of this program.
-        tl.debug_barrier()
-    else:
-        # Workspace row: [C re | C im | E re | E im], K bins each.
-        ws_row = ws_ptr + rows64[:, None] * (4 * K)
-
+    # Workspace row: [C re | C im | E re | E im], K bins each.
+    ws_row = ws_ptr + rows64[:, None] * (4 * K)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         m = rmask[:, None] & (ks < K)[None, :]
-        if FACTORISED:
-            gr = tl.load(ws_base + ks[None, :], mask=m, other=0.0)
-            gi = tl.load(ws_base + K + ks[None, :], mask=m, other=0.0)
-        else:
-            gr, gi = _sketch_dft(
-                g_ptr, rows64 * D, rmask, h1_ptr, s1_ptr, D, ks, tab_ptr, D,
-                True, BLOCK_R, BLOCK_K, BLOCK_N, PRECISION,
-            )  # fmt: skip
+        gr, gi = _sketch_dft(
+            g_ptr, rows64 * D, rmask, h1_ptr, s1_ptr, D, ks, tab_ptr, D,
+            True, BLOCK_R, BLOCK_K, BLOCK_N, PRECISION,
+        )  # fmt: skip
         xr, xi = _sketch_dft(
             x_ptr, xrow, rmask, h1_ptr, s1_ptr, N1, ks, tab_ptr, D,
             False, BLOCK_R, BLOCK_K, BLOCK_N, PRECISION,
@@ -438,58 +394,220 @@ def _cbp_bwd_kernel(
             y_ptr, yrow, rmask, h2_ptr, s2_ptr, N2, ks, tab_ptr, D,
             False, BLOCK_R, BLOCK_K, BLOCK_N, PRECISION,
         )  # fmt: skip
-        c = _spectrum_weight(ks, K, D, FACTORISED)[None, :]
+        c = _spectrum_weight(ks, K, D)[None, :]
         tl.store(ws_row + ks[None, :], (gr * yr + gi * yi) * c, mask=m)
         tl.store(ws_row + K + ks[None, :], (gi * yr - gr * yi) * c, mask=m)
         tl.store(ws_row + 2 * K + ks[None, :], (gr * xr + gi * xi) * c, mask=m)
         tl.store(ws_row + 3 * K + ks[None, :], (gi * xr - gr * xi) * c, mask=m)
-
     # Phase 2 reads workspace entries written by other threads of this program.
     tl.debug_barrier()
-
-    if FACTORISED:
-        for r in range(row0, tl.minimum(row0 + BLOCK_R, R)):
-            ws = ws_ptr + tl.cast(r, tl.int64) * (6 * K + 2 * D)
-            _dft_factorised_row(
-                ws + 2 * K, ws + 3 * K, ws + 6 * K, ws, tab_ptr,
-                D, K, D1, D2, P1, BLOCK_F1, BLOCK_F2, True, PRECISION,
-            )  # fmt: skip
-            _dft_factorised_row(
-                ws + 4 * K, ws + 5 * K, ws + 6 * K + D, ws, tab_ptr,
-                D, K, D1, D2, P1, BLOCK_F1, BLOCK_F2, True, PRECISION,
-            )  # fmt: skip
-        # Phase 3 gathers correlation entries written by other threads of this program.
-        tl.debug_barrier()
-
     gx_row = gx_ptr + rows64[:, None] * N1
     for n0 in range(0, N1, BLOCK_N):
         ns = n0 + tl.arange(0, BLOCK_N)
         nmask = ns < N1
-        m = rmask[:, None] & nmask[None, :]
         h = tl.load(h1_ptr + ns, mask=nmask, other=0).to(tl.int32)
         s = tl.load(s1_ptr + ns, mask=nmask, other=0.0).to(tl.float32)
-        if FACTORISED:
-            acc = tl.load(ws_base + 6 * K + h[None, :], mask=m, other=0.0)
-        else:
-            acc = _inverse_tile(
-                ws_row, rmask, h, tab_ptr, K, D, BLOCK_R, BLOCK_K, BLOCK_N, PRECISION
-            )
+        acc = _inverse_tile(ws_row, rmask, h, tab_ptr, K, D, BLOCK_R, BLOCK_K, BLOCK_N, PRECISION)
+        m = rmask[:, None] & nmask[None, :]
         tl.store(gx_row + ns[None, :], (acc * s[None, :]).to(gx_ptr.dtype.element_ty), mask=m)
-
     gy_row = gy_ptr + rows64[:, None] * N2
     for n0 in range(0, N2, BLOCK_N):
         ns = n0 + tl.arange(0, BLOCK_N)
         nmask = ns < N2
-        m = rmask[:, None] & nmask[None, :]
         h = tl.load(h2_ptr + ns, mask=nmask, other=0).to(tl.int32)
         s = tl.load(s2_ptr + ns, mask=nmask, other=0.0).to(tl.float32)
-        if FACTORISED:
-            acc = tl.load(ws_base + 6 * K + D + h[None, :], mask=m, other=0.0)
-        else:
-            acc = _inverse_tile(
-                ws_row + 2 * K, rmask, h, tab_ptr, K, D, BLOCK_R, BLOCK_K, BLOCK_N, PRECISION
-            )
+        acc = _inverse_tile(
+            ws_row + 2 * K, rmask, h, tab_ptr, K, D, BLOCK_R, BLOCK_K, BLOCK_N, PRECISION
+        )
+        m = rmask[:, None] & nmask[None, :]
         tl.store(gy_row + ns[None, :], (acc * s[None, :]).to(gy_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _sketch_row(
+    src_ptr, order_ptr, start_ptr, sign_ptr, dst_ptr, D: tl.constexpr, BLOCK_S: tl.constexpr
+):
+    """dst[j] = sum_{i: h(i) = j} s(i) src[i] for j < D: the count sketch as a gather-sum
+    over the inverse hash (input indices sorted by bin, bin j's at order[start[j]:
+    start[j+1]], signs alongside). Deterministic: no atomics; each bin is summed by one
+    thread in a fixed order, and the loop runs as long as the fullest bin of the chunk."""
+    for j0 in range(0, D, BLOCK_S):
+        js = j0 + tl.arange(0, BLOCK_S)
+        jm = js < D
+        lo = tl.load(start_ptr + js, mask=jm, other=0)
+        count = tl.load(start_ptr + js + 1, mask=jm, other=0) - lo
+        acc = tl.zeros((BLOCK_S,), dtype=tl.float32)
+        for t in range(0, tl.max(count, axis=0)):
+            ok = t < count
+            i = tl.load(order_ptr + lo + t, mask=ok, other=0)
+            sign = tl.load(sign_ptr + lo + t, mask=ok, other=0.0)
+            acc += sign * tl.load(src_ptr + i, mask=ok, other=0.0).to(tl.float32)
+        tl.store(dst_ptr + js, acc, mask=jm)
+
+
+@triton.jit
+def _gather_row(src_ptr, h_ptr, s_ptr, dst_ptr, N, BLOCK_S: tl.constexpr):
+    """dst[i] = s(i) src[h(i)] for i < N: the transposed count sketch."""
+    for n0 in range(0, N, BLOCK_S):
+        ns = n0 + tl.arange(0, BLOCK_S)
+        nm = ns < N
+        h = tl.load(h_ptr + ns, mask=nm, other=0)
+        s = tl.load(s_ptr + ns, mask=nm, other=0.0).to(tl.float32)
+        v = tl.load(src_ptr + h, mask=nm, other=0.0)
+        tl.store(dst_ptr + ns, (s * v).to(dst_ptr.dtype.element_ty), mask=nm)
+
+
+@triton.jit
+def _cbp_fwd_kernel(
+    x_ptr,
+    y_ptr,
+    xoff_ptr,
+    yoff_ptr,
+    order1_ptr,
+    start1_ptr,
+    sign1_ptr,
+    order2_ptr,
+    start2_ptr,
+    sign2_ptr,
+    tab_ptr,
+    out_ptr,
+    ws_ptr,
+    R,
+    ROWS_PER_PROGRAM,
+    D: tl.constexpr,
+    K: tl.constexpr,
+    D1: tl.constexpr,
+    D2: tl.constexpr,
+    P1: tl.constexpr,
+    BLOCK_F1: tl.constexpr,
+    BLOCK_F2: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """out = IDFT(DFT(psi1(x)) DFT(psi2(y))) row by row (module doc, factorised path).
+
+    Per row: the two count sketches by gather-sum into the program's scratch, their
+    factorised forward DFTs (half spectra), the product scaled by 1/D, its factorised
+    inverse written to out. Scratch per program: [p | q] (D each), [P | Q] (2 K each);
+    it is reused for every row the program owns, so it stays in L2."""
+    pid = tl.program_id(0)
+    ws = ws_ptr + pid.to(tl.int64) * (2 * D + 4 * K)
+    ws_p, ws_q = ws, ws + D
+    ws_pr, ws_pi = ws + 2 * D, ws + 2 * D + K
+    ws_qr, ws_qi = ws + 2 * D + 2 * K, ws + 2 * D + 3 * K
+    row0 = pid * ROWS_PER_PROGRAM
+    for r in range(row0, tl.minimum(row0 + ROWS_PER_PROGRAM, R)):
+        _sketch_row(x_ptr + tl.load(xoff_ptr + r), order1_ptr, start1_ptr, sign1_ptr, ws_p,
+                    D, BLOCK_S)  # fmt: skip
+        _sketch_row(y_ptr + tl.load(yoff_ptr + r), order2_ptr, start2_ptr, sign2_ptr, ws_q,
+                    D, BLOCK_S)  # fmt: skip
+        # The transforms read sketch entries written by other threads of this program.
+        tl.debug_barrier()
+        _dft_factorised_row(ws_p, ws_p, ws_pr, ws_pi, tab_ptr,
+                            D, K, D1, D2, P1, BLOCK_F1, BLOCK_F2, False, PRECISION)  # fmt: skip
+        _dft_factorised_row(ws_q, ws_q, ws_qr, ws_qi, tab_ptr,
+                            D, K, D1, D2, P1, BLOCK_F1, BLOCK_F2, False, PRECISION)  # fmt: skip
+        tl.debug_barrier()
+        for k0 in range(0, K, BLOCK_S):
+            ks = k0 + tl.arange(0, BLOCK_S)
+            km = ks < K
+            pr = tl.load(ws_pr + ks, mask=km, other=0.0)
+            pi = tl.load(ws_pi + ks, mask=km, other=0.0)
+            qr = tl.load(ws_qr + ks, mask=km, other=0.0)
+            qi = tl.load(ws_qi + ks, mask=km, other=0.0)
+            tl.store(ws_pr + ks, (pr * qr - pi * qi) / D, mask=km)
+            tl.store(ws_pi + ks, (pr * qi + pi * qr) / D, mask=km)
+        tl.debug_barrier()
+        _dft_factorised_row(ws_pr, ws_pi, out_ptr + tl.cast(r, tl.int64) * D, out_ptr, tab_ptr,
+                            D, K, D1, D2, P1, BLOCK_F1, BLOCK_F2, True, PRECISION)  # fmt: skip
+        # The next row overwrites scratch that this row's inverse may still be reading.
+        tl.debug_barrier()
+
+
+@triton.jit
+def _cbp_bwd_kernel(
+    g_ptr,
+    x_ptr,
+    y_ptr,
+    xoff_ptr,
+    yoff_ptr,
+    h1_ptr,
+    s1_ptr,
+    h2_ptr,
+    s2_ptr,
+    order1_ptr,
+    start1_ptr,
+    sign1_ptr,
+    order2_ptr,
+    start2_ptr,
+    sign2_ptr,
+    tab_ptr,
+    gx_ptr,
+    gy_ptr,
+    ws_ptr,
+    R,
+    N1,
+    N2,
+    ROWS_PER_PROGRAM,
+    D: tl.constexpr,
+    K: tl.constexpr,
+    D1: tl.constexpr,
+    D2: tl.constexpr,
+    P1: tl.constexpr,
+    BLOCK_F1: tl.constexpr,
+    BLOCK_F2: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """gx = s1 * IDFT(G conj(Q) / D)[h1], gy = s2 * IDFT(G conj(P) / D)[h2] row by row, with
+    G = DFT(g), P = DFT(psi1(x)), Q = DFT(psi2(y)) (module doc, factorised path).
+
+    Scratch per program: [p | q] (D each; they become dL/dp, dL/dq), [G | P | Q] (2 K each;
+    P and Q become the correlation spectra C = G conj(Q) / D and E = G conj(P) / D)."""
+    pid = tl.program_id(0)
+    ws = ws_ptr + pid.to(tl.int64) * (2 * D + 6 * K)
+    ws_p, ws_q = ws, ws + D
+    ws_gr, ws_gi = ws + 2 * D, ws + 2 * D + K
+    ws_pr, ws_pi = ws + 2 * D + 2 * K, ws + 2 * D + 3 * K
+    ws_qr, ws_qi = ws + 2 * D + 4 * K, ws + 2 * D + 5 * K
+    row0 = pid * ROWS_PER_PROGRAM
+    for r in range(row0, tl.minimum(row0 + ROWS_PER_PROGRAM, R)):
+        r64 = tl.cast(r, tl.int64)
+        _sketch_row(x_ptr + tl.load(xoff_ptr + r), order1_ptr, start1_ptr, sign1_ptr, ws_p,
+                    D, BLOCK_S)  # fmt: skip
+        _sketch_row(y_ptr + tl.load(yoff_ptr + r), order2_ptr, start2_ptr, sign2_ptr, ws_q,
+                    D, BLOCK_S)  # fmt: skip
+        _dft_factorised_row(g_ptr + r64 * D, g_ptr, ws_gr, ws_gi, tab_ptr,
+                            D, K, D1, D2, P1, BLOCK_F1, BLOCK_F2, False, PRECISION)  # fmt: skip
+        tl.debug_barrier()
+        _dft_factorised_row(ws_p, ws_p, ws_pr, ws_pi, tab_ptr,
+                            D, K, D1, D2, P1, BLOCK_F1, BLOCK_F2, False, PRECISION)  # fmt: skip
+        _dft_factorised_row(ws_q, ws_q, ws_qr, ws_qi, tab_ptr,
+                            D, K, D1, D2, P1, BLOCK_F1, BLOCK_F2, False, PRECISION)  # fmt: skip
+        tl.debug_barrier()
+        for k0 in range(0, K, BLOCK_S):
+            ks = k0 + tl.arange(0, BLOCK_S)
+            km = ks < K
+            gr = tl.load(ws_gr + ks, mask=km, other=0.0)
+            gi = tl.load(ws_gi + ks, mask=km, other=0.0)
+            pr = tl.load(ws_pr + ks, mask=km, other=0.0)
+            pi = tl.load(ws_pi + ks, mask=km, other=0.0)
+            qr = tl.load(ws_qr + ks, mask=km, other=0.0)
+            qi = tl.load(ws_qi + ks, mask=km, other=0.0)
+            tl.store(ws_pr + ks, (gr * qr + gi * qi) / D, mask=km)
+            tl.store(ws_pi + ks, (gi * qr - gr * qi) / D, mask=km)
+            tl.store(ws_qr + ks, (gr * pr + gi * pi) / D, mask=km)
+            tl.store(ws_qi + ks, (gi * pr - gr * pi) / D, mask=km)
+        tl.debug_barrier()
+        _dft_factorised_row(ws_pr, ws_pi, ws_p, ws_p, tab_ptr,
+                            D, K, D1, D2, P1, BLOCK_F1, BLOCK_F2, True, PRECISION)  # fmt: skip
+        _dft_factorised_row(ws_qr, ws_qi, ws_q, ws_q, tab_ptr,
+                            D, K, D1, D2, P1, BLOCK_F1, BLOCK_F2, True, PRECISION)  # fmt: skip
+        tl.debug_barrier()
+        _gather_row(ws_p, h1_ptr, s1_ptr, gx_ptr + r64 * N1, N1, BLOCK_S)
+        _gather_row(ws_q, h2_ptr, s2_ptr, gy_ptr + r64 * N2, N2, BLOCK_S)
+        # The next row overwrites scratch that this row's gathers may still be reading.
+        tl.debug_barrier()
 
 
 # --------------------------------------------------------------------------------------
@@ -529,29 +647,67 @@ def _padded(factor: int) -> int:
     return max(MIN_DOT, triton.next_power_of_2(factor))
 
 
-def _factor_args(factors: tuple[int, int] | None) -> dict:
-    """Compile-time arguments of the factorised path (placeholders when dense)."""
+def scratch_floats(out_dim: int, backward: bool) -> int:
+    """fp32 scratch of one program of the factorised kernels: the sketches [p | q] and the
+    half spectra [P | Q] forward, plus G backward."""
+    k = half_spectrum(out_dim)
+    return 2 * out_dim + (6 * k if backward else 4 * k)
+
+
+def rows_per_program(rows: int, out_dim: int, backward: bool) -> int:
+    """Rows one program of the factorised kernels owns: one each while the scratch of one
+    program per row fits SCRATCH_BUDGET (so it stays in L2), else enough to fit it."""
+    programs = max(1, min(rows, SCRATCH_BUDGET // (4 * scratch_floats(out_dim, backward))))
+    return triton.cdiv(max(rows, 1), programs)
+
+
+def workspace_numel(
+    rows: int, out_dim: int, backward: bool, factors: tuple[int, int] | None
+) -> int:
+    """fp32 workspace values a launch needs. Dense path: the half spectra per row (2 or 4
+    x (D//2+1)). Factorised path: one scratch per program (scratch_floats)."""
     if factors is None:
-        return dict(D1=1, D2=1, P1=MIN_DOT, BLOCK_F1=MIN_DOT, BLOCK_F2=MIN_DOT, FACTORISED=False)
+        return rows * (4 if backward else 2) * half_spectrum(out_dim)
+    programs = triton.cdiv(max(rows, 1), rows_per_program(rows, out_dim, backward))
+    return programs * scratch_floats(out_dim, backward)
+
+
+def cbp_config(
+    rows: int, out_dim: int, factors: tuple[int, int] | None, precision: str, backward: bool
+) -> LaunchConfig:
+    """Launch configuration of the CBP kernels.
+
+    Dense path: one program per DENSE_BLOCK_R rows, tiles small enough to stay in registers.
+    Factorised path: one program per rows_per_program rows; the stage tiles are pow2(D1) x
+    FFT_BLOCK2 (stage 1) and FFT_BLOCK1 x pow2(D1) (stage 2), so at the story size (64 x 64)
+    both stage products have M = 64, the wgmma tile of one warpgroup."""
+    k = half_spectrum(out_dim)
+    if factors is None:
+        constexprs = dict(D=out_dim, K=k, BLOCK_R=DENSE_BLOCK_R, BLOCK_K=DENSE_BLOCK_K,
+                          BLOCK_N=DENSE_BLOCK_N, PRECISION=precision)  # fmt: skip
+        if not backward:
+            constexprs["BLOCK_J"] = DENSE_BLOCK_N
+        return LaunchConfig(grid=(triton.cdiv(rows, DENSE_BLOCK_R),), constexprs=constexprs)
     d1, d2 = factors
     p1, p2 = _padded(d1), _padded(d2)
-    return dict(
-        D1=d1,
-        D2=d2,
-        P1=p1,
-        BLOCK_F1=min(FFT_BLOCK, p1),
-        BLOCK_F2=min(FFT_BLOCK, p2),
-        FACTORISED=True,
+    block_f1, block_f2 = FFT_TILES[precision]
+    per_program = rows_per_program(rows, out_dim, backward)
+    return LaunchConfig(
+        grid=(triton.cdiv(max(rows, 1), per_program),),
+        constexprs=dict(
+            D=out_dim,
+            K=k,
+            D1=d1,
+            D2=d2,
+            P1=p1,
+            BLOCK_F1=min(block_f1, p1),
+            BLOCK_F2=min(block_f2, p2),
+            BLOCK_S=BLOCK_S,
+            PRECISION=precision,
+        ),  # fmt: skip
+        num_warps=FACTORISED_WARPS,
+        num_stages=FACTORISED_STAGES,
     )
-
-
-def workspace_width(out_dim: int, backward: bool, factors: tuple[int, int] | None) -> int:
-    """fp32 workspace values per row: the half spectra (2 or 4 x (D//2+1)); the factorised
-    backward also keeps G (2 x (D//2+1)) and the two correlations (2 x D)."""
-    k = half_spectrum(out_dim)
-    if not backward:
-        return 2 * k
-    return 4 * k if factors is None else 6 * k + 2 * out_dim
 
 
 def _check_factors(factors: tuple[int, int] | None, out_dim: int) -> None:
@@ -565,9 +721,11 @@ def _check_factors(factors: tuple[int, int] | None, out_dim: int) -> None:
 
 
 def _precision(*tensors: torch.Tensor) -> str:
-    # fp32 inputs get 3-pass tf32 (about fp32 accuracy on tensor cores); half inputs
-    # carry 8-11 mantissa bits, which one tf32 pass already exceeds.
-    return "tf32x3" if any(t.dtype == torch.float32 for t in tensors) else "tf32"
+    # fp32 inputs multiply in exact fp32 on CUDA cores ("ieee"): 3-pass tf32 ("tf32x3"),
+    # the tensor-core alternative, spilled registers at every tile size the compile gate
+    # tried on sm_90a and sm_80. Half inputs carry 8-11 mantissa bits, which one tf32 pass
+    # (tensor cores, fp32 accumulation) already exceeds.
+    return "ieee" if any(t.dtype == torch.float32 for t in tensors) else "tf32"
 
 
 def _check_rows(name: str, t: torch.Tensor, offsets: torch.Tensor) -> None:
@@ -597,13 +755,35 @@ def _check_twiddles(twiddles: torch.Tensor, out_dim: int) -> None:
         )
 
 
+def inverse_hash(
+    h: torch.Tensor, s: torch.Tensor, out_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The count sketch's inverse in CSR form: (order [n] int32, the input indices sorted by
+    bin; start [D + 1] int32, bin j's at order[start[j]:start[j+1]]; sign [n] fp32, s at
+    order). A few small device ops, no host sync; linear in n + D."""
+    order = torch.argsort(h, stable=True)
+    counts = torch.bincount(h, minlength=out_dim)
+    start = torch.zeros(out_dim + 1, dtype=torch.int32, device=h.device)
+    start[1:] = torch.cumsum(counts, 0)
+    return order.to(torch.int32), start, s[order].to(torch.float32)
+
+
+def _check_workspace(workspace: torch.Tensor, rows: int, out_dim: int, backward: bool, factors):
+    need = workspace_numel(rows, out_dim, backward, factors)
+    if workspace.dtype != torch.float32 or workspace.numel() < need:
+        raise ValueError(
+            f"cbp: workspace of shape {tuple(workspace.shape)} and dtype {workspace.dtype} is "
+            f"too small: fp32 with at least {need} values (workspace_numel)"
+        )
+
+
 def cbp_forward_launch(
     x, y, xoff, yoff, h1, s1, h2, s2, twiddles, out, workspace, factors=None
 ) -> None:
     """Launch the forward kernel: out [R, D] (contiguous) from the rows of x and y at the
-    element offsets xoff, yoff [R]; twiddles = twiddle_table(D); workspace is fp32 with at
-    least R * workspace_width(D, False, factors) values. factors = (D1, D2) with D1 D2 = D
-    selects the factorised inverse (see factorisation); None the dense one."""
+    element offsets xoff, yoff [R]; twiddles = twiddle_table(D); workspace fp32 with at
+    least workspace_numel(R, D, False, factors) values. factors = (D1, D2) with D1 D2 = D
+    selects the factorised path (see factorisation); None the dense one."""
     rows, out_dim = out.shape
     _check_twiddles(twiddles, out_dim)
     _check_factors(factors, out_dim)
@@ -611,17 +791,19 @@ def cbp_forward_launch(
     _check_rows("y", y, yoff)
     if not out.is_contiguous() or xoff.numel() != rows or yoff.numel() != rows:
         raise ValueError(f"cbp: output of shape {tuple(out.shape)} must be contiguous [R, D]")
-    width = workspace_width(out_dim, False, factors)
-    if workspace.dtype != torch.float32 or workspace.numel() < rows * width:
-        raise ValueError(f"cbp: workspace of shape {tuple(workspace.shape)} is too small")
-    grid = (triton.cdiv(rows, BLOCK_R),)
+    _check_workspace(workspace, rows, out_dim, False, factors)
+    config = cbp_config(rows, out_dim, factors, _precision(x, y), backward=False)
+    if factors is None:
+        launch(
+            _cbp_dense_fwd_kernel, config,
+            x, y, xoff, yoff, h1, s1, h2, s2, twiddles, out, workspace,
+            rows, x.shape[-1], y.shape[-1],
+        )  # fmt: skip
+        return
     launch(
-        wrap_triton(_cbp_fwd_kernel), grid,
-        x, y, xoff, yoff, h1, s1, h2, s2, twiddles, out, workspace,
-        rows, x.shape[-1], y.shape[-1], out_dim, half_spectrum(out_dim),
-        **_factor_args(factors),
-        BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, BLOCK_J=BLOCK_J,
-        PRECISION=_precision(x, y),
+        _cbp_fwd_kernel, config,
+        x, y, xoff, yoff, *inverse_hash(h1, s1, out_dim), *inverse_hash(h2, s2, out_dim),
+        twiddles, out, workspace, rows, rows_per_program(rows, out_dim, False),
     )  # fmt: skip
 
 
@@ -630,7 +812,7 @@ def cbp_backward_launch(
 ) -> None:
     """Launch the backward kernel: gx [R, n1] and gy [R, n2] (contiguous, per broadcast row)
     from grad [R, D] (contiguous); twiddles = twiddle_table(D); workspace fp32 with at least
-    R * workspace_width(D, True, factors) values; factors as for cbp_forward_launch."""
+    workspace_numel(R, D, True, factors) values; factors as for cbp_forward_launch."""
     rows, out_dim = grad.shape
     _check_twiddles(twiddles, out_dim)
     _check_factors(factors, out_dim)
@@ -645,17 +827,21 @@ def cbp_backward_launch(
         )
     if not (gx.is_contiguous() and gy.is_contiguous()):
         raise ValueError("cbp: gradient outputs must be contiguous")
-    width = workspace_width(out_dim, True, factors)
-    if workspace.dtype != torch.float32 or workspace.numel() < rows * width:
-        raise ValueError(f"cbp: workspace of shape {tuple(workspace.shape)} is too small")
-    grid = (triton.cdiv(rows, BLOCK_R),)
+    _check_workspace(workspace, rows, out_dim, True, factors)
+    config = cbp_config(rows, out_dim, factors, _precision(grad, x, y), backward=True)
+    if factors is None:
+        launch(
+            _cbp_dense_bwd_kernel, config,
+            grad, x, y, xoff, yoff, h1, s1, h2, s2, twiddles, gx, gy, workspace,
+            rows, x.shape[-1], y.shape[-1],
+        )  # fmt: skip
+        return
     launch(
-        wrap_triton(_cbp_bwd_kernel), grid,
-        grad, x, y, xoff, yoff, h1, s1, h2, s2, twiddles, gx, gy, workspace,
-        rows, x.shape[-1], y.shape[-1], out_dim, half_spectrum(out_dim),
-        **_factor_args(factors),
-        BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N,
-        PRECISION=_precision(grad, x, y),
+        _cbp_bwd_kernel, config,
+        grad, x, y, xoff, yoff, h1, s1, h2, s2,
+        *inverse_hash(h1, s1, out_dim), *inverse_hash(h2, s2, out_dim),
+        twiddles, gx, gy, workspace, rows, x.shape[-1], y.shape[-1],
+        rows_per_program(rows, out_dim, True),
     )  # fmt: skip
 
 
@@ -688,8 +874,7 @@ def cbp_rows(
     rows, out_dim = xoff.numel(), twiddles.numel() // 2
     factors = _factors_of(d1, out_dim)
     out = x.new_empty((rows, out_dim), dtype=torch.promote_types(x.dtype, y.dtype))
-    width = workspace_width(out_dim, False, factors)
-    workspace = x.new_empty((rows, width), dtype=torch.float32)
+    workspace = x.new_empty(workspace_numel(rows, out_dim, False, factors), dtype=torch.float32)
     cbp_forward_launch(
         x, y, xoff.reshape(-1), yoff.reshape(-1), h1, s1, h2, s2, twiddles, out, workspace,
         factors,
@@ -719,8 +904,7 @@ def cbp_rows_backward(
     x_bcast, y_bcast = x.numel() != rows * n1, y.numel() != rows * n2
     gx = x.new_empty((rows, n1), dtype=torch.float32 if x_bcast else x.dtype)
     gy = y.new_empty((rows, n2), dtype=torch.float32 if y_bcast else y.dtype)
-    width = workspace_width(out_dim, True, factors)
-    workspace = x.new_empty((rows, width), dtype=torch.float32)
+    workspace = x.new_empty(workspace_numel(rows, out_dim, True, factors), dtype=torch.float32)
     grad = grad.reshape(rows, out_dim).contiguous()
     cbp_backward_launch(
         grad,
@@ -781,7 +965,7 @@ cbp_rows.register_autograd(_backward, setup_context=_setup_context)
 @functools.cache
 def _warn_fallback(reason: str) -> None:
     # functools.cache makes this fire once per distinct reason in the process.
-    warnings.warn(f"kernels.cbp: {reason}; using rwmn.reference.cbp", stacklevel=3)
+    warnings.warn(f"kernels.cbp: {reason}; using kernels.reference.cbp", stacklevel=3)
 
 
 def row_offsets(t: torch.Tensor, lead: torch.Size) -> torch.Tensor:
@@ -846,7 +1030,7 @@ def cbp(
     *,
     factorised_min_dim: int = FACTORISED_MIN_DIM,
 ) -> torch.Tensor:
-    """Fused compact bilinear pooling, same contract as :func:`rwmn.reference.cbp`.
+    """Fused compact bilinear pooling, same contract as :func:`kernels.reference.cbp`.
 
     factorised_min_dim: smallest D that takes the factorised transform when D factors
     (see factorisation); tests lower it to run the factorised path at tiny D."""
@@ -860,6 +1044,11 @@ def cbp(
     if reason is not None:
         _warn_fallback(reason)
         return reference.cbp(x, y, h1, s1, h2, s2, out_dim, sum_pool)
+    if torch.is_autocast_enabled(x.device.type):
+        # Custom ops have no autocast rule: run in the autocast dtype like the other fused
+        # ops (the video story CBP gets unit-normalised fp32 inputs under bf16 autocast).
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, y = x.to(dtype), y.to(dtype)
     _check_hash("h1", h1, s1, x.shape[-1], out_dim)
     _check_hash("h2", h2, s2, y.shape[-1], out_dim)
     lead = torch.broadcast_shapes(x.shape[:-1], y.shape[:-1])
@@ -892,6 +1081,7 @@ __all__ = [
     "factorisation",
     "half_spectrum",
     "row_offsets",
+    "inverse_hash",
     "twiddle_table",
-    "workspace_width",
+    "workspace_numel",
 ]

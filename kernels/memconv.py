@@ -1,6 +1,6 @@
 """Strided full-width memory convolution as an implicit GEMM (write and read layers).
 
-Math (one layer; rwmn.reference.memory_conv is the ground truth). x [N, c_in, n, d],
+Math (one layer; kernels.reference.memory_conv is the ground truth). x [N, c_in, n, d],
 weight w [c_out, c_in, k, d], bias [c_out], stride s, TF SAME padding: p = pad_top of the
 row axis (same_padding(n, k, s)), q = (d - 1) // 2 the left pad of the width axis (the
 kernel spans the full width d, so the width keeps its size). Out-of-range x reads as 0.
@@ -32,10 +32,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
+from kernels import reference
 from kernels._common import (
     FUSED_DTYPES,
+    LaunchConfig,
     cast,
     compute_dtype,
     dot_precision,
@@ -43,20 +45,36 @@ from kernels._common import (
     pow2_at_least,
     warn_once,
 )
-from rwmn import reference
-from rwmn.reference import same_padding
+from kernels.reference import same_padding
 
-#: Output rows x columns of one forward tile, and the reduction chunk of the width.
-BLOCK_I = 32
+#: Output rows of one forward (and dx) tile. bf16/fp16: 64, the M of one warpgroup's wgmma
+#: on sm_90a (the model's m = 50 slots fill one tile). fp32 multiplies in exact fp32 on CUDA
+#: cores (ieee), whose register-resident operand tiles spill at 64 rows, so 32.
+BLOCK_I_HALF = 64
+BLOCK_I_FP32 = 32
+#: Output columns of a forward/dx tile and the reduction chunk of the width.
 BLOCK_J = 64
 BLOCK_K = 32
-#: dw: output channels (padded to the 16 tl.dot needs), flat (c, a, t) columns, width chunk.
-BLOCK_O_MIN = 16
+#: dw: flat (c, a, t) columns (the M of its product, 64 for wgmma), output channels (the
+#: N, padded to the 16 tl.dot needs), width chunk of the reduction.
 BLOCK_F = 64
+BLOCK_O_MIN = 16
 BLOCK_JW = 32
 #: dw: about this many (b, i) rows of the reduction per program before K is split.
 ROWS_PER_SPLIT = 64
 NUM_WARPS = 4
+#: Software pipelining of the K loops (num_stages) spilled the fp32 (ieee) tiles on both
+#: targets; one stage keeps them in registers. The half-precision tiles pipeline (3).
+STAGES_FP32 = 1
+STAGES_HALF = 3
+
+
+def _block_i(dtype: torch.dtype) -> int:
+    return BLOCK_I_FP32 if dtype == torch.float32 else BLOCK_I_HALF
+
+
+def _stages(dtype: torch.dtype) -> int:
+    return STAGES_FP32 if dtype == torch.float32 else STAGES_HALF
 
 
 # --------------------------------------------------------------------------------------
@@ -260,7 +278,10 @@ def _memconv_dw_kernel(
     c = ca // K
     a = ca % K
     o_ok = offs_o < C_OUT
-    acc = tl.zeros((BLOCK_O, BLOCK_F), dtype=tl.float32)
+    # The product runs transposed, dw^T[f, o] = sum_K H^T[f, K] g^T[K, o], so that its M is
+    # the wide flat (c, a, t) axis (BLOCK_F = 64, a wgmma tile) rather than c_out (3 in the
+    # model, padded to 16, which only mma.sync takes).
+    acc = tl.zeros((BLOCK_F, BLOCK_O), dtype=tl.float32)
     bi_lo = pid_s * ROWS_PER_PROGRAM
     bi_hi = tl.minimum(bi_lo + ROWS_PER_PROGRAM, N_BATCH * M_ROWS)
     for bi in range(bi_lo, bi_hi):
@@ -273,19 +294,19 @@ def _memconv_dw_kernel(
         for j0 in range(0, D, BLOCK_J):
             offs_j = j0 + tl.arange(0, BLOCK_J)
             gt = tl.load(
-                g_row[:, None] + offs_j[None, :],
-                mask=o_ok[:, None] & (offs_j < D)[None, :],
+                g_row[None, :] + offs_j[:, None],
+                mask=o_ok[None, :] & (offs_j < D)[:, None],
                 other=0.0,
             )
-            col = offs_j[:, None] + t[None, :] - PAD_LEFT
+            col = offs_j[None, :] + t[:, None] - PAD_LEFT
             ht = tl.load(
-                x_cols[None, :] + offs_j[:, None],
-                mask=x_ok[None, :] & (col >= 0) & (col < D) & (offs_j < D)[:, None],
+                x_cols[:, None] + offs_j[None, :],
+                mask=x_ok[:, None] & (col >= 0) & (col < D) & (offs_j < D)[None, :],
                 other=0.0,
             )
-            acc = tl.dot(gt, ht, acc, input_precision=PRECISION)
-    part = dw_part_ptr + (pid_s * C_OUT + offs_o).to(tl.int64)[:, None] * F + offs_f[None, :]
-    tl.store(part, acc, mask=o_ok[:, None] & f_ok[None, :])
+            acc = tl.dot(ht, gt, acc, input_precision=PRECISION)
+    part = dw_part_ptr + (pid_s * C_OUT + offs_o).to(tl.int64)[None, :] * F + offs_f[:, None]
+    tl.store(part, acc, mask=o_ok[None, :] & f_ok[:, None])
 
 
 # --------------------------------------------------------------------------------------
@@ -315,6 +336,26 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
             raise ValueError(f"memory_conv: {name} is {t.dtype}, x is {x.dtype}")
 
 
+def memconv_forward_config(
+    n_batch: int, c_out: int, m: int, d: int, dtype: torch.dtype, relu: bool, has_bias: bool
+) -> LaunchConfig:
+    """Launch configuration of _memconv_fwd_kernel for an output [n_batch, c_out, m, d]."""
+    block_i = _block_i(dtype)
+    return LaunchConfig(
+        grid=(n_batch * c_out, triton.cdiv(m, block_i), triton.cdiv(d, BLOCK_J)),
+        constexprs=dict(
+            HAS_BIAS=has_bias,
+            RELU=relu,
+            PRECISION=dot_precision(dtype),
+            BLOCK_I=block_i,
+            BLOCK_J=BLOCK_J,
+            BLOCK_K=BLOCK_K,
+        ),
+        num_warps=NUM_WARPS,
+        num_stages=_stages(dtype),
+    )
+
+
 def memconv_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, relu: bool
 ) -> torch.Tensor:
@@ -325,32 +366,30 @@ def memconv_forward(
     m, top, _ = same_padding(n, k, stride)
     left = same_padding(d, d, 1)[1]
     out = torch.empty((n_batch, c_out, m, d), device=x.device, dtype=x.dtype)
-    grid = (n_batch * c_out, triton.cdiv(m, BLOCK_I), triton.cdiv(d, BLOCK_J))
+    config = memconv_forward_config(n_batch, c_out, m, d, x.dtype, relu, bias is not None)
     launch(
-        wrap_triton(_memconv_fwd_kernel),
-        grid,
-        x,
-        weight,
-        bias if bias is not None else weight,
-        out,
-        c_in,
-        c_out,
-        n,
-        m,
-        d,
-        k,
-        stride,
-        top,
-        left,
-        HAS_BIAS=bias is not None,
-        RELU=relu,
-        PRECISION=dot_precision(x.dtype),
-        BLOCK_I=BLOCK_I,
-        BLOCK_J=BLOCK_J,
-        BLOCK_K=BLOCK_K,
-        num_warps=NUM_WARPS,
-    )
+        _memconv_fwd_kernel, config,
+        x, weight, bias if bias is not None else weight, out,
+        c_in, c_out, n, m, d, k, stride, top, left,
+    )  # fmt: skip
     return out
+
+
+def memconv_dx_config(
+    n_batch: int, c_in: int, n: int, d: int, stride: int, dtype: torch.dtype
+) -> LaunchConfig:
+    """Launch configuration of _memconv_dx_kernel for dx [n_batch, c_in, n, d]: the rows of
+    each phase r mod stride in blocks of BLOCK_Q."""
+    block_q = _block_i(dtype)
+    n_phase_blocks = triton.cdiv(triton.cdiv(n, stride), block_q)
+    return LaunchConfig(
+        grid=(n_batch * c_in, stride * n_phase_blocks, triton.cdiv(d, BLOCK_J)),
+        constexprs=dict(
+            PRECISION=dot_precision(dtype), BLOCK_Q=block_q, BLOCK_J=BLOCK_J, BLOCK_K=BLOCK_K
+        ),
+        num_warps=NUM_WARPS,
+        num_stages=_stages(dtype),
+    )
 
 
 def memconv_backward_input(grad: torch.Tensor, weight: torch.Tensor, n: int, stride: int):
@@ -360,31 +399,31 @@ def memconv_backward_input(grad: torch.Tensor, weight: torch.Tensor, n: int, str
     _, top, _ = same_padding(n, k, stride)
     left = same_padding(d, d, 1)[1]
     dx = torch.empty((n_batch, c_in, n, d), device=grad.device, dtype=grad.dtype)
-    n_phase_blocks = triton.cdiv(triton.cdiv(n, stride), BLOCK_I)
-    grid = (n_batch * c_in, stride * n_phase_blocks, triton.cdiv(d, BLOCK_J))
+    config = memconv_dx_config(n_batch, c_in, n, d, stride, grad.dtype)
+    n_phase_blocks = config.grid[1] // stride
     launch(
-        wrap_triton(_memconv_dx_kernel),
-        grid,
-        grad,
-        weight,
-        dx,
-        c_in,
-        c_out,
-        n,
-        m,
-        d,
-        k,
-        stride,
-        top,
-        left,
-        n_phase_blocks,
-        PRECISION=dot_precision(grad.dtype),
-        BLOCK_Q=BLOCK_I,
-        BLOCK_J=BLOCK_J,
-        BLOCK_K=BLOCK_K,
-        num_warps=NUM_WARPS,
-    )
+        _memconv_dx_kernel, config,
+        grad, weight, dx, c_in, c_out, n, m, d, k, stride, top, left, n_phase_blocks,
+    )  # fmt: skip
     return dx
+
+
+def memconv_dw_config(
+    n_batch: int, c_in: int, c_out: int, m: int, d: int, k: int, dtype: torch.dtype
+) -> LaunchConfig:
+    """Launch configuration of _memconv_dw_kernel: [c_out, c_in * k * d] in BLOCK_O x
+    BLOCK_F tiles, the reduction over (b, i) split into grid[2] parts."""
+    rows = n_batch * m
+    splits = triton.cdiv(rows, ROWS_PER_SPLIT)
+    block_o = pow2_at_least(c_out, BLOCK_O_MIN)
+    return LaunchConfig(
+        grid=(triton.cdiv(c_out, block_o), triton.cdiv(c_in * k * d, BLOCK_F), splits),
+        constexprs=dict(
+            PRECISION=dot_precision(dtype), BLOCK_O=block_o, BLOCK_F=BLOCK_F, BLOCK_J=BLOCK_JW
+        ),
+        num_warps=NUM_WARPS,
+        num_stages=_stages(dtype),
+    )
 
 
 def memconv_backward_weight(grad: torch.Tensor, x: torch.Tensor, k: int, stride: int):
@@ -393,36 +432,14 @@ def memconv_backward_weight(grad: torch.Tensor, x: torch.Tensor, k: int, stride:
     _, c_in, n, _ = x.shape
     _, top, _ = same_padding(n, k, stride)
     left = same_padding(d, d, 1)[1]
-    n_cols = c_in * k * d
-    block_o = pow2_at_least(c_out, BLOCK_O_MIN)
-    rows = n_batch * m
-    splits = triton.cdiv(rows, ROWS_PER_SPLIT)
-    rows_per_program = triton.cdiv(rows, splits)
-    parts = torch.empty((splits, c_out, n_cols), device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(c_out, block_o), triton.cdiv(n_cols, BLOCK_F), splits)
+    config = memconv_dw_config(n_batch, c_in, c_out, m, d, k, x.dtype)
+    splits = config.grid[2]
+    rows_per_program = triton.cdiv(n_batch * m, splits)
+    parts = torch.empty((splits, c_out, c_in * k * d), device=x.device, dtype=torch.float32)
     launch(
-        wrap_triton(_memconv_dw_kernel),
-        grid,
-        grad,
-        x,
-        parts,
-        n_batch,
-        c_in,
-        c_out,
-        n,
-        m,
-        d,
-        k,
-        stride,
-        top,
-        left,
-        rows_per_program,
-        PRECISION=dot_precision(x.dtype),
-        BLOCK_O=block_o,
-        BLOCK_F=BLOCK_F,
-        BLOCK_J=BLOCK_JW,
-        num_warps=NUM_WARPS,
-    )
+        _memconv_dw_kernel, config,
+        grad, x, parts, n_batch, c_in, c_out, n, m, d, k, stride, top, left, rows_per_program,
+    )  # fmt: skip
     return parts.sum(0).view(c_out, c_in, k, d)
 
 
@@ -497,7 +514,7 @@ def memory_conv(
     stride: int,
     relu: bool = True,
 ) -> torch.Tensor:
-    """Fused rwmn.reference.memory_conv: x [..., c_in, n, d] -> [..., c_out, ceil(n/s), d]."""
+    """Fused kernels.reference.memory_conv: x [..., c_in, n, d] -> [..., c_out, ceil(n/s), d]."""
     c_out, c_in, _, d = weight.shape
     if x.dim() < 3 or x.shape[-3] != c_in or x.shape[-1] != d:
         raise ValueError(

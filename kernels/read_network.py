@@ -1,12 +1,12 @@
 """The read network of B questions over one write memory, from the fused pieces.
 
-Math (rwmn.reference.read_network is the ground truth): Mq[b, c, i] = CBP(M[c, i], u[b]),
+Math (kernels.reference.read_network is the ground truth): Mq[b, c, i] = CBP(M[c, i], u[b]),
 then the read convolutions over Mq [B, C, m, d], the last one fused with the attention
 readout (kernels/attention.py: its rows never reach device memory in the forward).
 
-What runs, in launches: the CBP step through ``rwmn.ops.cbp`` (the fused CBP kernel of
-kernels/cbp.py when it is present, else the reference with a one-time warning), one
-memory_conv launch per read layer but the last (kernels/memconv.py), and the
+What runs, in launches: the fused CBP of every memory row with every question
+(kernels/cbp.py), one memory_conv launch per read layer but the last (kernels/memconv.py),
+and the
 conv-attention launch plus a few tiny merge ops. The issue's goal 3 (the whole read
 network in ONE launch, reading the write memory once) is not achieved here: the CBP
 output Mq [B, C, m, d] and each intermediate read layer are materialised between
@@ -15,31 +15,18 @@ launches. See kernels/README.md.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
 
 import torch
 
-import rwmn.ops
-from kernels._common import warn_once
 from kernels.attention import conv_attention_read
+from kernels.cbp import cbp
 from kernels.memconv import memory_conv
-from rwmn import reference
-
-#: Whether the fused CBP kernel (kernels/cbp.py, written on another branch) is installed.
-_FUSED_CBP = importlib.util.find_spec("kernels.cbp") is not None
 
 
 def _cbp_rows(memory, u, h1, s1, h2, s2, d):
     """Mq [B, C, m, d] = CBP of every memory row with every question vector."""
-    args = (memory.unsqueeze(0), u[:, None, None, :], h1, s1, h2, s2, d)
-    if _FUSED_CBP:
-        return rwmn.ops.cbp(*args)
-    warn_once(
-        "kernels: read_network computes its CBP step with the reference (FFT): no fused "
-        "CBP kernel (kernels.cbp) is installed"
-    )
-    return reference.cbp(*args)
+    return cbp(memory.unsqueeze(0), u[:, None, None, :], h1, s1, h2, s2, d)
 
 
 def read_network(
@@ -51,7 +38,7 @@ def read_network(
     strides: Sequence[int],
     sharp: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused rwmn.reference.read_network: memory [C, m, d], u [B, d] -> (o [B, d], p [B, R])."""
+    """Fused kernels.reference.read_network: memory [C, m, d], u [B, d] -> (o [B, d], p [B, R])."""
     if not weights:
         raise ValueError("read_network needs at least one read layer")
     if memory.dim() != 3 or u.dim() != 2 or memory.shape[-1] != u.shape[-1]:

@@ -32,7 +32,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from rwmn import reference
+from kernels import reference
+from kernels._common import recording as _recording_launches
 
 BACKENDS = ("reference", "triton", "auto")
 
@@ -101,7 +102,7 @@ def resolve_backend(op: str, *tensors: torch.Tensor) -> str:
             f"rwmn.ops.{op}: backend 'triton' was requested but the triton package is not "
             "installed; install triton or use backend 'reference'"
         )
-    if not on_cuda and not _interpreting():
+    if not on_cuda and not _interpreting() and not _recording_launches():
         devices = sorted({str(t.device) for t in tensors})
         raise BackendUnavailableError(
             f"rwmn.ops.{op}: backend 'triton' needs CUDA tensors (got {devices}); set "

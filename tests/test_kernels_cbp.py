@@ -183,13 +183,13 @@ def check_launchers_write_every_element(x_shape, y_shape, out_dim, seed, factors
     nan = float("nan")
 
     out = torch.full((rows, out_dim), nan, device=DEVICE)
-    ws = torch.full((rows, kcbp.workspace_width(out_dim, False, factors)), nan, device=DEVICE)
+    ws = torch.full((kcbp.workspace_numel(rows, out_dim, False, factors),), nan, device=DEVICE)
     kcbp.cbp_forward_launch(x, y, xoff, yoff, h1, s1, h2, s2, twiddles, out, ws, factors)
 
     g = torch.randn(rows, out_dim, device=DEVICE)
     gx = torch.full((rows, x.shape[-1]), nan, device=DEVICE)
     gy = torch.full((rows, y.shape[-1]), nan, device=DEVICE)
-    ws = torch.full((rows, kcbp.workspace_width(out_dim, True, factors)), nan, device=DEVICE)
+    ws = torch.full((kcbp.workspace_numel(rows, out_dim, True, factors),), nan, device=DEVICE)
     kcbp.cbp_backward_launch(
         g, x, y, xoff, yoff, h1, s1, h2, s2, twiddles, gx, gy, ws, factors
     )  # fmt: skip
@@ -229,6 +229,19 @@ FACTORISED_IDS = [f"x{xs}-y{ys}-D{d}={f[0]}x{f[1]}" for xs, ys, d, f in FACTORIS
 @pytest.mark.parametrize(("x_shape", "y_shape", "out_dim", "factors"), FACTORISED_CASES,
                          ids=FACTORISED_IDS)  # fmt: skip
 def test_factorised_launchers_write_every_element(x_shape, y_shape, out_dim, factors, request):
+    check_launchers_write_every_element(x_shape, y_shape, out_dim, fresh_seed(request), factors)
+
+
+@pytest.mark.parametrize("rows_per_program", [2, 5])
+def test_factorised_programs_loop_over_rows(rows_per_program, request, monkeypatch):
+    """A small scratch budget makes each program own several rows (the row loop runs more
+    than once, reusing the NaN-poisoned scratch); 19 rows leave a partial last program."""
+    x_shape, y_shape, out_dim, factors = FACTORISED_CASES[0]
+    floats = max(kcbp.scratch_floats(out_dim, b) for b in (False, True))
+    programs = -(-19 // rows_per_program)
+    monkeypatch.setattr(kcbp, "SCRATCH_BUDGET", 4 * floats * programs)
+    assert kcbp.rows_per_program(19, out_dim, True) == rows_per_program
+    assert kcbp.rows_per_program(19, out_dim, False) > 1
     check_launchers_write_every_element(x_shape, y_shape, out_dim, fresh_seed(request), factors)
 
 
@@ -288,7 +301,7 @@ def test_launcher_rejects_wrong_factors():
     x, y, h1, s1, h2, s2 = make_inputs((2, 9), (2, 7), 16, 0)
     off = torch.arange(2, device=DEVICE)
     out = torch.empty(2, 16, device=DEVICE)
-    ws = torch.empty(2, kcbp.workspace_width(16, False, None), device=DEVICE)
+    ws = torch.empty(kcbp.workspace_numel(2, 16, False, None), device=DEVICE)
     twiddles = kcbp.twiddle_table(16, DEVICE)
     with pytest.raises(ValueError, match="multiply"):
         kcbp.cbp_forward_launch(
