@@ -1,4 +1,4 @@
-"""Typed configuration of the RWMN model (SPEC.md sections 1-6)."""
+"""Typed configuration of the RWMN model (docs/model.md sections 1-6)."""
 
 from __future__ import annotations
 
@@ -90,8 +90,8 @@ def parse_layer_spec(spec: str, flag: str = "--write") -> tuple[LayerSpec, ...]:
 class RWMNConfig:
     """Everything that determines the model's parameters and its forward pass.
 
-    Defaults are the release's (SPEC section 8); ``legacy`` switches on the released
-    TensorFlow code's quirks (SPEC section 6).
+    Defaults are the release's (docs/cli.md); ``legacy`` switches on the released
+    TensorFlow code's quirks (docs/model.md section 6).
     """
 
     data_source: str = "sub"

@@ -130,12 +130,25 @@ def test_pickle_checkpoint_is_not_run(data, tmp_path, capsys):
     assert marker.exists()
 
 
-def test_checkpoint_of_plain_values_missing_keys(data, tmp_path, capsys):
-    """A safe-to-load dict that is not a usable checkpoint: one line naming file and key."""
-    path = tmp_path / "partial.pt"
-    torch.save({"format": 1, "model": {}}, path)
-    assert _run(data, tmp_path / "out", "--eval_only", "--checkpoint_file", str(path)) == 2
-    _one_line_error(capsys, str(path), "'model_config'")
+def test_unusable_checkpoints(data, tmp_path, capsys):
+    """Safe to load but not a usable checkpoint, or truncated: one line naming file (and
+    key); a dict without model_config was a KeyError traceback."""
+    partial = tmp_path / "partial.pt"
+    torch.save({"format": 1, "model": {}}, partial)
+    assert _run(data, tmp_path / "out", "--eval_only", "--checkpoint_file", str(partial)) == 2
+    _one_line_error(capsys, f"checkpoint {str(partial)!r} has no 'model_config'")
+    typed = tmp_path / "typed.pt"
+    torch.save({"format": 1, "model": {"w": "not a tensor"}, "model_config": {}}, typed)
+    assert _run(data, tmp_path / "out", "--pretrain", str(typed)) == 2
+    _one_line_error(capsys, str(typed), "'model' holds 'w', not a named tensor")
+    assert _run(data, tmp_path / "run", "--max_steps", "1") == 0
+    truncated = tmp_path / "truncated.pt"
+    whole = (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes()
+    truncated.write_bytes(whole[: len(whole) // 2])
+    capsys.readouterr()
+    assert _run(data, tmp_path / "out", "--eval_only", "--checkpoint_file", str(truncated)) == 2
+    _one_line_error(capsys, f"checkpoint {str(truncated)!r} cannot be read (")
+    assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------------------
@@ -433,6 +446,9 @@ def test_backend_triton_without_cuda(data, tmp_path, capsys, monkeypatch):
     assert _run(data, out, "--max_steps", "2", "--backend", "triton") == 2
     _one_line_error(capsys, "--backend triton needs a CUDA device")
     assert not out.exists()  # config.json was written before the step-1 failure
+    assert _run(data, out, "--max_steps", "2", "--device", "cuda") == 2
+    _one_line_error(capsys, "--device cuda: CUDA is not available on this machine")
+    assert not out.exists()
 
 
 def test_bogus_rwmn_backend_variable(data, tmp_path):
@@ -580,3 +596,22 @@ def test_benchmark_suites_run_with_benchmark_disable():
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert re.search(r"\b3 passed", done.stdout), done.stdout[-2000:]
+
+
+# --------------------------------------------------------------------------------------
+# 10. The README and docs/ stay inside the repository
+# --------------------------------------------------------------------------------------
+
+
+def test_documentation_links_stay_in_the_repository():
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    assert len(pages) >= 2
+    for page in pages:
+        text = page.read_text()
+        assert "../shared" not in text and "SPEC.md" not in text, page
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+            if re.match(r"[a-z]+://", target):
+                continue
+            resolved = (page.parent / target).resolve()
+            assert resolved.is_relative_to(REPO), (page, target)
+            assert resolved.exists(), (page, target)

@@ -1,4 +1,4 @@
-"""Reader of the released MovieQA features (SPEC section 7), streaming with h5py.
+"""Reader of the released MovieQA features (docs/data.md), streaming with h5py.
 
     <data_dir>/<source>/story.h5               text: dataset per movie [n, dim_text]
                                                video_sub: group per movie, rgb and sub

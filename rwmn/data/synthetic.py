@@ -4,11 +4,13 @@ Each movie is a sequence of scenes of ``scene_len`` story elements. Scene s has 
 key k_s and value v_s living in disjoint coordinate blocks; every element of the scene is
 [k_s + noise, v_s + noise, noise]. A question about scene s carries only its key,
 [k_s + noise, noise, noise]; the five candidates carry only values, [noise, v + noise,
-noise]: the correct one v_s, the distractors the values of other scenes of the same movie.
-Question and candidates share no information, so a model that does not read the right
-story stays at chance (1 / num_answer); a model that finds the scene by its key in memory
-and reads its value answers it. The scenes span about as many elements as the default
-write layer's stride (40-30-3), so the signal survives the write network's pooling.
+noise]: the correct one v_s, the distractors values that appear nowhere in the story (the
+default, ``distractors="outside"``) or the values of other scenes of the same movie
+(``distractors="story"``). Question and candidates share no information, so a model that
+does not read the right story stays at chance (1 / num_answer); a model that finds the
+scene by its key in memory and reads its value answers it. The scenes span about as many
+elements as the default write layer's stride (40-30-3), so the signal survives the write
+network's pooling.
 
 For video_sub the subtitle vector of an element is the text element above and its rgb
 vector is a dataset-wide constant direction plus a noisy projection of the value, so CBP
