@@ -9,8 +9,8 @@
     <checkpoint_dir>/best.pt      best full validation accuracy
 
 A directory holds a run when any of config.json, metrics.jsonl, tensorboard/, last.pt or
-best.pt exists. The lock uses ``fcntl.flock``: POSIX systems (Linux, macOS); on a network
-file system it is as reliable as that file system's locks.
+best.pt exists. The lock uses ``fcntl.flock``: POSIX systems (Linux, macOS; elsewhere runs
+are not locked); on a network file system it is as reliable as that file system's locks.
 """
 
 from __future__ import annotations
@@ -95,8 +95,10 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        import fcntl  # POSIX only; imported here so that importing rwmn works anywhere
-
+        try:
+            import fcntl  # POSIX only; imported here so that importing rwmn works anywhere
+        except ImportError:  # no flock (Windows): runs are not locked there
+            return
         os.makedirs(self.directory, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
