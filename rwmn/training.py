@@ -842,20 +842,20 @@ class Trainer:
             )
 
     def _start(self, pretrained: dict | None) -> None:
-        if self.cfg.overwrite:
-            removed = rundir.remove_run(self.out_dir, self.ckpt_dir)
-            if removed:
-                names = ", ".join(os.path.relpath(p, self.out_dir) for p in removed)
-                self.log(f"--overwrite: removed the previous run's {names}")
-        else:
+        if not self.cfg.overwrite:
             self._refuse_existing_run()  # again, under the lock
-        if pretrained is not None:
+        if pretrained is not None:  # before --overwrite deletes anything
             try:
                 self.model.load_state_dict(pretrained["model"])
             except RuntimeError as exc:
                 raise CheckpointError(
                     f"--pretrain {self.cfg.pretrain!r}: cannot load its weights ({one_line(exc)})"
                 ) from exc
+        if self.cfg.overwrite:
+            removed = rundir.remove_run(self.out_dir, self.ckpt_dir)
+            if removed:
+                names = ", ".join(os.path.relpath(p, self.out_dir) for p in removed)
+                self.log(f"--overwrite: removed the previous run's {names}")
 
     def _continue(self, resume: ResumePoint) -> None:
         if _stamp(resume.path) != resume.stamp:
