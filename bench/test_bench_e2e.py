@@ -2,6 +2,7 @@
 
     pytest bench/test_bench_e2e.py --benchmark-only            # model sizes (GPU)
     pytest bench/test_bench_e2e.py --benchmark-only --bench-e2e-smoke --bench-device cpu
+    pytest bench/test_bench_e2e.py --benchmark-disable --bench-e2e-smoke   # a plain test, untimed
 
 ``extra_info`` holds questions/s (B / median step time).
 """
@@ -38,6 +39,7 @@ def test_training_step(benchmark, request, device, config, mode, precision, back
 
     benchmark.group = f"e2e {config} n={n} B={batch}"
     benchmark.pedantic(timed, rounds=ROUNDS, iterations=1)
-    benchmark.extra_info.update(
-        n=n, batch=batch, questions_per_s=batch / benchmark.stats.stats.median
-    )
+    benchmark.extra_info.update(n=n, batch=batch)
+    # None under --benchmark-disable: the step ran once, as a plain test, and was not timed.
+    if benchmark.stats is not None:
+        benchmark.extra_info["questions_per_s"] = batch / benchmark.stats.stats.median

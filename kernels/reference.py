@@ -8,7 +8,7 @@ Every function here is differentiable with ordinary autograd and works for any f
 dtype; half-precision inputs are upcast where PyTorch requires it (FFT) and the result is
 cast back to the inputs' dtype.
 
-Shapes follow the model (SPEC.md): d is the memory width, C memory channels, m slots.
+Shapes follow the model (docs/model.md): d is the memory width, C memory channels, m slots.
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
-"""Typed configuration of the RWMN model (SPEC.md sections 1-6)."""
+"""Typed configuration of the RWMN model (docs/model.md sections 1-6)."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass
 
 TEXT_SOURCES = ("sub", "dvs", "script", "plot")
@@ -13,6 +16,37 @@ CBP_HASHES = ("random", "tensorflow")
 
 class ConfigError(ValueError):
     """A configuration value (a flag) is malformed or inconsistent."""
+
+
+def _has_type(value, kind) -> bool:
+    if kind is type(None):
+        return value is None
+    if isinstance(value, bool):
+        return kind is bool
+    if kind is float:
+        return isinstance(value, int | float)
+    return isinstance(value, kind)
+
+
+def check_field_types(config) -> None:
+    """Raise ConfigError unless every field of the dataclass ``config`` holds a value of its
+    annotated type (a config read from a checkpoint is untrusted; argparse types flags)."""
+    hints = typing.get_type_hints(type(config))
+    for field in dataclasses.fields(config):
+        kind, value = hints[field.name], getattr(config, field.name)
+        kinds = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
+        if not any(_has_type(value, k) for k in kinds):
+            names = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
+            raise ConfigError(f"--{field.name}: expected {names}, got {value!r}")
+
+
+def check_finite(config, *names: str, minimum: float | None = None) -> None:
+    """Raise ConfigError unless the float fields ``names`` are finite (and >= minimum)."""
+    for name in names:
+        value = getattr(config, name)
+        if not math.isfinite(value) or (minimum is not None and value < minimum):
+            bound = f" >= {minimum:g}" if minimum is not None else ""
+            raise ConfigError(f"--{name} must be a finite number{bound}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -56,8 +90,8 @@ def parse_layer_spec(spec: str, flag: str = "--write") -> tuple[LayerSpec, ...]:
 class RWMNConfig:
     """Everything that determines the model's parameters and its forward pass.
 
-    Defaults are the release's (SPEC section 8); ``legacy`` switches on the released
-    TensorFlow code's quirks (SPEC section 6).
+    Defaults are the release's (docs/cli.md); ``legacy`` switches on the released
+    TensorFlow code's quirks (docs/model.md section 6).
     """
 
     data_source: str = "sub"
@@ -79,6 +113,7 @@ class RWMNConfig:
     cbp_hash: str = "random"
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.data_source not in DATA_SOURCES:
             raise ConfigError(
                 f"--data_source {self.data_source!r}: expected one of {', '.join(DATA_SOURCES)}"
@@ -92,6 +127,8 @@ class RWMNConfig:
             raise ConfigError(f"--num_hop must be at least 1, got {self.num_hop}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"--alpha must be in [0, 1], got {self.alpha}")
+        check_finite(self, "sharp")
+        check_finite(self, "reg", minimum=0.0)
         parse_layer_spec(self.write, "--write")
         parse_layer_spec(self.read, "--read")
 
@@ -112,6 +149,8 @@ class RWMNConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> RWMNConfig:
+        if not isinstance(values, dict):
+            raise ConfigError(f"a model configuration must be a dict, got {type(values).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

@@ -1,4 +1,4 @@
-"""The Read-Write Memory Network (SPEC.md sections 1-6)."""
+"""The Read-Write Memory Network (docs/model.md sections 1-6)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ class RWMN(nn.Module):
         ops.preload_kernels()
         self.cfg = cfg
         d = cfg.dim_memory
-        # One linear map for question and answers, and for the story in text mode (SPEC 1).
+        # One linear map for question and answers, and for the story in text mode
+        # (docs/model.md section 1).
         self.embed = nn.Linear(cfg.dim_text, d)
         if cfg.video:
             self.story_cbp = CompactBilinearPooling(

@@ -11,7 +11,9 @@ is chosen by the backend:
 * ``"auto"``: triton for CUDA tensors when Triton is installed, else reference.
 
 The default comes from the environment variable ``RWMN_BACKEND`` (``"auto"`` when unset),
-read once at import; :func:`use_backend` overrides it inside a ``with`` block::
+read once at import; an unknown value does not break the import but raises
+:class:`BackendUnavailableError` naming the variable when the backend is first asked for
+(:func:`get_backend`, an op call). :func:`use_backend` overrides it inside a ``with`` block::
 
     with rwmn.ops.use_backend("reference"):
         logits = model(story, query, answers)
@@ -50,7 +52,15 @@ def _check_backend(name: str, origin: str) -> str:
 
 class _BackendState:
     def __init__(self) -> None:
-        self.backend = _check_backend(os.environ.get("RWMN_BACKEND", "auto"), "RWMN_BACKEND")
+        # Kept as given and validated on use: importing rwmn must not fail on a bad variable
+        # (train.py reports it as one line naming RWMN_BACKEND).
+        self.backend = os.environ.get("RWMN_BACKEND", "auto")
+
+
+def _unknown_env_backend(name: str) -> BackendUnavailableError:
+    return BackendUnavailableError(
+        f"RWMN_BACKEND={name!r}: unknown backend; expected one of {', '.join(BACKENDS)}"
+    )
 
 
 _STATE = _BackendState()
@@ -58,6 +68,8 @@ _STATE = _BackendState()
 
 def get_backend() -> str:
     """The backend in force: the innermost :func:`use_backend`, else ``RWMN_BACKEND``."""
+    if _STATE.backend not in BACKENDS:
+        raise _unknown_env_backend(_STATE.backend)
     return _STATE.backend
 
 
@@ -97,6 +109,8 @@ def resolve_backend(op: str, *tensors: torch.Tensor) -> str:
         return "reference"
     if backend == "auto":
         return "triton" if on_cuda and triton_available() else "reference"
+    if backend != "triton":
+        raise _unknown_env_backend(backend)
     if not triton_available():
         raise BackendUnavailableError(
             f"rwmn.ops.{op}: backend 'triton' was requested but the triton package is not "
@@ -110,6 +124,24 @@ def resolve_backend(op: str, *tensors: torch.Tensor) -> str:
             "'reference'"
         )
     return "triton"
+
+
+def check_device(device: torch.device, backend: str | None = None) -> None:
+    """Raise :class:`BackendUnavailableError` if ``backend`` (default: the one in force)
+    could not run the ops on ``device``; a run checks this before it writes anything."""
+    name = get_backend() if backend is None else _check_backend(backend, "check_device")
+    origin = "--backend triton" if backend is not None else "backend 'triton' (RWMN_BACKEND)"
+    if name != "triton":
+        return
+    if not triton_available():
+        raise BackendUnavailableError(
+            f"{origin}: the triton package is not installed; use backend reference or auto"
+        )
+    if device.type != "cuda" and not _interpreting():
+        raise BackendUnavailableError(
+            f"{origin} needs a CUDA device (this run's device is {device}); use backend "
+            "reference or auto, or set TRITON_INTERPRET=1 for the (slow) CPU interpreter"
+        )
 
 
 KERNEL_MODULES = ("cbp", "memconv", "attention", "read_network")

@@ -1,4 +1,4 @@
-"""ReadNetwork: the nn.Module around ``rwmn.ops.read_network`` (SPEC section 4)."""
+"""ReadNetwork: the nn.Module around ``rwmn.ops.read_network`` (docs/model.md section 4)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def legacy_rows(memory: torch.Tensor) -> torch.Tensor:
     """The release's reshape of an NHWC conv output [1, m, d, c] to rows [-1, d].
 
     ``memory`` is our channel-first [c, m, d]; row-major flattening of [m, d, c] interleaves
-    the channel values into the rows when c > 1 (SPEC section 6).
+    the channel values into the rows when c > 1 (docs/model.md section 6).
     """
     return memory.permute(1, 2, 0).reshape(-1, memory.shape[-1])
 
@@ -27,7 +27,7 @@ class ReadNetwork(MemoryConvStack):
     Paper mode: Mq = CBP(M, u) per question, the read convs over Mq, attention over the
     unit-normalised (channel, slot) rows. Empty read spec: attention over M's rows.
     Legacy mode: the read convs run over the release's interleaved rows of M (no CBP);
-    see SPEC section 6.
+    see docs/model.md section 6.
     """
 
     def __init__(

@@ -1,9 +1,16 @@
-"""Training and evaluation loop behind ``train.py`` (SPEC section 8).
+"""Training and evaluation loop behind ``train.py`` (docs/cli.md).
 
-The run directory (--out_dir) holds config.json, metrics.jsonl (one JSON object per
-evaluation), checkpoints/last.pt (for --resume) and checkpoints/best.pt (best full
-validation accuracy). Checkpoints hold the model, optimizer, scheduler, grad scaler, step,
-early-stopping state, config and every RNG state, and are written atomically.
+The run directory (--out_dir, see rwmn.rundir) holds config.json, metrics.jsonl (one JSON
+row per evaluation), checkpoints/last.pt (for --resume) and checkpoints/best.pt (best full
+validation accuracy); run.lock keeps a second live run out. Checkpoints (rwmn.checkpoint)
+hold the model, optimizer, scheduler, grad scaler, step, early-stopping state, elapsed time,
+config and every RNG state; they are written atomically and read with weights_only=True.
+last.pt is written at step 0, so a run can be resumed from its first moment; a resumed run
+cuts metrics.jsonl back to the checkpoint's step, so after any number of kills and resumes
+the log, the weights and the checkpoints equal an uninterrupted run's.
+
+Every check that can fail on a flag, a data file or a checkpoint runs before the run
+directory is written; the command line reports it as one line (exit status 2).
 """
 
 from __future__ import annotations
@@ -17,19 +24,33 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from rwmn import ops
-from rwmn.config import DATA_SOURCES, ConfigError, RWMNConfig
+from rwmn import checkpoint, ops, rundir
+from rwmn.checkpoint import CheckpointError, atomic_save, atomic_write_text
+from rwmn.cli import HelpFormatter, OneLineParser, one_line
+from rwmn.config import (
+    DATA_SOURCES,
+    ConfigError,
+    RWMNConfig,
+    check_field_types,
+    check_finite,
+)
 from rwmn.data.movieqa import DataError, MovieQAData, QABatch
 from rwmn.model import RWMN
 from rwmn.profiling import nvtx_enabled
+from rwmn.rundir import RunDirError, RunLock
 
-CHECKPOINT_FORMAT = 1
+__all__ = [
+    "CheckpointError", "RunDirError", "TrainConfig", "Trainer", "atomic_save",
+    "build_parser", "load_checkpoint", "main",
+]  # fmt: skip
+
+CHECKPOINT_FORMAT = checkpoint.FORMAT
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Release flags its code never used: accepted so old command lines run, reported as unused.
@@ -41,9 +62,25 @@ UNUSED_RELEASE_FLAGS = (
     "rconv_w", "rstride_h", "rstride_w", "checkpoint_threshold", "init_acc",
 )  # fmt: skip
 
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable or from another configuration."""
+#: TrainConfig fields that belong to one invocation of train.py: never taken from a
+#: checkpoint's configuration on --resume.
+INVOCATION_FIELDS = frozenset({
+    "out_dir", "name", "checkpoint_dir", "resume", "overwrite", "allow_resume_changes",
+    "eval_only", "split", "checkpoint_file",
+})  # fmt: skip
+#: Flags --resume accepts with a value other than the checkpoint's: where and how fast the
+#: run computes, and how long it goes on. Each change is logged.
+FREE_ON_RESUME = frozenset({
+    "max_steps", "early_stop", "device", "backend", "compile", "tensorboard", "nvtx",
+})  # fmt: skip
+#: Flags --resume applies only with --allow_resume_changes (each logged); any other flag
+#: (the seed, Adagrad's initial accumulator, --pretrain, the model's architecture) cannot
+#: change within a run.
+CHANGEABLE_ON_RESUME = frozenset({
+    "batch_size", "init_lr", "learning_rate_decay_examples", "learning_rate_decay_rate",
+    "validation_step", "full_validation_step", "checkpoint_step", "save_threshold",
+    "data_dir", "amp", "sharp", "alpha", "reg",
+})  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -73,24 +110,78 @@ class TrainConfig:
     backend: str | None = None
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False
+    allow_resume_changes: bool = False
     tensorboard: bool = False
     nvtx: bool = False
     eval_only: bool = False
     split: str = "val"
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         for name in ("batch_size", "max_steps", "validation_step", "full_validation_step",
                      "checkpoint_step", "early_stop", "learning_rate_decay_examples"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"--seed must be in [0, 2**63), got {self.seed}")
+        check_finite(self, "init_lr", "init_accumulator_value", minimum=0.0)
+        check_finite(self, "save_threshold")
+        check_finite(self, "learning_rate_decay_rate")
+        if self.learning_rate_decay_rate <= 0:
+            raise ConfigError(
+                f"--learning_rate_decay_rate must be positive, got {self.learning_rate_decay_rate}"
+            )
+        parse_device(self.device)
         if self.amp not in AMP_DTYPES:
             raise ConfigError(f"--amp {self.amp!r}: expected one of {tuple(AMP_DTYPES)}")
         if self.backend is not None and self.backend not in ops.BACKENDS:
             raise ConfigError(f"--backend {self.backend!r}: expected one of {ops.BACKENDS}")
-        if self.eval_only and not self.checkpoint_file:
-            raise ConfigError("--eval_only needs --checkpoint_file")
         if self.split not in ("val", "test"):
             raise ConfigError(f"--split {self.split!r}: expected val or test")
+        if self.eval_only and not self.checkpoint_file:
+            raise ConfigError("--eval_only needs --checkpoint_file")
+        if self.eval_only and (self.resume or self.overwrite):
+            flag = "--resume" if self.resume else "--overwrite"
+            raise ConfigError(f"--eval_only does not train: {flag} does not apply to it")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume continues the run in --out_dir, --overwrite replaces it")
+        if self.allow_resume_changes and not self.resume:
+            raise ConfigError("--allow_resume_changes applies only with --resume")
+
+
+def parse_device(name: str) -> torch.device | None:
+    """The device a --device value names (None for auto); ConfigError if it names none."""
+    if name == "auto":
+        return None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"--device {name!r}: expected auto, cpu, cuda or cuda:<index>") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name!r}: this project runs on cpu or cuda")
+    return device
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device of --device ``name`` on this machine; ConfigError if it is not here."""
+    device = parse_device(name)
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    return device
+
+
+def run_paths(model_cfg: RWMNConfig, cfg: TrainConfig) -> tuple[str, str]:
+    """The run directory and the checkpoint directory."""
+    out_dir = cfg.out_dir or os.path.join("runs", cfg.name or f"rwmn_{model_cfg.data_source}")
+    return out_dir, cfg.checkpoint_dir or os.path.join(out_dir, "checkpoints")
 
 
 # --------------------------------------------------------------------------------------
@@ -106,134 +197,344 @@ def _bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean, got {value!r}")
 
 
+MODEL_HELP = {
+    "data_source": "story source: text (sub, dvs, script, plot) or video_sub (rgb + subtitles)",
+    "dim_text": "dimension of the text features (questions, answers, text stories)",
+    "dim_memory": "memory dimension d (output of the shared embedding)",
+    "dim_mcb": "video_sub: CBP output dimension of the rgb x subtitle story embedding",
+    "dim_rgb": "video_sub: rgb feature dimension (ResNet-152 2048, Inception 1536)",
+    "dim_sub": "video_sub: subtitle feature dimension",
+    "num_answer": "answer candidates per question",
+    "num_hop": "read hops (the query becomes u' between hops)",
+    "sharp": "sharpening of the read attention's softmax (finite)",
+    "reg": "L2 regularisation strength: reg * sum of ||param||^2 / 2 (>= 0)",
+    "write": 'write network: "k-s-c/k-s-c/..." (kernel height, stride, channels); "" = none',
+    "read": 'read network: "k-s-c/k-s-c/..." (kernel height, stride, channels); "" = none',
+    "alpha": "weight of the read output in the answer query u' (1 - alpha on the question)",
+    "legacy": "reproduce the released TensorFlow code's quirks (docs/model.md)",
+    "cbp_hash": "CBP hashes: random (torch's generator, seeded by --seed) or tensorflow (the "
+    "TF CBP layer's numpy draw, seeds 1, 3, 5, 7)",
+}
+TRAIN_HELP = {
+    "batch_size": "questions per step: up to this many, about one random movie",
+    "max_steps": "train until the run's step count reaches this; with --resume it is the "
+    "run's total, not a number of further steps, so raise it to train a finished run on",
+    "learning_rate_decay_examples": "multiply the learning rate by --learning_rate_decay_rate "
+    "every this many steps (staircase)",
+    "validation_step": "every this many steps: a progress line, a validation batch",
+    "full_validation_step": "every this many steps: evaluate the whole val split, keep "
+    "checkpoints/best.pt, count early stopping",
+    "checkpoint_step": "every this many steps: write checkpoints/last.pt (also at step 0 "
+    "and at the end)",
+    "early_stop": "stop after this many full validations in a row without improvement; "
+    "with --resume, raise it to train an early-stopped run on",
+    "init_lr": "Adagrad learning rate (>= 0)",
+    "init_accumulator_value": "Adagrad initial accumulator value (>= 0)",
+    "learning_rate_decay_rate": "learning-rate decay factor (> 0)",
+    "save_threshold": "write checkpoints/best.pt only when the full validation accuracy "
+    "reaches this",
+    "name": "run name (default: rwmn_<data_source>); the run directory is runs/<name> "
+    "unless --out_dir is given",
+    "checkpoint_dir": "checkpoint directory (default: <out_dir>/checkpoints)",
+    "pretrain": "initialise a new run's weights from this checkpoint (default: none)",
+    "checkpoint_file": "the checkpoint --eval_only evaluates (default: none)",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="train.py",
         description="Train or evaluate a Read-Write Memory Network on MovieQA features "
-        "(or, with no --data_dir, on a default synthetic data set).",
+        "(or, with no --data_dir, on a default synthetic data set). Documentation: "
+        "docs/cli.md.",
+        formatter_class=HelpFormatter,
     )
     model_defaults, train_defaults = RWMNConfig(), TrainConfig()
     m = parser.add_argument_group("model (release flags)")
-    m.add_argument("--data_source", default=model_defaults.data_source, choices=DATA_SOURCES)
+    m.add_argument(
+        "--data_source",
+        default=model_defaults.data_source,
+        choices=DATA_SOURCES,
+        help=MODEL_HELP["data_source"],
+    )
     for name in ("dim_text", "dim_memory", "dim_mcb", "dim_rgb", "dim_sub", "num_answer",
                  "num_hop"):  # fmt: skip
-        m.add_argument(f"--{name}", type=int, default=getattr(model_defaults, name))
-    m.add_argument("--sharp", type=float, default=model_defaults.sharp, help="softmax sharpening")
-    m.add_argument("--reg", type=float, default=model_defaults.reg, help="L2 strength")
-    m.add_argument("--write", default=model_defaults.write, help='"k-s-c/..."; "" = none')
-    m.add_argument("--read", default=model_defaults.read, help='"k-s-c/..."; "" = none')
+        m.add_argument(
+            f"--{name}", type=int, default=getattr(model_defaults, name), help=MODEL_HELP[name]
+        )
+    for name in ("sharp", "reg"):
+        m.add_argument(
+            f"--{name}", type=float, default=getattr(model_defaults, name), help=MODEL_HELP[name]
+        )
+    for name in ("write", "read"):
+        m.add_argument(f"--{name}", default=getattr(model_defaults, name), help=MODEL_HELP[name])
     m.add_argument(
         "--video_features", type=_bool, nargs="?", const=True, default=None,
-        help="the release's Video+Sub switch: must agree with --data_source video_sub",
+        help="the release's Video+Sub switch; must agree with --data_source video_sub "
+        "(default: implied by --data_source)",
     )  # fmt: skip
     x = parser.add_argument_group("model (this implementation)")
-    x.add_argument("--alpha", type=float, default=model_defaults.alpha)
-    x.add_argument("--legacy", action="store_true", help="the released TF code's quirks")
-    x.add_argument("--cbp_hash", default=model_defaults.cbp_hash, choices=("random", "tensorflow"))
+    x.add_argument("--alpha", type=float, default=model_defaults.alpha, help=MODEL_HELP["alpha"])
+    x.add_argument("--legacy", action="store_true", help=MODEL_HELP["legacy"])
+    x.add_argument(
+        "--cbp_hash",
+        default=model_defaults.cbp_hash,
+        choices=("random", "tensorflow"),
+        help=MODEL_HELP["cbp_hash"],
+    )
 
     t = parser.add_argument_group("training (release flags)")
     for name in ("batch_size", "max_steps", "learning_rate_decay_examples", "validation_step",
                  "full_validation_step", "checkpoint_step", "early_stop"):  # fmt: skip
-        t.add_argument(f"--{name}", type=int, default=getattr(train_defaults, name))
+        t.add_argument(
+            f"--{name}", type=int, default=getattr(train_defaults, name), help=TRAIN_HELP[name]
+        )
     for name in ("init_lr", "init_accumulator_value", "learning_rate_decay_rate",
                  "save_threshold"):  # fmt: skip
-        t.add_argument(f"--{name}", type=float, default=getattr(train_defaults, name))
+        t.add_argument(
+            f"--{name}", type=float, default=getattr(train_defaults, name), help=TRAIN_HELP[name]
+        )
     for name in ("name", "checkpoint_dir", "pretrain", "checkpoint_file"):
-        t.add_argument(f"--{name}", default=None)
+        t.add_argument(f"--{name}", default=None, help=TRAIN_HELP[name])
 
     r = parser.add_argument_group("run (this implementation)")
-    r.add_argument("--data_dir", default=None, help="release layout; default: synthetic data")
-    r.add_argument("--out_dir", default=None, help="run directory (default runs/<name>)")
-    r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    r.add_argument("--amp", default="off", choices=tuple(AMP_DTYPES))
-    r.add_argument("--compile", action="store_true", help="torch.compile the model")
-    r.add_argument("--backend", default=None, choices=ops.BACKENDS, help="default $RWMN_BACKEND")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--resume", action="store_true", help="continue from <out_dir>/checkpoints")
-    r.add_argument("--tensorboard", action="store_true")
+    r.add_argument(
+        "--data_dir", default=None,
+        help="data in the release layout, docs/data.md (default: a synthetic data set, "
+        "generated once into $RWMN_CACHE or ~/.cache/rwmn)",
+    )  # fmt: skip
+    r.add_argument(
+        "--out_dir", default=None,
+        help="run directory: config.json, metrics.jsonl, checkpoints/ (default: runs/<name>); "
+        "a new run refuses a directory that holds a run (see --resume, --overwrite)",
+    )  # fmt: skip
+    r.add_argument(
+        "--resume", action="store_true",
+        help="continue the run in --out_dir from checkpoints/last.pt, bit-exactly. Flags "
+        "not given take the checkpoint's values; a given flag that differs is refused (see "
+        "--allow_resume_changes) unless it is --max_steps, --early_stop, --device, "
+        "--backend, --compile, --tensorboard or --nvtx. A run that reached --max_steps or "
+        "stopped early is reported and not trained on (raise the flag to go on)",
+    )  # fmt: skip
+    r.add_argument(
+        "--allow_resume_changes", action="store_true",
+        help="with --resume: apply the given flags that differ from the checkpoint's "
+        "(--batch_size, --init_lr, the decay, the step intervals, --save_threshold, "
+        "--data_dir, --amp, --sharp, --alpha, --reg), each logged and recorded in "
+        "config.json, instead of refusing them",
+    )  # fmt: skip
+    r.add_argument(
+        "--overwrite", action="store_true",
+        help="start a new run in an --out_dir that holds one, deleting its config.json, "
+        "metrics.jsonl, tensorboard/ and checkpoints (other files are kept)",
+    )  # fmt: skip
+    r.add_argument(
+        "--device",
+        default="auto",
+        help="auto (cuda if available, else cpu), cpu, cuda or cuda:<index>",
+    )
+    r.add_argument(
+        "--amp",
+        default="off",
+        choices=tuple(AMP_DTYPES),
+        help="mixed precision of the forward pass (fp16 uses a gradient scaler)",
+    )
+    r.add_argument("--compile", action="store_true", help="run the model through torch.compile")
+    r.add_argument(
+        "--backend", default=None, choices=ops.BACKENDS,
+        help="reference (plain PyTorch), triton (fused kernels, CUDA) or auto (triton on "
+        "CUDA where installed) (default: $RWMN_BACKEND, else auto)",
+    )  # fmt: skip
+    r.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the initialisation and the batch samplers, in [0, 2**63)",
+    )
+    r.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write tensorboard events to <out_dir>/tensorboard",
+    )
     r.add_argument("--nvtx", action="store_true", help="NVTX ranges for nsys (CUDA only)")
-    r.add_argument("--eval_only", action="store_true")
-    r.add_argument("--split", default="val", choices=("val", "test"), help="with --eval_only")
+    r.add_argument(
+        "--eval_only", action="store_true",
+        help="evaluate --checkpoint_file on --split and write "
+        "<out_dir>/predictions_<split>.txt; no training. Model flags not given take the "
+        "checkpoint's values",
+    )  # fmt: skip
+    r.add_argument(
+        "--split", default="val", choices=("val", "test"), help="the split --eval_only evaluates"
+    )
 
-    u = parser.add_argument_group("release flags its code never used (reported, no effect)")
+    u = parser.add_argument_group(
+        "release flags its code never used",
+        "Accepted so that old command lines run, reported as unused, no effect: "
+        + ", ".join(f"--{name}" for name in UNUSED_RELEASE_FLAGS)
+        + ".",
+    )
     for name in UNUSED_RELEASE_FLAGS:
         u.add_argument(f"--{name}", default=None, help=argparse.SUPPRESS)
     return parser
 
 
+def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The destinations of the flags given on the command line (the others are defaults)."""
+    unset = object()
+    dests = vars(parser.parse_args(argv))
+    namespace = argparse.Namespace(**dict.fromkeys(dests, unset))
+    parser.parse_args(argv, namespace=namespace)  # defaults are not set over present names
+    return {name for name, value in vars(namespace).items() if value is not unset}
+
+
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(RWMNConfig))
+TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
 def configs_from_args(args: argparse.Namespace) -> tuple[RWMNConfig, TrainConfig, list[str]]:
     values = vars(args)
     unused = [f"--{name}" for name in UNUSED_RELEASE_FLAGS if values.get(name) is not None]
-    if args.video_features is not None and args.video_features != (args.data_source == "video_sub"):
-        raise ConfigError(
-            f"--video_features {args.video_features} disagrees with --data_source "
-            f"{args.data_source}: the data source selects video+subtitle mode"
-        )
-    model_fields = {f.name for f in dataclasses.fields(RWMNConfig)}
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    model_cfg = RWMNConfig(**{k: v for k, v in values.items() if k in model_fields})
-    train_cfg = TrainConfig(**{k: v for k, v in values.items() if k in train_fields})
+    model_cfg = RWMNConfig(**{k: values[k] for k in MODEL_FIELDS})
+    train_cfg = TrainConfig(**{k: values[k] for k in TRAIN_FIELDS})
     return model_cfg, train_cfg, unused
 
 
-# --------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------
+def check_video_features(video_features: bool | None, model_cfg: RWMNConfig) -> None:
+    if video_features is not None and video_features != model_cfg.video:
+        raise ConfigError(
+            f"--video_features {video_features} disagrees with --data_source "
+            f"{model_cfg.data_source}: the data source selects video+subtitle mode"
+        )
 
 
-def atomic_save(obj, path: str) -> None:
-    """torch.save to a temporary file in the same directory, fsync, then rename."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
+def _show(value) -> str:
+    return repr(value) if isinstance(value, str) or value is None else str(value)
+
+
+def _saved_model_config(state: dict, path: str) -> RWMNConfig:
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        return RWMNConfig.from_dict(state["model_config"])
+    except ConfigError as exc:
+        raise CheckpointError(f"checkpoint {path!r} holds an invalid model_config: {exc}") from exc
+
+
+def checkpoint_model_config(state: dict, path: str, values: dict, given: set[str]) -> RWMNConfig:
+    """The checkpoint's model configuration; model flags given must agree with it."""
+    saved = _saved_model_config(state, path)
+    diff = [
+        f"--{name} {_show(values[name])} (checkpoint: {_show(getattr(saved, name))})"
+        for name in MODEL_FIELDS
+        if name in given and values[name] != getattr(saved, name)
+    ]
+    if diff:
+        raise CheckpointError(
+            f"checkpoint {path!r} was written for another model configuration: " + ", ".join(diff)
+        )
+    return saved
 
 
 def load_checkpoint(path: str, model_cfg: RWMNConfig | None = None) -> dict:
-    """Read a checkpoint; with ``model_cfg``, check it was written for that configuration."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path!r} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # a truncated or foreign file: say which
-        raise CheckpointError(f"checkpoint {path!r} cannot be read: {exc}") from exc
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path!r} is not an rwmn checkpoint (format {CHECKPOINT_FORMAT})")
+    """Read a checkpoint safely; with ``model_cfg``, check it was written for that model."""
+    state = checkpoint.read(path)
     if model_cfg is not None:
-        saved = state["model_config"]
-        ours = model_cfg.to_dict()
-        diff = [
-            f"--{k}: checkpoint {saved.get(k)!r}, this run {ours[k]!r}"
-            for k in ours
-            if saved.get(k) != ours[k]
-        ]
-        if diff:
-            raise CheckpointError(
-                f"checkpoint {path!r} was written for another model configuration:\n  "
-                + "\n  ".join(diff)
-            )
+        _check_model_config(state, path, model_cfg)
     return state
+
+
+def _check_model_config(state: dict, path: str, model_cfg: RWMNConfig) -> None:
+    saved, ours = state["model_config"], model_cfg.to_dict()
+    diff = [
+        f"--{k} {_show(ours[k])} (checkpoint: {_show(saved.get(k))})"
+        for k in ours
+        if saved.get(k) != ours[k]
+    ]
+    if diff:
+        raise CheckpointError(
+            f"checkpoint {path!r} was written for another model configuration: " + ", ".join(diff)
+        )
+
+
+@dataclass
+class ResumePoint:
+    """A validated last.pt, how it looked on disk when read, and the flags that change."""
+
+    path: str
+    state: dict
+    stamp: tuple[int, int, int]
+    changes: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def read(cls, path: str) -> ResumePoint:
+        stamp = _stamp(path)
+        state = checkpoint.read(path)
+        checkpoint.check_resumable(state, path)
+        return cls(path, state, stamp)
+
+
+def _stamp(path: str) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def resume_configs(
+    point: ResumePoint, values: dict, given: set[str], flags: TrainConfig
+) -> tuple[RWMNConfig, TrainConfig, list[dict]]:
+    """The configuration a resumed run continues with: the checkpoint's, with the flags
+    given applied as FREE_ON_RESUME and CHANGEABLE_ON_RESUME allow, and the changes made.
+    ``flags`` is this invocation's configuration, for the INVOCATION_FIELDS."""
+    path, state = point.path, point.state
+    saved_model = _saved_model_config(state, path)
+    saved = state["train_config"]
+    unknown = sorted(set(saved) - set(TRAIN_FIELDS))
+    if unknown:
+        raise CheckpointError(f"checkpoint {path!r}: unknown train_config fields {unknown}")
+    try:
+        saved_train = TrainConfig(**{k: v for k, v in saved.items() if k not in INVOCATION_FIELDS})
+    except ConfigError as exc:
+        raise CheckpointError(f"checkpoint {path!r} holds an invalid train_config: {exc}") from exc
+    step = state["step"]
+    model_updates, train_updates = {}, {}
+    changes, refused, never = [], [], []
+    allow = flags.allow_resume_changes
+    for name in sorted(given):
+        if name in MODEL_FIELDS:
+            old, updates = getattr(saved_model, name), model_updates
+        elif name in TRAIN_FIELDS and name not in INVOCATION_FIELDS:
+            old, updates = getattr(saved_train, name), train_updates
+        else:
+            continue
+        new = values[name]
+        if new == old:
+            continue
+        change = {"step": step, "flag": f"--{name}", "from": old, "to": new}
+        text = f"--{name} {_show(new)} (checkpoint: {_show(old)})"
+        if name in FREE_ON_RESUME or (name in CHANGEABLE_ON_RESUME and allow):
+            updates[name] = new
+            changes.append(change)
+        elif name in CHANGEABLE_ON_RESUME:
+            refused.append(text)
+        else:
+            never.append(text)
+    if never:
+        raise ConfigError(
+            f"--resume: these flags cannot change within a run: {', '.join(never)} "
+            f"(checkpoint {path!r}); drop them to continue the run, or start a new one "
+            "(--overwrite or another --out_dir)"
+        )
+    if refused:
+        raise ConfigError(
+            f"--resume: these flags differ from the checkpoint {path!r}: {', '.join(refused)}; "
+            "drop them to continue as the run began, or add --allow_resume_changes to apply them"
+        )
+    invocation = {k: getattr(flags, k) for k in INVOCATION_FIELDS}
+    model_cfg = dataclasses.replace(saved_model, **model_updates)
+    train_cfg = dataclasses.replace(saved_train, **train_updates, **invocation)
+    return model_cfg, train_cfg, changes
 
 
 # --------------------------------------------------------------------------------------
 # Trainer
 # --------------------------------------------------------------------------------------
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
-    return device
 
 
 @dataclass
@@ -243,13 +544,21 @@ class EvalResult:
     predictions: list[tuple[str, int]]
 
 
+def _summary_writer_class():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise ConfigError(
+            "--tensorboard needs the tensorboard package: pip install tensorboard"
+        ) from exc
+    return SummaryWriter
+
+
 class Trainer:
     def __init__(self, model_cfg: RWMNConfig, cfg: TrainConfig, log=print) -> None:
         self.model_cfg, self.cfg, self.log = model_cfg, cfg, log
         self.device = resolve_device(cfg.device)
-        name = cfg.name or f"rwmn_{model_cfg.data_source}"
-        self.out_dir = cfg.out_dir or os.path.join("runs", name)
-        self.ckpt_dir = cfg.checkpoint_dir or os.path.join(self.out_dir, "checkpoints")
+        self.out_dir, self.ckpt_dir = run_paths(model_cfg, cfg)
         if cfg.data_dir is None:
             from rwmn.data.synthetic import ensure_default
 
@@ -280,7 +589,10 @@ class Trainer:
         # Running sums of the training loss, accuracy and questions since the last progress
         # line; checkpointed so a resumed run logs what the uninterrupted one would.
         self.window = {"loss": 0.0, "acc": 0.0, "questions": 0}
-        self.start = time.perf_counter()
+        # Training time: `start` and `window_t` are perf_counter origins, moved back on
+        # resume by the seconds the checkpoint recorded, so time continues across resumes.
+        self.start = self.window_t = time.perf_counter()
+        self.changes: list[dict] = []  # flags changed on --resume, with the step
         self.writer = None  # a tensorboard SummaryWriter with --tensorboard
 
     # -- data ----------------------------------------------------------------------------
@@ -292,6 +604,7 @@ class Trainer:
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        now = time.perf_counter()
         return {
             "format": CHECKPOINT_FORMAT,
             "model_config": self.model_cfg.to_dict(),
@@ -304,6 +617,9 @@ class Trainer:
             "best_acc": self.best_acc,
             "bad_evals": self.bad_evals,
             "window": dict(self.window),
+            "seconds": now - self.start,
+            "window_seconds": now - self.window_t,
+            "changes": list(self.changes),
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -313,22 +629,50 @@ class Trainer:
             },
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+    def load_state_dict(self, state: dict, path: str = "checkpoint") -> None:
+        """Restore a checkpoint's training state (checked by checkpoint.check_resumable)."""
+
+        def restore(part: str, apply: Callable[[], object]) -> None:
+            try:
+                apply()
+            except Exception as exc:  # an untrusted file: name it and the part
+                raise CheckpointError(
+                    f"checkpoint {path!r}: cannot restore {part} ({one_line(exc)})"
+                ) from exc
+
+        restore("model", lambda: self.model.load_state_dict(state["model"]))
+        restore("optimizer", lambda: self.optimizer.load_state_dict(state["optimizer"]))
+        restore("scheduler", lambda: self.scheduler.load_state_dict(state["scheduler"]))
+        if self.scaler.is_enabled() and state["scaler"]:  # empty: saved without fp16
+            restore("scaler", lambda: self.scaler.load_state_dict(state["scaler"]))
         self.step, self.best_acc, self.bad_evals = (
-            state["step"], state["best_acc"], state["bad_evals"],
+            state["step"], float(state["best_acc"]), state["bad_evals"],
         )  # fmt: skip
         self.window = dict(state["window"])
+        now = time.perf_counter()
+        self.start = now - state.get("seconds", 0.0)
+        self.window_t = now - state.get("window_seconds", 0.0)
+        self.changes = list(state.get("changes", []))
         rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        self.sampler.bit_generator.state = rng["numpy_sampler"]
-        self.val_sampler.bit_generator.state = rng["numpy_val_sampler"]
-        random.setstate(rng["python"])
+        restore("rng/torch", lambda: torch.set_rng_state(rng["torch"]))
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            restore("rng/cuda", lambda: torch.cuda.set_rng_state_all(rng["cuda"]))
+
+        def numpy_states() -> None:
+            self.sampler.bit_generator.state = rng["numpy_sampler"]
+            self.val_sampler.bit_generator.state = rng["numpy_val_sampler"]
+
+        restore("rng/numpy", numpy_states)
+        restore("rng/python", lambda: random.setstate(rng["python"]))
+
+    def _follow_schedule_flags(self) -> None:
+        """After a checkpoint with another --init_lr or decay was restored (resume with
+        --allow_resume_changes): the learning rate from this run's flags, from now on."""
+        lr_at = self.scheduler.lr_lambdas[0]
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = self.cfg.init_lr
+            group["lr"] = self.cfg.init_lr * lr_at(self.scheduler.last_epoch)
+        self.scheduler.base_lrs = [self.cfg.init_lr] * len(self.optimizer.param_groups)
 
     def save(self, name: str) -> str:
         path = os.path.join(self.ckpt_dir, name)
@@ -401,32 +745,148 @@ class Trainer:
             self.writer.add_scalar(f"{split}/acc", acc, self.step)
             self.writer.add_scalar(f"{split}/loss", loss, self.step)
 
+    def _write_config(self) -> None:
+        config = {
+            "model": self.model_cfg.to_dict(),
+            "train": dataclasses.asdict(self.cfg),
+            "data_dir": self.data_dir,
+            "out_dir": self.out_dir,
+            "checkpoint_dir": self.ckpt_dir,
+            "device": str(self.device),
+            "backend": ops.get_backend(),
+            "changes": self.changes,
+        }
+        atomic_write_text(os.path.join(self.out_dir, "config.json"), json.dumps(config, indent=2))
+
     # -- the loop ------------------------------------------------------------------------
-    def fit(self) -> dict:
+    def _not_training(self, state: dict) -> str | None:
+        """Why a resumed run has nothing to do (it stopped early or reached --max_steps)."""
+        cfg, step, bad = self.cfg, state["step"], state["bad_evals"]
+        if bad >= cfg.early_stop:
+            return (
+                f"the run in {self.out_dir} stopped early at step {step}: {bad} full "
+                f"validations without improvement (--early_stop {cfg.early_stop}); not "
+                f"training. Raise --early_stop above {bad} to train it on."
+            )
+        if step >= cfg.max_steps:
+            return (
+                f"the run in {self.out_dir} is complete at step {step} (--max_steps "
+                f"{cfg.max_steps}); not training. Raise --max_steps to train it on."
+            )
+        return None
+
+    def _locks(self) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        stack.enter_context(RunLock(self.out_dir))
+        out, ckpt = os.path.abspath(self.out_dir), os.path.abspath(self.ckpt_dir)
+        if os.path.commonpath([out, ckpt]) != out:  # --checkpoint_dir outside the run dir
+            stack.enter_context(RunLock(self.ckpt_dir))
+        return stack
+
+    def fit(self, resume: ResumePoint | None = None) -> dict:
+        """Train a new run, or continue ``resume`` (read from last.pt by the caller, or
+        here when ``cfg.resume`` is set). Everything that can be refused is checked before
+        the run directory is written."""
         cfg = self.cfg
-        train, val = self.data("train"), self.data("val")
-        os.makedirs(self.out_dir, exist_ok=True)
         last = os.path.join(self.ckpt_dir, "last.pt")
-        if cfg.resume:
+        if cfg.resume and resume is None:
             if not os.path.isfile(last):
                 raise CheckpointError(f"--resume: no checkpoint {last!r} to resume from")
-            self.load_state_dict(load_checkpoint(last, self.model_cfg))
-            self.log(f"resumed from {last} at step {self.step}")
-        elif cfg.pretrain:
-            self.load_weights(cfg.pretrain)
-            self.log(f"initialised from --pretrain {cfg.pretrain}")
-        with open(os.path.join(self.out_dir, "config.json"), "w") as f:
-            json.dump(
-                {"model": self.model_cfg.to_dict(), "train": dataclasses.asdict(cfg),
-                 "data_dir": self.data_dir, "device": str(self.device),
-                 "backend": ops.get_backend()}, f, indent=2)  # fmt: skip
+            resume = ResumePoint.read(last)
+            _check_model_config(resume.state, last, self.model_cfg)
+        if resume is not None:
+            reason = self._not_training(resume.state)
+            if reason is not None:
+                self.log(reason)
+                state = resume.state
+                return {"step": state["step"], "best_acc": state["best_acc"], "trained": False}
+        rundir.check_directory_flag(self.out_dir, "--out_dir")
+        rundir.check_directory_flag(self.ckpt_dir, "--checkpoint_dir")
+        if resume is None and not cfg.overwrite:
+            self._refuse_existing_run()
+        train, val = self.data("train"), self.data("val")  # opens and checks every file
+        writer_class = _summary_writer_class() if cfg.tensorboard else None
+        pretrained = None
+        if resume is None and cfg.pretrain:
+            pretrained = load_checkpoint(cfg.pretrain, self.model_cfg)
+            self.log(f"initialising from --pretrain {cfg.pretrain}")
+        with self._locks():
+            if resume is not None:
+                self._continue(resume)
+            else:
+                self._start(pretrained)
+            removed = rundir.remove_temp_files(self.out_dir, self.ckpt_dir)
+            if removed:
+                self.log(f"removed {len(removed)} temporary file(s) of a killed run")
+            if resume is None:
+                self.save("last.pt")  # resumable from its first moment
+            self._write_config()
+            if writer_class is not None:
+                # Events after the checkpoint's step were logged by the killed process.
+                purge = self.step + 1 if resume is not None else None
+                self.writer = writer_class(os.path.join(self.out_dir, "tensorboard"),
+                                           purge_step=purge)  # fmt: skip
+            try:
+                return self._train(train, val)
+            finally:
+                if self.writer is not None:
+                    self.writer.close()
+
+    def _refuse_existing_run(self) -> None:
+        existing = rundir.run_files(self.out_dir, self.ckpt_dir)
+        if existing:
+            names = ", ".join(os.path.relpath(p, self.out_dir) for p in existing)
+            raise RunDirError(
+                f"--out_dir {self.out_dir!r} holds a run ({names}): add --resume to continue "
+                "it or --overwrite to replace it, or choose another --out_dir"
+            )
+
+    def _start(self, pretrained: dict | None) -> None:
+        if not self.cfg.overwrite:
+            self._refuse_existing_run()  # again, under the lock
+        if pretrained is not None:  # before --overwrite deletes anything
+            try:
+                self.model.load_state_dict(pretrained["model"])
+            except RuntimeError as exc:
+                raise CheckpointError(
+                    f"--pretrain {self.cfg.pretrain!r}: cannot load its weights ({one_line(exc)})"
+                ) from exc
+        if self.cfg.overwrite:
+            removed = rundir.remove_run(self.out_dir, self.ckpt_dir)
+            if removed:
+                names = ", ".join(os.path.relpath(p, self.out_dir) for p in removed)
+                self.log(f"--overwrite: removed the previous run's {names}")
+
+    def _continue(self, resume: ResumePoint) -> None:
+        if _stamp(resume.path) != resume.stamp:
+            raise CheckpointError(
+                f"{resume.path!r} changed while this run started (another run?); run again"
+            )
+        self.load_state_dict(resume.state, resume.path)
+        self.changes += resume.changes
+        for change in resume.changes:
+            self.log(
+                f"--resume: {change['flag']} {_show(change['to'])} "
+                f"(checkpoint: {_show(change['from'])})"
+            )
+        if {c["flag"] for c in resume.changes} & {"--init_lr", "--learning_rate_decay_examples",
+                                                   "--learning_rate_decay_rate"}:  # fmt: skip
+            self._follow_schedule_flags()
+        dropped = rundir.truncate_metrics(os.path.join(self.out_dir, "metrics.jsonl"), self.step)
+        self.log(
+            f"resumed from {resume.path} at step {self.step}"
+            + (f"; dropped {dropped} metrics.jsonl line(s) logged after it" if dropped else "")
+        )
+
+    def _train(self, train: MovieQAData, val: MovieQAData) -> dict:
+        cfg = self.cfg
         self.log(
             f"training on {train.num_questions} questions ({len(train.movies)} movies), "
             f"validating on {val.num_questions}; {self.device}, backend {ops.get_backend()}, "
             f"amp {cfg.amp}, {sum(p.numel() for p in self.model.parameters())} parameters; "
             f"run directory {self.out_dir}"
         )
-        window, window_t = self.window, time.perf_counter()
+        window = self.window
         stopped = "max_steps"
         while self.step < cfg.max_steps:
             batch = train.random_batch(self.sampler, cfg.batch_size)
@@ -436,7 +896,7 @@ class Trainer:
             window["acc"] += acc * n
             window["questions"] += n
             if self.step % cfg.validation_step == 0:
-                elapsed = time.perf_counter() - window_t
+                elapsed = time.perf_counter() - self.window_t
                 q = window["questions"]
                 tl, ta = window["loss"] / q, window["acc"] / q
                 self.record("train", ta, tl, questions_per_second=round(q / elapsed, 1))
@@ -449,7 +909,7 @@ class Trainer:
                     f"lr {self.scheduler.get_last_lr()[0]:.2e}"
                 )
                 window.update(loss=0.0, acc=0.0, questions=0)
-                window_t = time.perf_counter()
+                self.window_t = time.perf_counter()
             if self.step % cfg.full_validation_step == 0:
                 v = self.evaluate(val.iter_batches(cfg.batch_size))
                 self.record("val", v.acc, v.loss)
@@ -471,29 +931,46 @@ class Trainer:
                 self.save("last.pt")
         self.save("last.pt")
         seconds = time.perf_counter() - self.start
-        self.log(
-            f"done at step {self.step} ({stopped}) in {seconds:.1f} s; "
+        best = (
             f"best full validation accuracy {self.best_acc:.4f}"
+            if math.isfinite(self.best_acc)
+            else f"no full validation ran (every --full_validation_step {cfg.full_validation_step})"
         )
-        return {"step": self.step, "best_acc": self.best_acc, "seconds": seconds}
+        self.log(f"done at step {self.step} ({stopped}) in {seconds:.1f} s; {best}")
+        return {"step": self.step, "best_acc": self.best_acc, "seconds": seconds, "trained": True}
 
-    def run_eval(self) -> EvalResult:
+    def run_eval(self, state: dict | None = None, path: str | None = None) -> EvalResult:
+        """Evaluate a checkpoint (``state``, read from ``path``; by default
+        ``--checkpoint_file``) on ``--split`` and write predictions_<split>.txt."""
         cfg = self.cfg
-        self.load_weights(cfg.checkpoint_file)
+        path = path or cfg.checkpoint_file
+        state = state if state is not None else load_checkpoint(path, self.model_cfg)
+        rundir.check_directory_flag(self.out_dir, "--out_dir")
         data = self.data(cfg.split)
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise CheckpointError(f"checkpoint {path!r}: cannot load ({one_line(exc)})") from exc
         result = self.evaluate(data.iter_batches(cfg.batch_size))
-        os.makedirs(self.out_dir, exist_ok=True)
-        path = os.path.join(self.out_dir, f"predictions_{cfg.split}.txt")
-        with open(path, "w") as f:
-            f.writelines(f"{qid} {answer}\n" for qid, answer in result.predictions)
+        out = os.path.join(self.out_dir, f"predictions_{cfg.split}.txt")
+        atomic_write_text(out, "".join(f"{qid} {answer}\n" for qid, answer in result.predictions))
         acc = "n/a (no cor_idx)" if result.acc is None else f"{result.acc:.4f}"
-        self.log(f"{cfg.split}: {len(result.predictions)} questions, accuracy {acc}; wrote {path}")
+        self.log(f"{cfg.split}: {len(result.predictions)} questions, accuracy {acc}; wrote {out}")
         return result
+
+
+# --------------------------------------------------------------------------------------
+# train.py
+# --------------------------------------------------------------------------------------
+
+ERRORS = (ConfigError, DataError, CheckpointError, RunDirError, ops.BackendUnavailableError)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    given = given_flags(parser, argv)
+    values = vars(args)
     try:
         model_cfg, cfg, unused = configs_from_args(args)
         if unused:
@@ -502,23 +979,36 @@ def main(argv: list[str] | None = None) -> int:
                 + ", ".join(unused),
                 file=sys.stderr,
             )
+        out_dir, ckpt_dir = run_paths(model_cfg, cfg)
+        cfg = dataclasses.replace(cfg, out_dir=out_dir)  # fixed before a resume's merge
+        state, resume = None, None
+        if cfg.eval_only:
+            state = checkpoint.read(cfg.checkpoint_file)
+            model_cfg = checkpoint_model_config(state, cfg.checkpoint_file, values, given)
+        elif cfg.resume:
+            last = os.path.join(ckpt_dir, "last.pt")
+            if not os.path.isfile(last):
+                hint = (
+                    " (it was killed before its first checkpoint: start it again with --overwrite)"
+                    if rundir.run_files(out_dir, ckpt_dir)
+                    else ""
+                )
+                raise CheckpointError(f"--resume: no checkpoint {last!r} to resume from{hint}")
+            resume = ResumePoint.read(last)
+            model_cfg, cfg, resume.changes = resume_configs(resume, values, given, cfg)
+        check_video_features(args.video_features, model_cfg)
+        rundir.check_directory_flag(out_dir, "--out_dir")
+        rundir.check_directory_flag(ckpt_dir, "--checkpoint_dir")
+        ops.check_device(resolve_device(cfg.device), cfg.backend)
         backend = ops.use_backend(cfg.backend) if cfg.backend else contextlib.nullcontext()
         nvtx = nvtx_enabled() if cfg.nvtx else contextlib.nullcontext()
         with backend, nvtx:
             trainer = Trainer(model_cfg, cfg)
             if cfg.eval_only:
-                trainer.run_eval()
-                return 0
-            if cfg.tensorboard:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-                except ImportError as exc:
-                    raise ConfigError(
-                        "--tensorboard needs the tensorboard package: pip install tensorboard"
-                    ) from exc
-                trainer.writer = SummaryWriter(os.path.join(trainer.out_dir, "tensorboard"))
-            trainer.fit()
-    except (ConfigError, DataError, CheckpointError, ops.BackendUnavailableError) as exc:
-        print(f"train.py: error: {exc}", file=sys.stderr)
+                trainer.run_eval(state, cfg.checkpoint_file)
+            else:
+                trainer.fit(resume)
+    except ERRORS as exc:
+        print(f"train.py: error: {one_line(exc)}", file=sys.stderr)
         return 2
     return 0

@@ -141,6 +141,53 @@ def test_synthetic_config_errors():
         SyntheticConfig(dim_text=4)
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--train_movies", "0"], ["--val_movies", "0"], ["--test_movies", "0"],
+        ["--scene_len", "0"], ["--questions_per_movie", "0"], ["--distractors", "bogus"],
+        ["--dim_rgb", "0", "--source", "video_sub"], ["--num_answer", "1"],
+        ["--min_scenes", "1"], ["--max_scenes", "3", "--min_scenes", "4"],
+        ["--noise", "nan"], ["--noise", "-1"], ["--seed", "-1"], ["--dim_text", "5"],
+        ["--source", "movies"], ["--train_movies", "x"],
+    ],
+    ids=" ".join,
+)  # fmt: skip
+def test_synthetic_cli_refuses_unusable_data(tmp_path, capsys, flags):
+    """Issue 9 item 8: every flag is validated, the error names it on one line (exit 2),
+    and the --out directory it would have created is not left behind."""
+    from rwmn.data.synthetic import main as synthetic_main
+
+    out = tmp_path / "new" / "data"
+    try:
+        status = synthetic_main(["--out", str(out), *flags])
+    except SystemExit as exc:  # argparse's own errors (a choice, a type)
+        status = exc.code
+    err = capsys.readouterr().err
+    assert status == 2
+    assert flags[0] in err or (flags[0] == "--max_scenes" and "--min_scenes" in err), err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "new").exists()
+
+
+def test_failed_generation_leaves_nothing(tmp_path, monkeypatch):
+    """Issue 9 item 8: a generator that fails half-way removes what it created."""
+    from rwmn.data import synthetic
+
+    def broken(self):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(synthetic._Generator, "movie", broken)
+    out = tmp_path / "a" / "b"
+    with pytest.raises(OSError, match="disk full"):
+        generate(out, SyntheticConfig(**TINY))
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "kept").mkdir()  # a directory that existed before is kept, emptied
+    with pytest.raises(OSError, match="disk full"):
+        generate(tmp_path / "kept", SyntheticConfig(**TINY))
+    assert os.listdir(tmp_path / "kept") == []
+
+
 def test_cli(tmp_path):
     args = [sys.executable, "-m", "rwmn.data.synthetic", "--out", str(tmp_path), "--source"]
     args += ["sub", "--train_movies", "2", "--val_movies", "1", "--test_movies", "1"]
@@ -391,15 +438,99 @@ def test_non_finite_questions(tmp_path, dataset, bad):
     data.close()
 
 
-@pytest.mark.parametrize("value", [-1, NUM_ANSWER])
-def test_cor_idx_out_of_range(tmp_path, value):
-    root = write_release(tmp_path)
+def _truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def _as_strings(group, key: str) -> None:
+    shape = group[key].shape
+    del group[key]
+    group[key] = np.full(shape, b"0.5")
+
+
+def _truncated_story(root: Path) -> None:
+    _truncate(root / "sub" / "story.h5")
+
+
+def _random_bytes_qa(root: Path) -> None:
+    (root / "sub" / "train" / f"{MOVIES[1]}.h5").write_bytes(os.urandom(2048))
+
+
+def _truncated_qa(root: Path) -> None:
+    _truncate(root / "sub" / "train" / f"{MOVIES[1]}.h5", 0.9)
+
+
+def _story_strings(root: Path) -> None:
+    with edit_story(root) as f:
+        _as_strings(f, MOVIES[1])
+
+
+def _query_strings(root: Path) -> None:
+    with edit_qa(root, MOVIES[1]) as f:
+        _as_strings(f, "query_rep")
+
+
+def _answers_group(root: Path) -> None:
     with edit_qa(root) as f:
+        del f["answer_rep"]
+        f.create_group("answer_rep")
+
+
+#: How a file is spoiled, and what the one-line message must say.
+UNREADABLE = {
+    "truncated story.h5": (_truncated_story, r"story\.h5: cannot be read \(.*truncated"),
+    "QA file of random bytes": (_random_bytes_qa, rf"{MOVIES[1]}\.h5: cannot be read"),
+    "truncated QA file": (_truncated_qa, rf"{MOVIES[1]}\.h5: cannot be read"),
+    "story as strings": (_story_strings, rf"story\.h5:{MOVIES[1]} has dtype \|S3, expected num"),
+    "query_rep as strings": (_query_strings, rf"{MOVIES[1]}\.h5:query_rep has dtype \|S3"),
+    "answer_rep a group": (_answers_group, rf"{MOVIES[0]}\.h5:answer_rep is a Group, expected"),
+}
+
+
+@pytest.mark.parametrize("case", UNREADABLE)
+def test_unreadable_files(tmp_path, case):
+    """Issue 9 item 4: a file h5py cannot open, or whose data cannot be read as numbers,
+    is a one-line DataError naming the file (and dataset), raised when the reader is built
+    (train.py turns it into exit status 2: tests/test_hardening.py)."""
+    root = write_release(tmp_path)
+    spoil, message = UNREADABLE[case]
+    spoil(root)
+    with pytest.raises(DataError, match=message) as caught:
+        read(root)
+    assert "\n" not in str(caught.value)
+
+
+def test_unreadable_video_story(tmp_path):
+    root = write_release(tmp_path, "video_sub")
+    with edit_story(root, "video_sub") as f:
+        _as_strings(f[MOVIES[0]], "rgb")
+    with pytest.raises(DataError, match=rf"story\.h5:{MOVIES[0]}/rgb has dtype \|S3"):
+        read(root, "video_sub")
+
+
+@pytest.mark.parametrize("value", [-1, NUM_ANSWER])
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_cor_idx_out_of_range(tmp_path, value, split):
+    """Issue 9 item 7: refused when the reader is built (every file up front), not when a
+    batch first draws that movie; in the test split too, where cor_idx is optional."""
+    root = write_release(tmp_path, split=split)
+    with edit_qa(root, MOVIES[1], split=split) as f:
         f["cor_idx"][1] = value
-    data = read(root)
-    with pytest.raises(DataError, match=r"tt0000001\.h5:cor_idx holds values outside \[0, 5\)"):
-        data.batch(0, np.arange(4))
-    data.close()
+    with pytest.raises(DataError, match=r"tt0000002\.h5:cor_idx holds values outside \[0, 5\)"):
+        read(root, split=split)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, bool])
+def test_cor_idx_not_integers(tmp_path, dtype):
+    """Issue 9 item 7: a float cor_idx was truncated silently (1.7 read as 1)."""
+    root = write_release(tmp_path)
+    with edit_qa(root, MOVIES[1]) as f:
+        values = f["cor_idx"][()]
+        del f["cor_idx"]
+        f["cor_idx"] = (values + 0.7).astype(dtype) if dtype is not bool else values > 1
+    with pytest.raises(DataError, match=r"tt0000002\.h5:cor_idx has dtype .*expected integers"):
+        read(root)
 
 
 # --------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ SHARP = 1.3
 
 
 def _hashes(d_in: int, d_out: int, seed: int = 0):
-    """CBP hashes drawn as SPEC.md section 2 describes (fixed seeds)."""
+    """CBP hashes drawn as docs/model.md section 2 describes (fixed seeds)."""
     out = []
     for k in (seed + 1, seed + 3):
         rng = np.random.RandomState(k)

@@ -1,11 +1,11 @@
 """The RWMN model (rwmn/model.py) on CPU with the reference backend.
 
-The two central checks rebuild the forward pass independently from SPEC.md, in float64,
+The two central checks rebuild the forward pass independently from docs/model.md, in float64,
 with the model's weights copied in:
 
-* legacy mode (SPEC section 6): the released TensorFlow graph step by step, NHWC layout,
+* legacy mode (docs/model.md section 6): the released TensorFlow graph step by step, NHWC layout,
   F.conv2d with explicit TF SAME padding, the row-major [1, m, d, c] -> [-1, d] reshape;
-* paper mode (SPEC sections 1-5): CBP of every (channel, slot) row with u (written as a
+* paper mode (docs/model.md sections 1-5): CBP of every (channel, slot) row with u (written as a
   direct circular convolution, no FFT), the read convs, unit-norm rows, softmax, the alpha
   update of u.
 
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from rwmn import RWMN, ConfigError, RWMNConfig, RWMNOutput, ops
 from rwmn.cbp import tensorflow_hashes
 
-EPS = 1e-12  # SPEC: unit_norm(x) = x / sqrt(eps + sum(x^2))
+EPS = 1e-12  # docs/model.md: unit_norm(x) = x / sqrt(eps + sum(x^2))
 #: float64 model vs float64 independent implementation.
 F64_ATOL = 1e-10
 
@@ -213,7 +213,7 @@ def test_tensorflow_hash_option():
 
 
 # --------------------------------------------------------------------------------------
-# Independent float64 implementations of SPEC sections 1-6
+# Independent float64 implementations of docs/model.md sections 1-6
 # --------------------------------------------------------------------------------------
 
 
@@ -245,7 +245,7 @@ def conv_params(model: RWMN, stack: str):
 
 
 def legacy_release_logits(model: RWMN, story, query, answers, interleave=True):
-    """SPEC section 6, the released text graph step by step (float64, NHWC).
+    """docs/model.md section 6, the released text graph step by step (float64, NHWC).
 
     interleave=False flattens channel-first instead of the release's row-major reshape of
     [1, m, d, c]: only to show that the test can tell the two apart."""
@@ -301,7 +301,7 @@ def nchw_conv(x, w, b, s):
 
 
 def paper_logits(model: RWMN, story, query, answers):
-    """SPEC sections 1-5 composed directly (float64), one question at a time."""
+    """docs/model.md sections 1-5 composed directly (float64), one question at a time."""
     cfg = model.cfg
     w_e, b_e = model.embed.weight.detach().double(), model.embed.bias.detach().double()
     if cfg.video:

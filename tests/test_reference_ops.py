@@ -1,6 +1,6 @@
 """The reference ops (rwmn/reference.py) against independent float64 computations.
 
-Every ground truth here is written from the SPEC formulas with numpy loops (TF SAME
+Every ground truth here is written from the formulas of docs/model.md with numpy loops (TF SAME
 padding, count sketch + direct circular convolution, softmax attention); none calls rwmn
 code. Also: float64 gradcheck of every op, bf16 autocast on CPU, and the backend dispatch
 of rwmn.ops.
@@ -52,7 +52,7 @@ def assert_close64(actual: torch.Tensor, expected: np.ndarray, what: str, rtol=F
 
 
 def tf_same(size: int, kernel: int, stride: int) -> tuple[int, int, int]:
-    """SPEC section 3, written out: out = ceil(in / s), pad_total, before = total // 2."""
+    """docs/model.md section 3, written out: out = ceil(in / s), pad_total, before = total // 2."""
     out = math.ceil(size / stride)
     pad_total = max((out - 1) * stride + kernel - size, 0)
     return out, pad_total // 2, pad_total - pad_total // 2
@@ -231,7 +231,7 @@ def test_count_sketch_matches_loop():
     assert_close64(got, count_sketch_numpy(x, h, s, 7), "count_sketch")
 
 
-#: SPEC: MCB models use D = 16000; inputs of size 2048 (ResNet features).
+#: MCB models for VQA use D = 16000; inputs of size 2048 (ResNet features).
 KERNEL_D, KERNEL_N = 16000, 2048
 #: Hash draws averaged for the kernel-property estimate.
 KERNEL_DRAWS = 4

@@ -1,4 +1,4 @@
-"""Data: the release's HDF5 layout (SPEC section 7) and a synthetic generator for it."""
+"""Data: the release's HDF5 layout (docs/data.md) and a synthetic generator for it."""
 
 from rwmn.data.movieqa import DataError, MovieQAData, QABatch
 

@@ -1,16 +1,19 @@
-"""Reader of the released MovieQA features (SPEC section 7), streaming with h5py.
+"""Reader of the released MovieQA features (docs/data.md), streaming with h5py.
 
     <data_dir>/<source>/story.h5               text: dataset per movie [n, dim_text]
                                                video_sub: group per movie, rgb and sub
     <data_dir>/<source>/<split>/<movie>.h5     query_rep, answer_rep, cor_idx, qid
 
-Only shapes are read at construction; a movie's story and questions are read when a batch
-needs them. Every array is checked (shape, dtype, NaN/inf, emptiness) as it is read, and
-errors name the file and dataset.
+At construction every file is opened and checked: each dataset's shape and dtype, and every
+QA file's cor_idx (integers in [0, num_answer)). A movie's story and question vectors are
+read when a batch needs them and checked then for NaN and inf. A file that cannot be read
+(truncated, not HDF5) or holds the wrong kind of data raises :class:`DataError` with one
+line naming the file and dataset.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +21,8 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 import torch
+
+from rwmn.cli import one_line
 
 SPLITS = ("train", "val", "test")
 QA_DATASETS = ("query_rep", "answer_rep", "cor_idx", "qid")
@@ -27,6 +32,31 @@ IGNORED_MARKERS = ("video", "subtt")
 
 class DataError(ValueError):
     """The data on disk does not match the layout or the configuration."""
+
+
+@contextlib.contextmanager
+def _reading(where: str) -> Iterator[None]:
+    """Turn what h5py and numpy raise on an unreadable file into a DataError naming it."""
+    try:
+        yield
+    except DataError:
+        raise
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:
+        raise DataError(f"{where}: cannot be read ({one_line(exc)})") from exc
+
+
+def _open(path: str) -> h5py.File:
+    with _reading(path):
+        return h5py.File(path, "r")
+
+
+def _dataset(node, where: str, kinds: str = "fiu", expected: str = "numbers") -> h5py.Dataset:
+    """``node`` as a dataset whose dtype kind is one of ``kinds`` (numpy dtype.kind)."""
+    if not isinstance(node, h5py.Dataset):
+        raise DataError(f"{where} is a {type(node).__name__}, expected a dataset")
+    if node.dtype.kind not in kinds:
+        raise DataError(f"{where} has dtype {node.dtype}, expected {expected}")
+    return node
 
 
 @dataclass
@@ -78,6 +108,8 @@ class MovieQAData:
         self.num_answer = num_answer
         self.require_answers = split != "test" if require_answers is None else require_answers
         root = os.path.join(os.fspath(data_dir), source)
+        if os.path.exists(os.fspath(data_dir)) and not os.path.isdir(os.fspath(data_dir)):
+            raise DataError(f"--data_dir {os.fspath(data_dir)!r} is a file, not a directory")
         if not os.path.isdir(os.fspath(data_dir)):
             raise DataError(f"--data_dir {os.fspath(data_dir)!r} does not exist")
         if not os.path.isdir(root):
@@ -96,14 +128,17 @@ class MovieQAData:
         self._story_file: h5py.File | None = None
         self.movies: list[str] = []
         self.counts: list[int] = []
-        with h5py.File(self.story_path, "r") as story:
+        with _open(self.story_path) as story:
             for name in files:
                 movie = name[: -len(".h5")]
-                if movie not in story:
-                    raise DataError(f"{self.story_path}: no story for movie {movie!r} of {split}")
-                self._check_story_shapes(story[movie], movie)
+                with _reading(f"{self.story_path}:{movie}"):
+                    if movie not in story:
+                        raise DataError(
+                            f"{self.story_path}: no story for movie {movie!r} of {split}"
+                        )
+                    self._check_story_shapes(story[movie], movie)
                 self.movies.append(movie)
-                self.counts.append(self._check_qa_shapes(movie))
+                self.counts.append(self._check_qa_file(movie))
 
     # ----------------------------------------------------------------------------------
     def _qa_path(self, movie: str) -> str:
@@ -114,7 +149,8 @@ class MovieQAData:
         if self.video:
             if not isinstance(node, h5py.Group) or "rgb" not in node or "sub" not in node:
                 raise DataError(f"{where}: a video_sub story must be a group with rgb and sub")
-            rgb, sub = node["rgb"].shape, node["sub"].shape
+            rgb = _dataset(node["rgb"], f"{where}/rgb", expected="numbers (features)").shape
+            sub = _dataset(node["sub"], f"{where}/sub", expected="numbers (features)").shape
             if len(rgb) != 2 or rgb[1] != self.dim_rgb:
                 raise DataError(
                     f"{where}/rgb has shape {rgb}, expected [n, {self.dim_rgb}] (--dim_rgb)"
@@ -129,6 +165,7 @@ class MovieQAData:
         else:
             if not isinstance(node, h5py.Dataset):
                 raise DataError(f"{where}: a {self.source} story must be a dataset [n, dim_text]")
+            _dataset(node, where, expected="numbers (features)")
             if node.ndim != 2 or node.shape[1] != self.dim_text:
                 raise DataError(
                     f"{where} has shape {node.shape}, expected [n, {self.dim_text}] (--dim_text)"
@@ -137,15 +174,17 @@ class MovieQAData:
         if rows == 0:
             raise DataError(f"{where}: the story is empty (0 elements)")
 
-    def _check_qa_shapes(self, movie: str) -> int:
+    def _check_qa_file(self, movie: str) -> int:
+        """Check a QA file's datasets (shapes, dtypes, cor_idx values); its question count."""
         path = self._qa_path(movie)
-        with h5py.File(path, "r") as f:
+        with _open(path) as f, _reading(path):
             needed = ("query_rep", "answer_rep") + (("cor_idx",) if self.require_answers else ())
             for key in needed:
                 if key not in f:
                     raise DataError(f"{path}: missing dataset {key!r}")
-            q = f["query_rep"].shape
-            a = f["answer_rep"].shape
+            features = "numbers (features)"
+            q = _dataset(f["query_rep"], f"{path}:query_rep", expected=features).shape
+            a = _dataset(f["answer_rep"], f"{path}:answer_rep", expected=features).shape
             if len(q) != 2 or q[1] != self.dim_text:
                 raise DataError(
                     f"{path}:query_rep has shape {q}, expected [q, {self.dim_text}] (--dim_text)"
@@ -158,10 +197,23 @@ class MovieQAData:
                     f"{path}:answer_rep has shape {a}, expected "
                     f"[{q[0]}, {self.num_answer}, {self.dim_text}] (--num_answer, --dim_text)"
                 )
-            if "cor_idx" in f and self.require_answers and f["cor_idx"].shape != (q[0],):
-                raise DataError(f"{path}:cor_idx has shape {f['cor_idx'].shape}, expected [{q[0]}]")
-            if "qid" in f and f["qid"].shape != (q[0],):
-                raise DataError(f"{path}:qid has shape {f['qid'].shape}, expected [{q[0]}]")
+            if "cor_idx" in f:
+                # Read whole (q integers): a float or out-of-range answer index is refused
+                # now, not truncated or found when a batch first draws this movie.
+                cor = _dataset(f["cor_idx"], f"{path}:cor_idx", "iu", "integers (answer indices)")
+                if cor.shape != (q[0],):
+                    raise DataError(f"{path}:cor_idx has shape {cor.shape}, expected [{q[0]}]")
+                values = np.asarray(cor[()])
+                if values.min() < 0 or values.max() >= self.num_answer:
+                    raise DataError(
+                        f"{path}:cor_idx holds values outside [0, {self.num_answer}) "
+                        f"(min {values.min()}, max {values.max()}; --num_answer)"
+                    )
+            if "qid" in f:
+                qid = f["qid"]
+                if not isinstance(qid, h5py.Dataset) or qid.shape != (q[0],):
+                    shape = getattr(qid, "shape", type(qid).__name__)
+                    raise DataError(f"{path}:qid has shape {shape}, expected [{q[0]}]")
             return q[0]
 
     @staticmethod
@@ -181,29 +233,28 @@ class MovieQAData:
     def story(self, movie: str) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The movie's story, read from disk now."""
         if self._story_file is None:
-            self._story_file = h5py.File(self.story_path, "r")
-        node = self._story_file[movie]
+            self._story_file = _open(self.story_path)
         where = f"{self.story_path}:{movie}"
-        if self.video:
-            rgb = self._finite(np.asarray(node["rgb"], dtype=np.float32), f"{where}/rgb")
-            sub = self._finite(np.asarray(node["sub"], dtype=np.float32), f"{where}/sub")
-            return torch.from_numpy(rgb), torch.from_numpy(sub)
-        return torch.from_numpy(self._finite(np.asarray(node, dtype=np.float32), where))
+        with _reading(where):
+            node = self._story_file[movie]
+            if self.video:
+                rgb = self._finite(np.asarray(node["rgb"], dtype=np.float32), f"{where}/rgb")
+                sub = self._finite(np.asarray(node["sub"], dtype=np.float32), f"{where}/sub")
+                return torch.from_numpy(rgb), torch.from_numpy(sub)
+            return torch.from_numpy(self._finite(np.asarray(node, dtype=np.float32), where))
 
     def batch(self, movie_index: int, rows: np.ndarray) -> QABatch:
         """Questions ``rows`` (sorted indices) of movie number ``movie_index``."""
         movie = self.movies[movie_index]
         path = self._qa_path(movie)
-        with h5py.File(path, "r") as f:
+        with _open(path) as f, _reading(path):
             query = self._finite(np.asarray(f["query_rep"][rows], np.float32), f"{path}:query_rep")
             answers = self._finite(
                 np.asarray(f["answer_rep"][rows], np.float32), f"{path}:answer_rep"
             )
             target = None
-            if "cor_idx" in f:
+            if "cor_idx" in f:  # integers in range: checked at construction
                 target = np.asarray(f["cor_idx"][rows]).astype(np.int64)
-                if target.min() < 0 or target.max() >= self.num_answer:
-                    raise DataError(f"{path}:cor_idx holds values outside [0, {self.num_answer})")
             if "qid" in f:
                 qids = [_decode(q) for q in f["qid"][rows]]
             else:

@@ -4,11 +4,13 @@ Each movie is a sequence of scenes of ``scene_len`` story elements. Scene s has 
 key k_s and value v_s living in disjoint coordinate blocks; every element of the scene is
 [k_s + noise, v_s + noise, noise]. A question about scene s carries only its key,
 [k_s + noise, noise, noise]; the five candidates carry only values, [noise, v + noise,
-noise]: the correct one v_s, the distractors the values of other scenes of the same movie.
-Question and candidates share no information, so a model that does not read the right
-story stays at chance (1 / num_answer); a model that finds the scene by its key in memory
-and reads its value answers it. The scenes span about as many elements as the default
-write layer's stride (40-30-3), so the signal survives the write network's pooling.
+noise]: the correct one v_s, the distractors values that appear nowhere in the story (the
+default, ``distractors="outside"``) or the values of other scenes of the same movie
+(``distractors="story"``). Question and candidates share no information, so a model that
+does not read the right story stays at chance (1 / num_answer); a model that finds the
+scene by its key in memory and reads its value answers it. The scenes span about as many
+elements as the default write layer's stride (40-30-3), so the signal survives the write
+network's pooling.
 
 For video_sub the subtitle vector of an element is the text element above and its rgb
 vector is a dataset-wide constant direction plus a noisy projection of the value, so CBP
@@ -22,18 +24,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 
 import h5py
 import numpy as np
 
+from rwmn.cli import HelpFormatter, OneLineParser
 from rwmn.config import DATA_SOURCES
 
 #: Version of the generator's output; part of the default cache directory's name.
 VERSION = 1
+DISTRACTORS = ("story", "outside")
 
 
 @dataclass(frozen=True)
@@ -57,13 +63,27 @@ class SyntheticConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        """Refuse what would make unusable data; each error names its flag."""
         if self.source not in DATA_SOURCES:
             raise ValueError(f"--source {self.source!r}: expected one of {DATA_SOURCES}")
-        if self.min_scenes < 2 or self.max_scenes < self.min_scenes:
-            raise ValueError("need 2 <= --min_scenes <= --max_scenes")
-        dim = self.dim_sub if self.source == "video_sub" else self.dim_text
-        if dim < 6 or self.dim_text < 6:
-            raise ValueError("the text dimensions must be at least 6")
+        if self.distractors not in DISTRACTORS:
+            raise ValueError(f"--distractors {self.distractors!r}: expected one of {DISTRACTORS}")
+        for name, low in (("train_movies", 1), ("val_movies", 1), ("test_movies", 1),
+                          ("questions_per_movie", 1), ("scene_len", 1), ("dim_rgb", 1),
+                          ("num_answer", 2), ("min_scenes", 2), ("seed", 0)):  # fmt: skip
+            value = getattr(self, name)
+            if value < low:
+                raise ValueError(f"--{name} must be at least {low}, got {value}")
+        if self.max_scenes < self.min_scenes:
+            raise ValueError(
+                f"--max_scenes {self.max_scenes} is below --min_scenes {self.min_scenes}"
+            )
+        if self.dim_text < 6:
+            raise ValueError(f"--dim_text must be at least 6, got {self.dim_text}")
+        if self.source == "video_sub" and self.dim_sub < 6:
+            raise ValueError(f"--dim_sub must be at least 6, got {self.dim_sub}")
+        if not (math.isfinite(self.noise) and self.noise >= 0):
+            raise ValueError(f"--noise must be a finite number >= 0, got {self.noise}")
 
 
 def _blocks(dim: int) -> tuple[slice, slice, slice]:
@@ -147,9 +167,13 @@ def generate(out_dir: str | os.PathLike, cfg: SyntheticConfig) -> str:
     target = os.path.join(out_dir, cfg.source)
     if os.path.exists(target):
         raise FileExistsError(f"{target} already exists; remove it or choose another --out")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise NotADirectoryError(f"--out {out_dir!r} is a file, not a directory")
+    created = _missing_ancestors(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{cfg.source}-", dir=out_dir)
+    tmp = None
     try:
+        tmp = tempfile.mkdtemp(prefix=f".{cfg.source}-", dir=out_dir)
         gen = _Generator(cfg)
         movie_id = 0
         with h5py.File(os.path.join(tmp, "story.h5"), "w") as story_file:
@@ -182,9 +206,26 @@ def generate(out_dir: str | os.PathLike, cfg: SyntheticConfig) -> str:
                 raise FileExistsError(f"{target} already exists") from exc
             raise
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for path in created:  # the directories this call created, deepest first, if empty
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
         raise
     return target
+
+
+def _missing_ancestors(path: str) -> list[str]:
+    """``path`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
 
 
 def default_cache_dir(source: str) -> str:
@@ -204,24 +245,59 @@ def ensure_default(source: str) -> str:
     return data_dir
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="data directory (the --data_dir of train.py)")
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(
+        prog="python -m rwmn.data.synthetic",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument(
+        "--out", required=True, default=argparse.SUPPRESS,
+        help="data directory to write <out>/<source>/ into (the --data_dir of train.py)",
+    )  # fmt: skip
     defaults = SyntheticConfig()
+    helps = {
+        "source": "data source to write: a text source or video_sub",
+        "train_movies": "movies in the train split (at least 1)",
+        "val_movies": "movies in the val split (at least 1)",
+        "test_movies": "movies in the test split (at least 1)",
+        "questions_per_movie": "questions per movie (at least 1)",
+        "min_scenes": "fewest scenes per movie (at least 2)",
+        "max_scenes": "most scenes per movie (at least --min_scenes)",
+        "scene_len": "story elements per scene (at least 1)",
+        "dim_text": "text feature dimension: questions, answers, text stories (at least 6)",
+        "dim_rgb": "video_sub: rgb feature dimension (at least 1)",
+        "dim_sub": "video_sub: subtitle feature dimension (at least 6)",
+        "num_answer": "answer candidates per question (at least 2)",
+        "noise": "noise scale added to every vector (finite, >= 0)",
+        "distractors": "story: wrong candidates are other scenes' values of the movie (only "
+        "the key finds the answer); outside: they appear nowhere in the story",
+        "seed": "numpy seed of the generator (>= 0)",
+    }
+    choices = {"source": DATA_SOURCES, "distractors": DISTRACTORS}
     for field in dataclasses.fields(SyntheticConfig):
         parser.add_argument(
             f"--{field.name}",
             type=type(getattr(defaults, field.name)),
             default=getattr(defaults, field.name),
+            choices=choices.get(field.name),
+            help=helps[field.name],
         )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = vars(parser.parse_args(argv))
     out = args.pop("out")
     try:
         path = generate(out, SyntheticConfig(**args))
-    except (ValueError, FileExistsError) as exc:
-        parser.error(str(exc))
+    except (ValueError, OSError) as exc:  # FileExistsError, NotADirectoryError, ...
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
     print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
