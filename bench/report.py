@@ -227,14 +227,14 @@ def plot(rows: list[dict], out_dir: Path, stem: str, provenance: str | None = No
     return written
 
 
-#: Height (figure fraction) kept free at the bottom for the provenance line.
-FOOTER_HEIGHT = 0.04
+#: Height (inches) kept free at the bottom for the provenance footer (two lines).
+FOOTER_INCHES = 0.35
 
 
 def _footer(fig, provenance: str | None) -> None:
     if provenance:
-        fig.tight_layout(rect=(0, FOOTER_HEIGHT, 1, 1))
-        fig.text(0.01, 0.01, provenance, fontsize=7, family="monospace")
+        fig.tight_layout(rect=(0, FOOTER_INCHES / fig.get_figheight(), 1, 1))
+        fig.text(0.01, 0.01, provenance, fontsize=6, family="monospace", wrap=True)
     else:
         fig.tight_layout()
 

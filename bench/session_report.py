@@ -358,11 +358,12 @@ def markdown(cfg: SessionConfig, results: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in results["pipeline"]:
-        ok = r["status"] == "ok"
+        measured = r["status"] == "ok" and "median_ms" in r
+        status = " ".join(x for x in (r["status"], _first(r.get("reason"))) if x)
         lines.append(
             f"| {r['source']} | {r.get('loader')} | {r.get('phase')} | "
-            f"{r['median_ms'] if ok and 'median_ms' in r else '-'} | {r.get('reps', '-')} | "
-            f"{r.get('questions_per_s', '-')} | {r['status']} {_first(r.get('reason'))} |"
+            f"{format(r['median_ms'], '.4g') if measured else '-'} | {r.get('reps', '-')} | "
+            f"{format(r['questions_per_s'], '.4g') if measured else '-'} | {status} |"
         )
     warm = results["warm"]
     lines += ["", "## Compile warm-up", ""]
