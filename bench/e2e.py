@@ -9,8 +9,11 @@ to None. Each case is a fresh model (seed 0) and a synthetic batch of B question
 story of n elements, crossed over
 
 * config: the default ``sub`` and ``video_sub`` RWMNConfig (write "40-30-3", read "3-1-3");
-* mode: ``eager``, or ``compiled`` (``torch.compile(model)``; the optimiser step stays
-  eager; compilation happens in the untimed warm-up steps);
+* mode: ``eager``, ``compiled`` (``torch.compile(model)``; the optimiser step stays
+  eager; compilation happens in the untimed warm-up steps) or ``reduce-overhead``
+  (``torch.compile(model, mode="reduce-overhead")``: inductor with CUDA graphs, each step
+  marked with ``torch.compiler.cudagraph_mark_step_begin``; on the CPU there are no CUDA
+  graphs and it runs as ``compiled``, which its row notes);
 * precision: ``fp32``, or ``bf16`` (``torch.autocast`` bf16 around forward and loss; the
   parameters and the optimiser stay fp32);
 * backend: ``reference`` or ``fused`` (``rwmn.ops.use_backend("triton")``; skipped with
@@ -29,7 +32,9 @@ import sys
 from pathlib import Path
 
 CONFIGS = ("sub", "video_sub")
-MODES = ("eager", "compiled")
+MODES = ("eager", "compiled", "reduce-overhead")
+#: torch.compile modes of the compiled MODES (None: torch.compile's default).
+COMPILE_MODES = {"compiled": None, "reduce-overhead": "reduce-overhead"}
 PRECISIONS = ("fp32", "bf16")
 BACKENDS = ("reference", "fused")
 #: Optimiser of the release (SPEC section 5).
@@ -78,9 +83,21 @@ def _check_runnable(backend: str, precision: str, device: str, smoke: bool) -> N
             raise Skip("the Triton interpreter runs the smoke model only")
 
 
-def build_step(config, mode, precision, backend, device, n, batch, smoke):
-    """A fresh model, optimiser and batch; returns the training-step callable after the
-    untimed warm-up steps. Raises ``bench.harness.Skip`` where the backend cannot run."""
+def build_step(
+    config,
+    mode,
+    precision,
+    backend,
+    device,
+    n,
+    batch,
+    smoke,
+    warmup_steps=WARMUP_STEPS,
+    compile_backend="inductor",
+):
+    """A fresh model, optimiser and batch; returns the training-step callable after
+    ``warmup_steps`` untimed steps (at least one in a compiled mode: that is where
+    torch.compile compiles). Raises ``bench.harness.Skip`` where the backend cannot run."""
     import torch
 
     from bench.harness import Skip
@@ -96,9 +113,16 @@ def build_step(config, mode, precision, backend, device, n, batch, smoke):
         model.parameters(), lr=LR, initial_accumulator_value=INITIAL_ACCUMULATOR
     )
     story, query, answers, targets = make_batch(cfg, n, batch, device)
-    if mode == "compiled":
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    forward = model
+    if mode != "eager":
         torch._dynamo.reset()
-    forward = torch.compile(model) if mode == "compiled" else model
+        compile_mode = COMPILE_MODES[mode] if compile_backend == "inductor" else None
+        forward = torch.compile(model, backend=compile_backend, mode=compile_mode)
+    # CUDA graphs replay into the same output buffers: each step starts a new generation so
+    # that the previous step's outputs (already consumed) may be overwritten.
+    mark_step = mode == "reduce-overhead" and kind == "cuda"
     autocast = (
         torch.autocast(kind, dtype=torch.bfloat16)
         if precision == "bf16"
@@ -107,6 +131,8 @@ def build_step(config, mode, precision, backend, device, n, batch, smoke):
     ops_backend = "triton" if backend == "fused" else "reference"
 
     def step():
+        if mark_step:
+            torch.compiler.cudagraph_mark_step_begin()
         with ops.use_backend(ops_backend):
             with autocast:
                 loss = model.loss(forward(story, query, answers), targets)
@@ -114,7 +140,7 @@ def build_step(config, mode, precision, backend, device, n, batch, smoke):
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-    if backend == "fused" and mode == "compiled" and os.environ.get("TRITON_INTERPRET") == "1":
+    if backend == "fused" and mode != "eager" and os.environ.get("TRITON_INTERPRET") == "1":
         # Interpreted kernels run eagerly in Python: inductor cannot trace them (the
         # kernels refuse it with a clear error), so this case needs a GPU.
         raise Skip("torch.compile of the fused model needs a GPU (Triton interpreter)")
@@ -125,23 +151,16 @@ def build_step(config, mode, precision, backend, device, n, batch, smoke):
                 model(story, query, answers)
         except BackendUnavailableError as exc:
             raise Skip(str(exc)) from exc
-    for _ in range(WARMUP_STEPS):
+    # A compiled mode compiles in its first step: at least that one stays untimed.
+    for _ in range(warmup_steps if mode == "eager" else max(warmup_steps, 1)):
         step()
     step.cfg = cfg
     return step
 
 
-def measure_step(
-    config, mode, precision, backend, device, n, batch, smoke, nvtx=False, measure_s=None
-) -> dict:
-    """One e2e row: time per training step, steps/s, questions/s, peak memory."""
-    import torch
-
-    from bench import timing
-    from bench.harness import Skip
-    from rwmn.profiling import nvtx_range
-
-    row = {
+def base_row(config, mode, precision, backend, n, batch, smoke) -> dict:
+    """The identifying columns of a training-step row, before anything runs."""
+    return {
         "kind": "e2e",
         "config": config,
         "mode": mode,
@@ -153,19 +172,56 @@ def measure_step(
         "status": "ok",
         "reason": None,
     }
+
+
+def measure_step(
+    config,
+    mode,
+    precision,
+    backend,
+    device,
+    n,
+    batch,
+    smoke,
+    nvtx=False,
+    measure_s=None,
+    warmup_steps=WARMUP_STEPS,
+    compile_backend="inductor",
+    budget=None,
+) -> dict:
+    """One e2e row: time per training step, steps/s, questions/s, peak memory.
+
+    ``budget`` passes ``timing.time_fn``'s other bounds (fewest warm-up calls, fewest
+    repetitions) for runs that must be short, such as a CPU smoke run."""
+    import torch
+
+    from bench import timing
+    from bench.harness import Skip, error_detail
+    from rwmn.profiling import nvtx_range
+
+    row = base_row(config, mode, precision, backend, n, batch, smoke)
     kind = torch.device(device).type
+    if mode != "eager":
+        row["compile_backend"] = compile_backend
+    if mode == "reduce-overhead" and (kind != "cuda" or compile_backend != "inductor"):
+        row["note"] = "no CUDA graphs here (they need CUDA and inductor): runs as compiled"
     try:
-        step = build_step(config, mode, precision, backend, device, n, batch, smoke)
+        step = build_step(
+            config, mode, precision, backend, device, n, batch, smoke,
+            warmup_steps=warmup_steps, compile_backend=compile_backend,
+        )  # fmt: skip
         cfg = step.cfg
         row["model"] = {"write": cfg.write, "read": cfg.read, "dim_memory": cfg.dim_memory}
         ctx = nvtx_range(f"bench/e2e/{config}/{mode}/{precision}/{backend}")
         with ctx if nvtx else contextlib.nullcontext():
-            t = timing.time_fn(device, step, measure_s=measure_s or MEASURE_S[kind])
+            t = timing.time_fn(
+                device, step, measure_s=measure_s or MEASURE_S[kind], **(budget or {})
+            )
             peak, extra = timing.peak_memory(device, step)
     except Skip as exc:
         return {**row, "status": "skipped", "reason": str(exc)}
     except Exception as exc:  # recorded; the script exits non-zero
-        return {**row, "status": "error", "reason": f"{type(exc).__name__}: {exc}"}
+        return {**row, "status": "error", **error_detail(exc)}
     row.update(t.as_row())
     row["steps_per_s"] = 1e3 / t.median_ms
     row["questions_per_s"] = batch * row["steps_per_s"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,15 +48,31 @@ class Prepared:
     setup: Callable[[], object]
 
 
+#: Error rows keep this many innermost traceback frames (where it went wrong, not how the
+#: harness got there).
+TRACEBACK_FRAMES = 6
+
+
+def error_detail(exc: BaseException) -> dict:
+    """``reason`` (the error type and the first line of its message, as tables show it) and
+    ``detail`` (the whole message and the innermost frames, for the JSON)."""
+    message = str(exc).strip()
+    first = message.splitlines()[0] if message else ""
+    frames = traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-TRACEBACK_FRAMES)
+    return {"reason": f"{type(exc).__name__}: {first}", "detail": "".join(frames)}
+
+
 class CompiledOps:
     """torch.compile'd reference ops, one compiled callable alive at a time.
 
     Dynamo's cache lives on the function's code object and gives up (runs eagerly) after a
     few recompilations, so the cache is reset whenever the (op, size, dtype) changes; the
-    three passes of one case share one compilation.
+    three passes of one case share one compilation. ``backend`` is torch.compile's
+    (inductor by default; a CPU smoke run may use a cheaper one, and says so).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, backend: str = "inductor") -> None:
+        self.backend = backend
         self._key = None
         self._fn = None
 
@@ -63,7 +80,9 @@ class CompiledOps:
         key = (case.op, case.id, dtype)
         if key != self._key:
             torch._dynamo.reset()
-            self._fn = torch.compile(getattr(reference, case.op), fullgraph=True, dynamic=False)
+            self._fn = torch.compile(
+                getattr(reference, case.op), fullgraph=True, dynamic=False, backend=self.backend
+            )
             self._key = key
         return self._fn
 
@@ -174,7 +193,29 @@ def measure(
     budget: dict | None = None,
 ) -> dict:
     """One result row: status, timing, peak memory, FLOPs, bytes and roofline columns."""
-    row = {
+    row = base_row(case, backend, pass_, dtype)
+    name = f"bench/{case.op}/{case.size}/{backend}/{pass_}/{dtype}"
+    ctx = nvtx_range(name) if nvtx else contextlib.nullcontext()
+    try:
+        with ctx:
+            prepared = prepare(case, backend, pass_, dtype, device, compiled)
+            fn = _with_range(f"op/{case.op}", prepared.fn) if nvtx else prepared.fn
+            t = timing.time_fn(device, fn, prepared.setup, **(budget or {}))
+            peak, extra = timing.peak_memory(device, fn, prepared.setup)
+    except Skip as exc:
+        return {**row, "status": "skipped", "reason": str(exc)}
+    except Exception as exc:  # recorded, not hidden: the runner exits non-zero on errors
+        return {**row, "status": "error", **error_detail(exc)}
+    row.update(t.as_row())
+    row["peak_mem_bytes"], row["extra_mem_bytes"] = peak, extra
+    if ceilings:
+        row.update(timing.roofline(row["flops"], row["bytes"], t.median_ms, ceilings, dtype))
+    return row
+
+
+def base_row(case: C.Case, backend: str, pass_: str, dtype: str) -> dict:
+    """The identifying and counted columns of a case's row, before anything runs."""
+    return {
         "kind": "op",
         "op": case.op,
         "size": case.size,
@@ -191,20 +232,3 @@ def measure(
         "status": "ok",
         "reason": None,
     }
-    name = f"bench/{case.op}/{case.size}/{backend}/{pass_}/{dtype}"
-    ctx = nvtx_range(name) if nvtx else contextlib.nullcontext()
-    try:
-        with ctx:
-            prepared = prepare(case, backend, pass_, dtype, device, compiled)
-            fn = _with_range(f"op/{case.op}", prepared.fn) if nvtx else prepared.fn
-            t = timing.time_fn(device, fn, prepared.setup, **(budget or {}))
-            peak, extra = timing.peak_memory(device, fn, prepared.setup)
-    except Skip as exc:
-        return {**row, "status": "skipped", "reason": str(exc)}
-    except Exception as exc:  # recorded, not hidden: the runner exits non-zero on errors
-        return {**row, "status": "error", "reason": f"{type(exc).__name__}: {exc}"}
-    row.update(t.as_row())
-    row["peak_mem_bytes"], row["extra_mem_bytes"] = peak, extra
-    if ceilings:
-        row.update(timing.roofline(row["flops"], row["bytes"], t.median_ms, ceilings, dtype))
-    return row

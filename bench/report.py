@@ -173,8 +173,11 @@ def markdown(metas: list[dict], rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], out_dir: Path, stem: str) -> list[Path]:
-    """One PNG per op: median time and speedup over reference against size."""
+def plot(rows: list[dict], out_dir: Path, stem: str, provenance: str | None = None) -> list[Path]:
+    """One PNG per op: median time and speedup over reference against size.
+
+    ``provenance`` (device, versions, commit, date) is written along the bottom of every
+    figure, so a PNG separated from its JSON still says where it was measured."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -216,12 +219,54 @@ def plot(rows: list[dict], out_dir: Path, stem: str) -> list[Path]:
                     ax.set_xlabel(sweep)
             axes[0][col].set_title(f"{op} / {family} [{_label([r for _, r in fam])}]")
             axes[0][col].legend(fontsize=6)
-        fig.tight_layout()
+        _footer(fig, provenance)
         path = out_dir / f"{stem}-{op}.png"
         fig.savefig(path, dpi=80)
         plt.close(fig)
         written.append(path)
     return written
+
+
+#: Height (inches) kept free at the bottom for the provenance footer (two lines).
+FOOTER_INCHES = 0.35
+
+
+def _footer(fig, provenance: str | None) -> None:
+    if provenance:
+        fig.tight_layout(rect=(0, FOOTER_INCHES / fig.get_figheight(), 1, 1))
+        fig.text(0.01, 0.01, provenance, fontsize=6, family="monospace", wrap=True)
+    else:
+        fig.tight_layout()
+
+
+def plot_steps(
+    rows: list[dict], out_dir: Path, stem: str, provenance: str | None = None
+) -> list[Path]:
+    """One PNG of the training step: median ms per step of every measured case, one bar
+    each, grouped by config (the bars' labels say mode, precision and backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mine = [r for r in rows if r.get("kind") == "e2e" and r["status"] == "ok"]
+    if not mine:
+        return []
+    labels = [f"{r['config']} {r['mode']} {r['precision']} {r['backend']}" for r in mine]
+    fig, ax = plt.subplots(figsize=(9, 0.3 * len(mine) + 1.5))
+    colors = ["tab:gray" if r["backend"] == "reference" else "tab:blue" for r in mine]
+    ax.barh(range(len(mine)), [r["median_ms"] for r in mine], color=colors)
+    ax.set_yticks(range(len(mine)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("median ms per training step (grey: reference, blue: fused)")
+    ax.set_title(f"Training step [{_label(mine)}] n={mine[0]['n']} B={mine[0]['batch']}")
+    ax.grid(True, axis="x", which="both", alpha=0.3)
+    _footer(fig, provenance)
+    path = out_dir / f"{stem}-step.png"
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return [path]
 
 
 def main(argv=None) -> int:

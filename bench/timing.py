@@ -14,7 +14,9 @@ repetitions.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import hashlib
 import os
 import platform
 import statistics
@@ -180,18 +182,41 @@ def _time_copy(device: str, nbytes: int) -> Timing:
     return time_fn(device, lambda: dst.copy_(src))
 
 
-def measure_ceilings(device: str, dtypes: dict[str, torch.dtype]) -> dict:
+#: Name of the fp32-input matmul ceiling run on the tensor cores (TF32 products).
+TF32 = "tf32"
+
+
+@contextlib.contextmanager
+def fp32_matmul_precision(precision: str):
+    """torch's fp32 matmul precision inside the block ("high" allows TF32), restored after."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _time_matmul(device: str, n: int, dtype: torch.dtype) -> float:
+    # Random operands: zeros can run faster than real data on some cards.
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    t = time_fn(device, lambda: a @ b)
+    return 2 * n**3 / (t.median_ms / 1e3)
+
+
+def measure_ceilings(device: str, dtypes: dict[str, torch.dtype], tf32: bool = False) -> dict:
     """Copy bandwidth (bytes/s, read + write counted) and matmul FLOP/s per dtype, measured
-    now on ``device`` with the same timer as the cases."""
+    now on ``device`` with the same timer as the cases. ``fp32`` is measured at torch's
+    matmul precision in force (recorded); ``tf32=True`` adds a ``tf32`` entry, fp32
+    operands with TF32 products allowed (the tensor cores' fp32-input rate)."""
     kind = torch.device(device).type
     copy = _time_copy(device, COPY_BYTES[kind])
     n = MATMUL_N[kind]
-    matmul = {}
-    for name, dtype in dtypes.items():
-        a = torch.randn(n, n, device=device).to(dtype)
-        b = torch.randn(n, n, device=device).to(dtype)
-        t = time_fn(device, lambda a=a, b=b: a @ b)
-        matmul[name] = 2 * n**3 / (t.median_ms / 1e3)
+    matmul = {name: _time_matmul(device, n, dtype) for name, dtype in dtypes.items()}
+    if tf32:
+        with fp32_matmul_precision("high"):
+            matmul[TF32] = _time_matmul(device, n, torch.float32)
     return {
         "copy_bytes": COPY_BYTES[kind],
         "copy_bandwidth_Bps": 2 * COPY_BYTES[kind] / (copy.median_ms / 1e3),
@@ -238,6 +263,86 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip()
 
 
+def _git_dir(repo: Path) -> Path | None:
+    dot_git = repo / ".git"
+    if dot_git.is_file():  # a worktree: "gitdir: <path>"
+        text = dot_git.read_text().strip()
+        return Path(text.removeprefix("gitdir:").strip()) if text.startswith("gitdir:") else None
+    return dot_git if dot_git.is_dir() else None
+
+
+def git_head_from_files(repo: Path = REPO) -> str | None:
+    """HEAD's commit read from .git itself, for machines without the git program.
+
+    Follows a symbolic HEAD to its loose ref or to packed-refs, in the worktree's own git
+    directory and in the common one it points to. None when there is no .git at all (a
+    copied tree): pass the commit explicitly then."""
+    try:
+        git_dir = _git_dir(repo)
+        if git_dir is None:
+            return None
+        head = (git_dir / "HEAD").read_text().strip()
+        if not head.startswith("ref:"):
+            return head or None
+        ref = head.removeprefix("ref:").strip()
+        dirs = [git_dir]
+        if (git_dir / "commondir").is_file():
+            dirs.append((git_dir / (git_dir / "commondir").read_text().strip()).resolve())
+        for d in dirs:
+            if (d / ref).is_file():
+                return (d / ref).read_text().strip()
+            if (d / "packed-refs").is_file():
+                for line in (d / "packed-refs").read_text().splitlines():
+                    if line.endswith(" " + ref):
+                        return line.split()[0]
+    except OSError:
+        return None
+    return None
+
+
+#: Source trees hashed into the run's ``source_digest``.
+SOURCE_DIRS = ("bench", "kernels", "rwmn", "tests")
+
+
+def source_digest(repo: Path = REPO) -> str:
+    """sha256 (first 16 hex digits) over the paths and bytes of the Python sources.
+
+    Provenance that survives a copy without .git: the same tree gives the same digest
+    here and on the machine it was copied to."""
+    h = hashlib.sha256()
+    for top in SOURCE_DIRS:
+        for path in sorted((repo / top).rglob("*.py")):
+            h.update(str(path.relative_to(repo)).encode())
+            h.update(b"\0")
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def driver_version() -> str | None:
+    """The NVIDIA driver version from nvidia-smi; None without the program or a driver."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, check=True, timeout=20,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip().splitlines()[0] if out.stdout.strip() else None
+
+
+def device_properties(device: str) -> dict | None:
+    """Compute capability, multiprocessors, memory and L2 size of a CUDA device."""
+    if torch.device(device).type != "cuda":
+        return None
+    p = torch.cuda.get_device_properties(torch.device(device))
+    return {
+        "capability": f"{p.major}.{p.minor}",
+        "multiprocessors": p.multi_processor_count,
+        "memory_bytes": p.total_memory,
+        "l2_bytes": getattr(p, "L2_cache_size", None),
+    }
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -272,8 +377,11 @@ def environment(device: str) -> dict:
         "triton": triton_version,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
-        "git_commit": _git("rev-parse", "HEAD"),
+        "git_commit": _git("rev-parse", "HEAD") or git_head_from_files(),
         "git_dirty": bool(dirty) if dirty is not None else None,
+        "source_digest": source_digest(),
+        "driver": driver_version() if kind == "cuda" else None,
+        "device_properties": device_properties(device),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
         "threads": torch.get_num_threads(),

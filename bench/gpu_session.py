@@ -1,0 +1,788 @@
+"""One command that checks and measures everything on a GPU, within a time budget.
+
+    PYTHONPATH=. python -m bench.gpu_session [--out DIR]      # CUDA: about 9 minutes
+    PYTHONPATH=. python -m bench.gpu_session --part sweep      # the size sweeps
+    PYTHONPATH=. python -m bench.gpu_session --smoke           # CPU, tiny, < 1 minute
+
+A GPU is lent to this project only now and then, so its time goes to measuring, not to
+setting up: the command needs nothing but torch, triton, numpy, h5py and pytest (plots
+are drawn when matplotlib is there too), and in order
+
+1. prints the device, driver, torch/triton/CUDA versions and the git commit;
+2. measures the card's ceilings once: device-to-device copy bandwidth, bf16, fp32 and TF32
+   matmul FLOP/s (bench.timing);
+3. starts the CUDA-marked tests (``pytest -m cuda``) in a subprocess, and compile warmers:
+   subprocesses that compile every torch.compile case of the timing sections first, so the
+   timed process finds inductor's on-disk caches warm (neither times anything);
+4. checks every fused op at the model's sizes, and the whole model, against the reference
+   and float64 (bench.checks), while those run;
+5. collects the tests' verdicts (per test, from their JUnit XML), waits for the warmers;
+6. alone on the device, times the ops (bench.harness: eager reference, torch.compile'd
+   reference, fused), the input pipeline (bench.pipeline) and the training step
+   (bench.e2e: eager, compiled, reduce-overhead);
+7. writes ``<device>-<date>.json`` and ``.md`` and PNG plots (bench.report), and prints a
+   summary of at most 40 lines.
+
+Every case runs in its own guard: an error becomes its row (error type and first line;
+the JSON keeps the traceback), and the run goes on. Each section has a deadline within the
+budget (``Budget``); a case that cannot start in time is skipped with that reason, and a
+case that overruns its share is stopped (``CaseTimeout``). The JSON is rewritten after
+every case, so a run cut short still leaves its results.
+
+``--smoke`` runs the same code on the CPU at the tiny smoke sizes: the fused kernels on the
+Triton interpreter (fp32 only: it has no bf16 or fp16), torch.compile with the cheap
+``aot_eager`` backend, compiled fused cases skipped (an interpreted kernel cannot be
+compiled). It is part of CI, so the command is known to work before a GPU is at hand.
+Smoke figures are CPU figures and labelled so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import fnmatch
+import json
+import os
+import random
+import re
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from bench import session_procs as procs
+from bench import session_report as rep
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+PARTS = ("main", "sweep")
+SECTIONS = ("tests", "checks", "ops", "pipeline", "step")
+#: Ceilings measured once per run: the timed dtypes' matmul rates, and TF32.
+CEILING_DTYPES = ("fp32", "bf16")
+#: Smoke model of the step and model-check sections: bench.e2e's smoke dimensions with a
+#: shorter story and fewer questions, since every fused call runs on the interpreter.
+SMOKE_STEP_N, SMOKE_STEP_BATCH = 16, 2
+
+
+# --------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Wall-time budget of a run. Deadlines are fractions of ``total_s`` from the start;
+    a section starts when the one before ends and stops at its deadline, so time one
+    section leaves over goes to the next."""
+
+    total_s: float
+    checks_by: float = 0.45
+    tests_by: float = 0.5
+    warm_by: float = 0.5
+    ops_by: float = 0.72
+    pipeline_by: float = 0.76
+    #: The step section ends here; the rest is for writing results and plots.
+    step_by: float = 0.95
+    #: Longest one case may run (a cold model compile and its warm-up steps included).
+    case_s: float = 120.0
+    #: A case with less than this left before its deadline is skipped, not started.
+    min_case_s: float = 2.0
+
+    def at(self, fraction: float) -> float:
+        return self.total_s * fraction
+
+
+@dataclass(frozen=True)
+class TimingBounds:
+    """bench.timing's per-case budgets; None keeps its default."""
+
+    warmup_s: float | None = None
+    measure_s: float | None = None
+    min_warmup: int | None = None
+    min_reps: int | None = None
+
+    def kwargs(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """The training-step section (bench.e2e)."""
+
+    configs: tuple[str, ...] = ("video_sub", "sub")
+    modes: tuple[str, ...] = ("eager", "compiled", "reduce-overhead")
+    precisions: tuple[str, ...] = ("bf16", "fp32")
+    backends: tuple[str, ...] = ("fused", "reference")
+    n: int = 1500
+    batch: int = 32
+    dims: tuple[tuple[str, int | str], ...] = ()
+    warmup_steps: int = 3
+    measure_s: float = 0.5
+    bounds: TimingBounds = TimingBounds()
+
+    def cases(self) -> list[tuple[str, str, str, str]]:
+        """(config, mode, precision, backend), cheapest and most wanted first: every eager
+        case, then each compiled mode (video_sub first: the issue's step target)."""
+        return [
+            (config, mode, precision, backend)
+            for mode in self.modes
+            for config in self.configs
+            for precision in self.precisions
+            for backend in self.backends
+        ]
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """Everything a run does; :func:`build_config` makes the GPU and the smoke presets."""
+
+    part: str
+    smoke: bool
+    device: str
+    budget: Budget
+    groups: tuple[str, ...]
+    ops: tuple[str, ...]
+    check_dtypes: tuple[str, ...]
+    model_precisions: tuple[str, ...]
+    time_dtypes: tuple[str, ...]
+    backends: tuple[str, ...]
+    passes: tuple[str, ...]
+    op_bounds: TimingBounds
+    step: StepConfig
+    pipeline_sources: tuple[str, ...]
+    pipeline_dims: tuple[tuple[str, int], ...]
+    pipeline_movies: int
+    pipeline_cold_reps: int
+    pipeline_warm_s: float
+    compile_backend: str
+    warm_processes: int
+    sections: tuple[str, ...]
+    #: The warmers take the first this many compile jobs (None: all of them).
+    warm_jobs: int | None = None
+    threads: int | None = None
+    inject_errors: tuple[str, ...] = ()
+    seed: int = field(default_factory=lambda: random.SystemRandom().randrange(2**31))
+
+    @property
+    def label(self) -> str:
+        return "CPU smoke" if self.smoke else "GPU"
+
+
+def build_config(args: argparse.Namespace) -> SessionConfig:
+    """The preset of --part and --smoke, narrowed by the command line."""
+    from bench import cases as C
+    from bench import e2e
+
+    sweep = args.part == "sweep"
+    if args.smoke:
+        budget = Budget(total_s=args.budget_s or 240.0)
+        cfg = SessionConfig(
+            part=args.part,
+            smoke=True,
+            device="cpu",
+            budget=budget,
+            groups=("smoke",),
+            ops=C.OPS,
+            # The Triton interpreter has no bf16 or fp16.
+            check_dtypes=("fp32",),
+            model_precisions=("fp32",),
+            time_dtypes=("fp32",),
+            backends=C.BACKENDS,
+            # The forward and backward passes alone are bench.run's (tests/test_bench_smoke).
+            passes=("forward+backward",),
+            op_bounds=TimingBounds(warmup_s=0, measure_s=0, min_warmup=0, min_reps=1),
+            step=StepConfig(
+                precisions=("fp32",),
+                n=SMOKE_STEP_N,
+                batch=SMOKE_STEP_BATCH,
+                dims=tuple(e2e.SMOKE_DIMS.items()),
+                warmup_steps=0,
+                measure_s=0,
+                bounds=TimingBounds(warmup_s=0, min_warmup=0, min_reps=1),
+            ),
+            pipeline_sources=("sub", "video_sub"),
+            pipeline_dims=(("dim_text", 24), ("dim_rgb", 32), ("dim_sub", 24)),
+            pipeline_movies=2,
+            pipeline_cold_reps=2,
+            pipeline_warm_s=0.02,
+            # inductor's C++ compile of every case would take minutes on two cores;
+            # aot_eager still traces (dynamo, AOTAutograd) what the GPU run compiles.
+            compile_backend="aot_eager",
+            # One warmer with one job: the path runs, and the two cores stay with the checks.
+            warm_processes=1,
+            warm_jobs=1,
+            sections=("ops",) if sweep else SECTIONS,
+            threads=1,
+        )
+    else:
+        cfg = SessionConfig(
+            part=args.part,
+            smoke=False,
+            device="cuda",
+            budget=Budget(total_s=args.budget_s or 510.0),
+            groups=("sweep",) if sweep else ("model",),
+            ops=C.OPS,
+            check_dtypes=("fp32", "bf16", "fp16"),
+            model_precisions=("fp32", "bf16"),
+            time_dtypes=("bf16", "fp32"),
+            backends=C.BACKENDS,
+            passes=("forward+backward",) if sweep else C.PASSES,
+            op_bounds=TimingBounds(),
+            step=StepConfig(),
+            pipeline_sources=("sub", "video_sub"),
+            pipeline_dims=(),
+            pipeline_movies=8,
+            pipeline_cold_reps=5,
+            pipeline_warm_s=0.3,
+            compile_backend="inductor",
+            warm_processes=4,
+            sections=("ops",) if sweep else SECTIONS,
+        )
+    if sweep:
+        # No checks or tests run alongside: the warmers have the machine to themselves
+        # first, then the op timing has the rest.
+        cfg = replace(cfg, budget=replace(cfg.budget, warm_by=0.4, ops_by=0.95))
+    if args.ops:
+        cfg = replace(cfg, ops=tuple(args.ops))
+    if args.sections:
+        cfg = replace(cfg, sections=tuple(s for s in cfg.sections if s in args.sections))
+    if args.warm_processes is not None:
+        cfg = replace(cfg, warm_processes=args.warm_processes)
+    if args.threads:
+        cfg = replace(cfg, threads=args.threads)
+    if args.seed is not None:
+        cfg = replace(cfg, seed=args.seed)
+    return replace(cfg, inject_errors=tuple(args.inject_error or ()))
+
+
+# --------------------------------------------------------------------------------------
+# Guards: time limits, injected errors
+# --------------------------------------------------------------------------------------
+
+
+class CaseTimeout(BaseException):
+    """A case ran past its share of the budget. A BaseException so that no ``except
+    Exception`` inside torch (compile fallbacks) swallows it on its way out."""
+
+
+class InjectedError(RuntimeError):
+    """Raised in place of a case named by --inject-error (how CI proves that a failing
+    case is reported in its row and the run goes on)."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Raise :class:`CaseTimeout` in the block after ``seconds`` (SIGALRM; main thread on
+    POSIX only, elsewhere no limit)."""
+    usable = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    if not usable or seconds <= 0:
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise CaseTimeout(f"ran past its {seconds:.0f} s share of the time budget")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# --------------------------------------------------------------------------------------
+# The session
+# --------------------------------------------------------------------------------------
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+class Session:
+    """One run: its clock, results, output files, and the guarded case runner."""
+
+    def __init__(
+        self, cfg: SessionConfig, meta: dict, out_dir: Path, stem: str, start: float
+    ) -> None:
+        self.cfg = cfg
+        #: time.monotonic() when the process started work: imports count against the budget.
+        self.start = start
+        self.out_dir, self.stem = out_dir, stem
+        self.json_path = out_dir / f"{stem}.json"
+        self.md_path = out_dir / f"{stem}.md"
+        self.results: dict = {
+            "meta": meta,
+            "tests": None,
+            "checks": {"ops": [], "model": []},
+            "warm": None,
+            "rows": [],
+            "pipeline": [],
+            "notes": [],
+            "summary": [],
+        }
+
+    # -- clock --------------------------------------------------------------------------
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def deadline(self, fraction: float) -> float:
+        """time.monotonic() of a budget fraction."""
+        return self.start + self.cfg.budget.at(fraction)
+
+    @contextlib.contextmanager
+    def section(self, name: str) -> Iterator[None]:
+        """Time a section into meta["sections_s"] (where a run's budget went). A section
+        that crashes outside its cases (a bug here, not in what it measures) is recorded
+        in meta["section_errors"] and the run goes on to the next."""
+        from bench.harness import error_detail
+
+        t0 = time.monotonic()
+        print(f"== {name} (at {self.elapsed():.0f} s)", file=sys.stderr, flush=True)
+        try:
+            yield
+        except Exception as exc:
+            detail = error_detail(exc)
+            self.results["meta"]["section_errors"][name] = detail
+            self.note(f"section {name} crashed: {detail['reason']}")
+        finally:
+            self.results["meta"]["sections_s"][name] = round(time.monotonic() - t0, 1)
+
+    def note(self, text: str) -> None:
+        self.results["notes"].append(text)
+        print(f"note: {text}", file=sys.stderr, flush=True)
+
+    # -- cases --------------------------------------------------------------------------
+    def run_case(self, case_id: str, base: dict, fn: Callable[[], dict], by: float) -> dict:
+        """``fn()``'s row, or ``base`` marked skipped (no time left before budget fraction
+        ``by``) or error (whatever it raised, a timeout included)."""
+        import torch
+
+        from bench.harness import error_detail
+
+        left = self.deadline(by) - time.monotonic()
+        t0 = time.monotonic()
+        if left < self.cfg.budget.min_case_s:
+            row = {
+                **base,
+                "status": "skipped",
+                "reason": f"time budget: section deadline at {self.cfg.budget.at(by):.0f} s "
+                f"of {self.cfg.budget.total_s:.0f} s reached",
+            }
+        else:
+            try:
+                with time_limit(min(self.cfg.budget.case_s, left)):
+                    for pattern in self.cfg.inject_errors:
+                        if fnmatch.fnmatchcase(case_id, pattern):
+                            raise InjectedError(f"--inject-error {pattern!r} matched {case_id}")
+                    row = fn()
+            except CaseTimeout as exc:
+                row = {**base, "status": "error", **error_detail(exc)}
+                torch._dynamo.reset()  # a compile may have been cut off half-way
+            except Exception as exc:
+                row = {**base, "status": "error", **error_detail(exc)}
+        row = {**row, "case_id": case_id, "case_s": round(time.monotonic() - t0, 3)}
+        _print_row(row)
+        return row
+
+    # -- output -------------------------------------------------------------------------
+    def write(self) -> None:
+        """The JSON, rewritten after every case: a run cut short keeps what it measured.
+        ``meta`` and ``rows`` are what bench.report reads; the other keys are the session's
+        own sections."""
+        self.results["meta"]["elapsed_s"] = round(self.elapsed(), 1)
+        tmp = self.json_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.results, indent=1, default=str) + "\n")
+        tmp.replace(self.json_path)
+
+    def write_markdown(self) -> None:
+        self.md_path.write_text(rep.markdown(self.cfg, self.results))
+
+
+# --------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------
+
+
+def section_ceilings(s: Session) -> None:
+    from bench import cases as C
+    from bench import timing
+    from bench.harness import error_detail
+
+    try:
+        dtypes = {d: C.DTYPES[d] for d in CEILING_DTYPES}
+        s.results["meta"]["ceilings"] = timing.measure_ceilings(s.cfg.device, dtypes, tf32=True)
+    except Exception as exc:
+        s.results["meta"]["ceilings"] = None
+        s.note(f"ceilings not measured ({error_detail(exc)['reason']}): no roofline columns")
+    c = s.results["meta"]["ceilings"]
+    if c:
+        rates = ", ".join(f"{k} {v / 1e12:.3g}" for k, v in c["matmul_flops_per_s"].items())
+        print(
+            f"ceilings: copy {c['copy_bandwidth_Bps'] / 1e9:.4g} GB/s; matmul {c['matmul_n']}^3 "
+            f"TFLOP/s: {rates}",
+            flush=True,
+        )
+
+
+def section_checks(s: Session) -> None:
+    from bench import cases as C
+    from bench import checks, e2e, harness
+
+    cfg = s.cfg
+    for case in C.cases(cfg.groups, cfg.ops):
+        for dtype in cfg.check_dtypes:
+            seed = cfg.seed + len(s.results["checks"]["ops"])
+            base = {
+                "kind": "check-op", "op": case.op, "size": case.size, "shapes": case.shapes(),
+                "dtype": dtype, "seed": seed,
+            }  # fmt: skip
+
+            def run(case=case, dtype=dtype, base=base, seed=seed):
+                try:
+                    harness.check_runnable(case, "fused", dtype, cfg.device)
+                except harness.Skip as exc:
+                    return {**base, "status": "skipped", "reason": str(exc)}
+                result = checks.check_op(case, dtype, cfg.device, seed)
+                return {**base, "status": "ok", "reason": None, **result}
+
+            row = s.run_case(f"check-op/{case.id}/{dtype}", base, run, cfg.budget.checks_by)
+            s.results["checks"]["ops"].append(row)
+            s.write()
+    dims = dict(cfg.step.dims)
+    for config in cfg.step.configs:
+        for precision in cfg.model_precisions:
+            seed = cfg.seed + 1000 + len(s.results["checks"]["model"])
+            base = {"kind": "check-model", "config": config, "precision": precision, "seed": seed}
+
+            def run(config=config, precision=precision, base=base, seed=seed):
+                try:
+                    e2e._check_runnable("fused", precision, cfg.device, cfg.smoke)
+                except harness.Skip as exc:
+                    return {**base, "status": "skipped", "reason": str(exc)}
+                result = checks.check_model(
+                    config, precision, cfg.device, seed, dims, cfg.step.n, cfg.step.batch
+                )
+                return {**base, "status": "ok", "reason": None, **result}
+
+            row = s.run_case(f"check-model/{config}/{precision}", base, run, cfg.budget.checks_by)
+            s.results["checks"]["model"].append(row)
+            s.write()
+
+
+def section_ops(s: Session) -> None:
+    from bench import cases as C
+    from bench import harness
+    from bench.run import ROW_META
+
+    cfg, meta = s.cfg, s.results["meta"]
+    compiled = harness.CompiledOps(cfg.compile_backend)
+    # Eager and fused first, torch.compile (the costly compiles) last: when time runs out
+    # it is the compiled column that is missing, not whole ops.
+    groups = [
+        [b for b in cfg.backends if b != "compiled"],
+        [b for b in cfg.backends if b == "compiled"],
+    ]
+    for backends in groups:
+        for case in C.cases(cfg.groups, cfg.ops):
+            for dtype in cfg.time_dtypes:
+                for backend in backends:
+                    for pass_ in cfg.passes:
+                        base = harness.base_row(case, backend, pass_, dtype)
+                        if backend == "compiled":
+                            base["compile_backend"] = cfg.compile_backend
+
+                        def run(case=case, backend=backend, pass_=pass_, dtype=dtype, base=base):
+                            row = harness.measure(
+                                case, backend, pass_, dtype, cfg.device, meta.get("ceilings"),
+                                compiled, budget=cfg.op_bounds.kwargs(),
+                            )  # fmt: skip
+                            return {**base, **row}
+
+                        case_id = f"op/{case.id}/{backend}/{pass_}/{dtype}"
+                        row = s.run_case(case_id, base, run, cfg.budget.ops_by)
+                        row.update({k: meta[k] for k in ROW_META})
+                        s.results["rows"].append(row)
+                        s.write()
+
+
+def section_pipeline(s: Session) -> None:
+    import torch
+
+    from bench import pipeline
+
+    cfg = s.cfg
+    pcfg = pipeline.PipelineConfig(
+        sources=cfg.pipeline_sources,
+        batch=cfg.step.batch,
+        train_movies=cfg.pipeline_movies,
+        dims=cfg.pipeline_dims,
+        cold_reps=cfg.pipeline_cold_reps,
+        warm_measure_s=cfg.pipeline_warm_s,
+    )
+    with tempfile.TemporaryDirectory(prefix="rwmn-pipeline-") as tmp:
+        for source in pcfg.sources:
+            root = Path(tmp) / source
+            base = {"kind": "pipeline", "source": source, "batch": pcfg.batch}
+            gen_base = {**base, "loader": "synthetic data", "phase": "generate"}
+
+            def generate(root=root, source=source, gen_base=gen_base):
+                path = pipeline.make_data(source, root, pcfg)
+                return {**gen_base, "status": "ok", "reason": None, "path": str(path)}
+
+            made = s.run_case(
+                f"pipeline/{source}/generate", gen_base, generate, cfg.budget.pipeline_by
+            )
+            s.results["pipeline"].append(made)
+            if made["status"] != "ok":
+                continue
+            for loader in pipeline.LOADERS:
+                for phase in pipeline.PHASES:
+                    row = s.run_case(
+                        f"pipeline/{source}/{loader.name}/{phase}",
+                        {**base, "loader": loader.name, "phase": phase},
+                        lambda loader=loader, phase=phase, root=root, source=source: (
+                            pipeline.measure(loader, phase, source, root, pcfg, cfg.device)
+                        ),
+                        cfg.budget.pipeline_by,
+                    )
+                    s.results["pipeline"].append(row)
+                    s.write()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def section_step(s: Session) -> None:
+    from bench import e2e
+    from bench.run import ROW_META
+
+    cfg, meta, st = s.cfg, s.results["meta"], s.cfg.step
+    for config, mode, precision, backend in st.cases():
+        base = e2e.base_row(config, mode, precision, backend, st.n, st.batch, cfg.smoke)
+
+        def run(config=config, mode=mode, precision=precision, backend=backend):
+            return e2e.measure_step(
+                config, mode, precision, backend, cfg.device, st.n, st.batch, cfg.smoke,
+                measure_s=st.measure_s or None, warmup_steps=st.warmup_steps,
+                compile_backend=cfg.compile_backend, budget=st.bounds.kwargs(),
+            )  # fmt: skip
+
+        case_id = f"step/{config}/{mode}/{precision}/{backend}"
+        row = s.run_case(case_id, base, run, cfg.budget.step_by)
+        row.update({k: meta[k] for k in ROW_META})
+        s.results["rows"].append(row)
+        s.write()
+
+
+def section_plots(s: Session) -> None:
+    footer = rep.provenance(s.results["meta"])
+    paths, note = rep.write_plots(s.results["rows"], s.out_dir, s.stem, footer)
+    s.results["meta"]["plots"] = [str(p) for p in paths]
+    if note:
+        s.note(note)
+
+
+def _print_row(row: dict) -> None:
+    what = row.get("case_id", "?")
+    if row["status"] == "ok":
+        if "verdict" in row:
+            tail = f"{row['verdict']} (worst {row['worst']}, rel err {row['worst_rel_err']:.2e})"
+        else:
+            tail = f"{row.get('median_ms', 0):.4g} ms"
+    else:
+        tail = f"{row['status']}: {row['reason']}"
+    print(f"  {what:<60} {tail}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--part", choices=PARTS, default="main", help="main (default) or sweep")
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, Triton interpreter")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default: "
+                   "bench/results; --smoke: a new temporary directory)")  # fmt: skip
+    p.add_argument("--ops", type=lambda v: v.split(","), default=None, help="ops, comma-separated")
+    p.add_argument("--sections", type=lambda v: v.split(","), default=None,
+                   help=f"sections to run, comma-separated, of {SECTIONS}")  # fmt: skip
+    p.add_argument("--budget-s", type=float, default=None, help="total time budget (s)")
+    p.add_argument("--warm-processes", type=int, default=None, help="compile warmers (0: none)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=None, help="check inputs' seed (default: fresh)")
+    p.add_argument("--git-commit", default=None,
+                   help="the commit this tree was copied from, where it has no .git")  # fmt: skip
+    p.add_argument("--inject-error", action="append", metavar="PATTERN",
+                   help="testing: matching case ids (fnmatch) raise InjectedError")  # fmt: skip
+    p.add_argument("--warmer", default=None, help=argparse.SUPPRESS)  # internal: "k/n"
+    p.add_argument("--warm-log", type=Path, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    from bench import cases as C
+
+    bad = [o for o in args.ops or () if o not in C.OPS]
+    bad += [s for s in args.sections or () if s not in SECTIONS]
+    if bad:
+        p.error(f"unknown ops or sections {bad}; ops: {C.OPS}, sections: {SECTIONS}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    start = time.monotonic()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.smoke:
+        # Before anything imports triton: the fused kernels run on the interpreter.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    import torch
+
+    cfg = build_config(args)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if args.warmer:
+        index, count = (int(v) for v in args.warmer.split("/"))
+        return procs.run_warmer(cfg, index, count, args.warm_log)
+    if not cfg.smoke and not torch.cuda.is_available():
+        print("bench.gpu_session: no CUDA device here; --smoke runs the CPU path", file=sys.stderr)
+        return 2
+    return run_session(cfg, args, argv, start)
+
+
+def _inductor_caches() -> dict:
+    out = {}
+    with contextlib.suppress(Exception):
+        import torch._inductor.config as inductor_config
+
+        out["fx_graph_cache"] = inductor_config.fx_graph_cache
+    with contextlib.suppress(Exception):
+        import torch._functorch.config as functorch_config
+
+        out["autograd_cache"] = getattr(functorch_config, "enable_autograd_cache", None)
+    return out
+
+
+def run_session(cfg: SessionConfig, args: argparse.Namespace, argv: list[str], start: float) -> int:
+    from bench import timing
+
+    meta = timing.environment(cfg.device)
+    meta["git_commit_source"] = "git" if meta["git_commit"] else None
+    if args.git_commit:
+        meta["git_commit"], meta["git_commit_source"] = args.git_commit, "--git-commit"
+    meta.update(
+        label=meta["label"] if not cfg.smoke else "CPU",
+        part=cfg.part,
+        smoke=cfg.smoke,
+        command="python -m bench.gpu_session " + " ".join(argv),
+        seed=cfg.seed,
+        sections_s={},
+        section_errors={},
+        compile_backend=cfg.compile_backend,
+        compile_caches=_inductor_caches(),
+        config=json.loads(json.dumps(asdict(cfg), default=str)),
+    )
+    day = meta["date"][:10]
+    name = "cpu-smoke" if cfg.smoke else _slug(meta["device_name"])
+    stem = f"{name}-{day}" + ("-sweep" if cfg.part == "sweep" else "")
+    out_dir = args.out or (
+        Path(tempfile.mkdtemp(prefix="rwmn-gpu-session-smoke-")) if cfg.smoke else RESULTS
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if (out_dir / f"{stem}.json").exists():
+        stem += "-" + datetime.datetime.now(datetime.UTC).strftime("%H%M%S")
+    meta["json"] = str(out_dir / f"{stem}.json")
+    # The subprocesses' logs (tests, warmers) beside the results, not among them.
+    logs = out_dir / f"{stem}-logs"
+    logs.mkdir(exist_ok=True)
+    meta["logs"] = str(logs)
+    s = Session(cfg, meta, out_dir, stem, start)
+    print(rep.provenance(meta), flush=True)
+    if not meta["git_commit"]:
+        s.note("git commit unknown (no git program and no .git here): pass --git-commit SHA")
+    s.write()
+
+    with s.section("ceilings"):
+        section_ceilings(s)
+    s.write()
+    tests = procs.start_tests(logs) if "tests" in cfg.sections else None
+    warmers = procs.start_warmers(cfg, argv, logs) if cfg.warm_processes else []
+    try:
+        return _run_sections(s, tests, warmers)
+    finally:  # whatever happened, no subprocess of this run outlives it
+        started = [w["proc"] for w in warmers] + ([tests[0]] if tests else [])
+        for proc in started:
+            procs.stop(proc)
+
+
+def _run_sections(s: Session, tests: tuple | None, warmers: list[dict]) -> int:
+    cfg = s.cfg
+    if "checks" in cfg.sections:
+        with s.section("checks"):
+            section_checks(s)
+        s.write_markdown()
+    if tests:
+        with s.section("tests (waiting)"):
+            s.results["tests"] = procs.finish_tests(*tests, s.deadline(cfg.budget.tests_by))
+            if s.results["tests"]["timed_out"]:
+                s.note("the CUDA-marked tests were stopped at their deadline (verdicts so far)")
+    if warmers:
+        with s.section("compile warm-up (waiting)"):
+            planned = len(procs.compile_jobs(cfg))
+            warm = procs.finish_warmers(warmers, s.deadline(cfg.budget.warm_by), planned)
+            s.results["warm"] = warm
+            if warm["stopped_at_deadline"]:
+                s.note(f"{warm['stopped_at_deadline']} compile warmers stopped at the deadline")
+    s.write()
+    for name, run in (("ops", section_ops), ("pipeline", section_pipeline), ("step", section_step)):
+        if name in cfg.sections:
+            with s.section(name):
+                run(s)
+            s.write_markdown()
+    s.results["rows"].sort(key=_row_order(cfg))
+    with s.section("plots"):
+        section_plots(s)
+    s.results["summary"] = rep.summary_lines(cfg, s.results)
+    s.write()
+    s.write_markdown()
+    print("\n".join(s.results["summary"]), flush=True)
+    print(f"wrote {s.json_path} and {s.md_path}", file=sys.stderr)
+    return exit_status(s.results)
+
+
+def _row_order(cfg: SessionConfig):
+    """Rows in the tables' order: case, dtype, backend, pass; steps after the ops."""
+    from bench import cases as C
+    from bench.e2e import MODES
+
+    case_ix = {c.id: i for i, c in enumerate(C.cases(cfg.groups, cfg.ops))}
+
+    def key(r):
+        if r.get("kind") == "op":
+            return (0, case_ix.get(f"{r['op']}/{r['size']}", 0), r["dtype"],
+                    C.BACKENDS.index(r["backend"]), C.PASSES.index(r["pass"]))  # fmt: skip
+        return (1, r["config"], MODES.index(r["mode"]), r["precision"], r["backend"])
+
+    return key
+
+
+def exit_status(results: dict) -> int:
+    """1 when a case errored, a check failed or a CUDA test failed; else 0."""
+    checks = results["checks"]["ops"] + results["checks"]["model"]
+    everything = results["rows"] + results["pipeline"] + checks
+    bad = any(r["status"] == "error" for r in everything)
+    bad |= any(r.get("verdict") == "FAIL" for r in checks)
+    bad |= bool(results["meta"].get("section_errors"))
+    tests = results["tests"]
+    if tests:
+        bad |= tests["timed_out"] or bool(tests["counts"]["failed"] + tests["counts"]["error"])
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,382 @@
+"""bench.gpu_session: its --smoke CPU path end to end, as CI runs it, and its parts.
+
+The smoke run is the GPU command on tiny shapes (kernels on the Triton interpreter), run
+once per module with three cases made to fail (--inject-error): a check, an op timing and
+a training step. Each must be reported in its own row while the run goes on to the end.
+The parts that the smoke run cannot reach on a CPU (the summary of a full GPU run, a
+timeout, a failing CUDA test, a missing matplotlib) are tested directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from bench import cases as C
+from bench import checks, gpu_session, session_procs, session_report, timing
+
+REPO = Path(__file__).resolve().parent.parent
+#: Cases the smoke run is told to fail, one per kind of section.
+INJECTED = (
+    "check-op/cbp/smoke-story/fp32",
+    "op/attention_read/smoke-read/fused/forward+backward/fp32",
+    "step/sub/eager/fp32/reference",
+)
+#: Markdown sections every run writes.
+MD_SECTIONS = (
+    "## Provenance",
+    "## Ceilings",
+    "## CUDA-marked tests",
+    "## Checks: fused vs reference vs float64",
+    "## Benchmark results",
+    "## Input pipeline",
+    "## Compile warm-up",
+    "## Notes",
+    "## Summary",
+)
+SMOKE_CASES = C.cases(("smoke",))
+STEP_CONFIGS, STEP_MODES, STEP_BACKENDS = ("video_sub", "sub"), 3, 2
+PIPELINE_ROWS_PER_SOURCE = 1 + 2 * 2  # data generation, then 2 loaders x cold/warm
+
+
+def _session(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "bench.gpu_session", *args], cwd=REPO, env=env,
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu-session")
+    injected = [a for case in INJECTED for a in ("--inject-error", case)]
+    t0 = time.monotonic()
+    proc = _session("--smoke", "--out", str(out), "--seed", "7", *injected)
+    wall = time.monotonic() - t0
+    found = sorted(out.glob("cpu-smoke-*.json"))
+    assert len(found) == 1, (found, proc.stderr[-4000:])
+    data = json.loads(found[0].read_text())
+    return SimpleNamespace(
+        proc=proc, out=out, wall=wall, data=data, md=found[0].with_suffix(".md").read_text()
+    )
+
+
+def _all_rows(data: dict) -> list[dict]:
+    return data["checks"]["ops"] + data["checks"]["model"] + data["rows"] + data["pipeline"]
+
+
+def test_smoke_run_finishes_and_fails_only_for_the_injected_cases(smoke):
+    # Exit status 1: three cases raised; everything else ran.
+    assert smoke.proc.returncode == 1, smoke.proc.stderr[-4000:]
+    assert smoke.wall < 120, f"the smoke run took {smoke.wall:.0f} s"
+    errors = {r["case_id"] for r in _all_rows(smoke.data) if r["status"] == "error"}
+    assert errors == set(INJECTED)
+    for r in _all_rows(smoke.data):
+        if r["case_id"] in INJECTED:
+            assert r["reason"].startswith("InjectedError: --inject-error"), r
+            assert "\n" not in r["reason"] and "InjectedError" in r["detail"]
+        elif r["status"] == "skipped":
+            # Only what the interpreter cannot do: compiled fused steps.
+            assert "interpreter" in r["reason"].lower(), r
+        else:
+            assert r["status"] == "ok", r
+    # The run went on past each injected case: the cases after them were measured.
+    ids = [r["case_id"] for r in smoke.data["rows"]]
+    for case in INJECTED[1:]:
+        later = ids[ids.index(case) + 1 :]
+        assert later, case
+
+
+def test_every_section_is_present(smoke):
+    data = smoke.data
+    meta = data["meta"]
+    assert meta["label"] == "CPU" and meta["smoke"] and meta["device"] == "cpu"
+    assert meta["torch"] == torch.__version__ and meta["source_digest"]
+    if (REPO / ".git").exists():
+        assert len(meta["git_commit"]) == 40
+    ceilings = meta["ceilings"]
+    assert ceilings["copy_bandwidth_Bps"] > 0
+    assert set(ceilings["matmul_flops_per_s"]) == {"fp32", "bf16", "tf32"}
+    assert set(meta["sections_s"]) >= {"ceilings", "checks", "ops", "pipeline", "step", "plots"}
+    assert meta["section_errors"] == {}
+
+    tests = data["tests"]
+    assert tests["tests"] and not tests["timed_out"]
+    assert sum(tests["counts"].values()) == len(tests["tests"])
+    if not torch.cuda.is_available():
+        assert {t["outcome"] for t in tests["tests"]} == {"skipped"}
+
+    check_ops = data["checks"]["ops"]
+    assert [(r["op"], r["size"]) for r in check_ops] == [(c.op, c.size) for c in SMOKE_CASES]
+    for r in check_ops:
+        if r["status"] == "ok":
+            assert r["verdict"] == "pass", r
+            assert r["tensors"] and all(t["ok"] for t in r["tensors"])
+    model = data["checks"]["model"]
+    assert [(r["config"], r["verdict"]) for r in model] == [(c, "pass") for c in STEP_CONFIGS]
+    assert any(t["tensor"].startswith("grad ") for t in model[0]["tensors"])
+
+    ops = [r for r in data["rows"] if r["kind"] == "op"]
+    assert len(ops) == len(SMOKE_CASES) * len(C.BACKENDS)
+    compiled = [r for r in ops if r["backend"] == "compiled"]
+    assert {r["compile_backend"] for r in compiled} == {"aot_eager"}
+    steps = [r for r in data["rows"] if r["kind"] == "e2e"]
+    assert len(steps) == len(STEP_CONFIGS) * STEP_MODES * STEP_BACKENDS
+    assert {r["label"] for r in ops + steps} == {"CPU"}
+    pipeline = data["pipeline"]
+    assert len(pipeline) == 2 * PIPELINE_ROWS_PER_SOURCE
+    assert all(r["questions_per_s"] > 0 for r in pipeline if r.get("phase") == "warm")
+
+    warm = data["warm"]
+    assert (warm["processes"], warm["done"], warm["counts"]["ok"]) == (1, 1, 1)
+
+    for heading in MD_SECTIONS:
+        assert heading in smoke.md, heading
+    assert "**CPU smoke run**" in smoke.md
+    plots = meta["plots"]
+    if plots:  # matplotlib is installed (the test extra): one PNG per op, one of the step
+        assert len(plots) == len(C.OPS) + 1
+        for path in plots:
+            assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert any("matplotlib" in n for n in data["notes"])
+
+
+def test_summary_is_last_and_short(smoke):
+    summary = smoke.data["summary"]
+    assert 0 < len(summary) <= session_report.SUMMARY_MAX_LINES
+    assert smoke.md.rstrip().endswith(summary[-1])
+    stdout = smoke.proc.stdout.rstrip().splitlines()
+    assert stdout[-len(summary) :] == summary
+    text = "\n".join(summary)
+    for case in SMOKE_CASES:
+        assert f"| {case.id} | fp32 |" in text
+    # The injected fused op is reported in its own row of the summary, as an error.
+    assert "| attention_read/smoke-read | fp32 | error: InjectedError |" in text
+    assert "ops checks 6/6 pass, 1 error; model checks 2/2 pass" in text
+
+
+def test_sweep_part(tmp_path):
+    proc = _session(
+        "--smoke", "--part", "sweep", "--ops", "attention_read", "--warm-processes", "0",
+        "--out", str(tmp_path),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads(next(tmp_path.glob("cpu-smoke-*-sweep.json")).read_text())
+    assert data["tests"] is None and not data["checks"]["ops"]
+    assert {(r["op"], r["backend"]) for r in data["rows"]} == {
+        ("attention_read", b) for b in C.BACKENDS
+    }
+    assert all(r["status"] == "ok" for r in data["rows"])
+    assert len(data["summary"]) <= session_report.SUMMARY_MAX_LINES
+
+
+# ----------------------------------------------------------------------------- parts
+
+
+def _full_config(part: str) -> gpu_session.SessionConfig:
+    args = gpu_session.parse_args(["--part", part])
+    return gpu_session.build_config(args)
+
+
+def _fake_results(cfg: gpu_session.SessionConfig) -> dict:
+    """Results of a complete GPU run of ``cfg`` (every case measured), without running."""
+    meta = {
+        "label": "GPU", "device_name": "NVIDIA H200", "driver": "1", "torch": "2.11",
+        "triton": "3.6", "cuda": "12.8", "git_commit": "f" * 40, "source_digest": "0",
+        "date": "2026-01-01T00:00:00+00:00",
+        "ceilings": {
+            "copy_bandwidth_Bps": 4e12, "matmul_flops_per_s": {"fp32": 5e13, "bf16": 7e14},
+        },
+    }  # fmt: skip
+    rows = []
+    for case in C.cases(cfg.groups, cfg.ops):
+        for dtype in cfg.time_dtypes:
+            for backend in cfg.backends:
+                for pass_ in cfg.passes:
+                    row = {"kind": "op", "op": case.op, "size": case.size, "backend": backend}
+                    row.update({"pass": pass_, "dtype": dtype, "status": "ok", "median_ms": 1.0})
+                    row.update(bound="memory", bw_fraction=0.5, peak_mem_bytes=2**20)
+                    rows.append(row)
+    for config, mode, precision, backend in cfg.step.cases():
+        rows.append(
+            {"kind": "e2e", "config": config, "mode": mode, "precision": precision,
+             "backend": backend, "status": "ok", "median_ms": 10.0}
+        )  # fmt: skip
+    pipeline = [
+        {"source": s, "loader": "random_batch+to(device)", "phase": p, "status": "ok",
+         "median_ms": 1.0}
+        for s in cfg.pipeline_sources for p in ("cold", "warm")
+    ]  # fmt: skip
+    check = {"status": "ok", "verdict": "pass"}
+    return {
+        "meta": meta, "rows": rows, "pipeline": pipeline,
+        "checks": {"ops": [check] * 21, "model": [check] * 4},
+        "tests": {"counts": dict.fromkeys(session_procs.OUTCOMES, 1), "timed_out": False},
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("part", gpu_session.PARTS)
+def test_summary_of_a_full_gpu_run_fits(part):
+    """The smoke run has one dtype; a GPU run's summary must fit too, every case shown."""
+    cfg = _full_config(part)
+    summary = session_report.summary_lines(cfg, _fake_results(cfg))
+    assert len(summary) <= session_report.SUMMARY_MAX_LINES, "\n".join(summary)
+    text = "\n".join(summary)
+    assert "more rows" not in text
+    if part == "sweep":  # one line per op, size family and dtype
+        for case in C.cases(cfg.groups, cfg.ops):
+            for dtype in cfg.time_dtypes:
+                assert f"| {case.op}/{case.family} | {dtype} | {case.sweep} " in text
+    else:
+        for case in C.cases(cfg.groups, cfg.ops):
+            for dtype in cfg.time_dtypes:
+                assert f"| {case.id} | {dtype} | 1 | 1x | 1x | 50.0% BW | 1.0/1.0 |" in text
+        for config in cfg.step.configs:
+            for mode in cfg.step.modes:
+                assert f"| step {config} {mode} |" in text
+        assert "issue: >= 4x): 1x" in text
+
+
+def test_budget_fits_nine_minutes():
+    """The issue's limit is 9 minutes wall: the budget leaves room for start-up (imports)."""
+    for part in gpu_session.PARTS:
+        budget = _full_config(part).budget
+        assert budget.total_s <= 9 * 60 - 30
+        assert max(budget.warm_by, budget.tests_by, budget.ops_by, budget.step_by) < 1
+    main = _full_config("main").budget
+    sections = [main.checks_by, main.tests_by, main.ops_by, main.pipeline_by, main.step_by]
+    assert sections == sorted(sections)
+
+
+def test_time_limit_stops_a_case():
+    t0 = time.monotonic()
+    with pytest.raises(gpu_session.CaseTimeout), gpu_session.time_limit(0.2):
+        time.sleep(5)
+    assert time.monotonic() - t0 < 2
+    with gpu_session.time_limit(5):  # the alarm is cancelled on the way out
+        pass
+    time.sleep(0.01)
+
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">
+<testcase classname="tests.test_a" name="test_ok" time="0.5"/>
+<testcase classname="tests.test_a" name="test_bad[(1, 2)]" time="1.0">
+  <failure message="AssertionError: fused error 3e-2&#10;second line">trace</failure></testcase>
+<testcase classname="tests.test_b" name="test_setup" time="0.1"><error message="boom"/></testcase>
+<testcase classname="tests.test_b" name="test_gpu" time="0"><skipped message="needs a CUDA device"/>
+</testcase></testsuite></testsuites>"""
+
+
+def test_parse_junit(tmp_path):
+    path = tmp_path / "j.xml"
+    path.write_text(JUNIT)
+    tests = session_procs.parse_junit(path)
+    assert [(t["test"], t["outcome"]) for t in tests] == [
+        ("tests.test_a::test_ok", "passed"),
+        ("tests.test_a::test_bad[(1, 2)]", "failed"),
+        ("tests.test_b::test_setup", "error"),
+        ("tests.test_b::test_gpu", "skipped"),
+    ]
+    assert tests[1]["message"] == "AssertionError: fused error 3e-2"
+
+
+def test_parse_verbose_log_of_a_stopped_run():
+    log = (
+        "tests/test_a.py::test_ok PASSED                [ 10%]\n"
+        "tests/test_a.py::test_bad[(1, 1, 3)-dtype0] FAILED  [ 20%]\n"
+        "some other output\n"
+        "tests/test_b.py::test_gpu SKIPPED (needs a CUDA device) [ 30%]\n"
+    )
+    tests = session_procs.parse_verbose_log(log)
+    assert [(t["test"], t["outcome"]) for t in tests] == [
+        ("tests/test_a.py::test_ok", "passed"),
+        ("tests/test_a.py::test_bad[(1, 1, 3)-dtype0]", "failed"),
+        ("tests/test_b.py::test_gpu", "skipped"),
+    ]
+
+
+def test_failing_tests_make_the_run_fail():
+    results = {"checks": {"ops": [], "model": []}, "rows": [], "pipeline": [], "meta": {}}
+    counts = dict.fromkeys(session_procs.OUTCOMES, 0)
+    results["tests"] = {"counts": {**counts, "passed": 3}, "timed_out": False}
+    assert gpu_session.exit_status(results) == 0
+    results["tests"] = {"counts": {**counts, "failed": 1}, "timed_out": False}
+    assert gpu_session.exit_status(results) == 1
+    results["tests"] = {"counts": counts, "timed_out": True}
+    assert gpu_session.exit_status(results) == 1
+
+
+def _attention_case():
+    return next(c for c in SMOKE_CASES if c.op == "attention_read")
+
+
+def test_check_passes_the_reference_itself():
+    from rwmn import reference
+
+    result = checks.check_op(_attention_case(), "fp32", "cpu", 3, fused=reference.attention_read)
+    assert result["verdict"] == "pass", result
+
+
+def test_check_catches_an_unwritten_output():
+    """The fused call's buffers start as NaN: a kernel that skips elements fails."""
+    from rwmn import reference
+
+    def leaves_a_gap(**kwargs):
+        o, p = reference.attention_read(**kwargs)
+        out = torch.empty_like(o)
+        out[:, 1:] = o[:, 1:]  # column 0 never written
+        return out, p
+
+    result = checks.check_op(_attention_case(), "fp32", "cpu", 3, fused=leaves_a_gap)
+    assert result["verdict"] == "FAIL"
+    assert "output 0" in result["failed"] and "NaN" in result["worst_why"]
+    assert torch.empty(3).dtype == torch.float32  # the patch is gone
+    assert "new_empty" not in torch.Tensor.__dict__
+
+
+def test_check_catches_a_small_error():
+    from rwmn import reference
+
+    def off_by_a_bit(**kwargs):
+        o, p = reference.attention_read(**kwargs)
+        return o * (1 + 1e-4), p
+
+    result = checks.check_op(_attention_case(), "fp32", "cpu", 3, fused=off_by_a_bit)
+    assert result["verdict"] == "FAIL" and "output 0" in result["failed"]
+
+
+def test_plots_are_optional(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    paths, note = session_report.write_plots([], tmp_path, "x", "provenance")
+    assert paths == [] and "matplotlib is not installed" in note
+    assert not list(tmp_path.iterdir())
+
+
+def test_git_commit_without_the_git_program(tmp_path):
+    sha = "a" * 40
+    repo = tmp_path / "repo"
+    (repo / ".git" / "refs" / "heads").mkdir(parents=True)
+    (repo / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (repo / ".git" / "packed-refs").write_text(f"# pack-refs\n{sha} refs/heads/main\n")
+    assert timing.git_head_from_files(repo) == sha
+    (repo / ".git" / "refs" / "heads" / "main").write_text("b" * 40 + "\n")
+    assert timing.git_head_from_files(repo) == "b" * 40
+    # A worktree: .git is a file naming its own git dir, whose refs live in the common one.
+    tree, own = tmp_path / "tree", repo / ".git" / "worktrees" / "tree"
+    own.mkdir(parents=True)
+    tree.mkdir()
+    (tree / ".git").write_text(f"gitdir: {own}\n")
+    (own / "HEAD").write_text("ref: refs/heads/main\n")
+    (own / "commondir").write_text("../..\n")
+    assert timing.git_head_from_files(tree) == "b" * 40
+    assert timing.git_head_from_files(tmp_path / "copy-without-git") is None
