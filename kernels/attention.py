@@ -64,6 +64,9 @@ BLOCK_K = 32
 #: Widest row the kernels hold in registers (one tile spans the whole width).
 MAX_FUSED_D = 1024
 NUM_WARPS = 8
+#: The fp32 conv-attention backward spread over 16 warps: at 8, its five [16, 512] fp32
+#: epilogue tiles next to the CUDA-core dot operands spilled 16-28 B per thread.
+CONV_ATTN_FP32_BWD_WARPS = 16
 #: One pipeline stage: the conv tiles' K loops spilled with 3 (the default) on both targets.
 NUM_STAGES = 1
 
@@ -448,6 +451,7 @@ def conv_attention_config(
     output channel, BLOCK_I slots), each tile spanning the whole width pow2(d)."""
     wgmma = dtype != torch.float32 and not backward
     block_i = BLOCK_I_WGMMA if wgmma else BLOCK_I_SMALL
+    warps = CONV_ATTN_FP32_BWD_WARPS if backward and dtype == torch.float32 else NUM_WARPS
     return LaunchConfig(
         grid=(n_batch, c_out * triton.cdiv(m, block_i)),
         constexprs=dict(
@@ -457,7 +461,7 @@ def conv_attention_config(
             BLOCK_D=pow2_at_least(d),
             BLOCK_K=BLOCK_K,
         ),
-        num_warps=NUM_WARPS,
+        num_warps=warps,
         num_stages=NUM_STAGES,
     )
 

@@ -82,6 +82,9 @@ FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DENSE_BLOCK_R = 16
 DENSE_BLOCK_K = 32
 DENSE_BLOCK_N = 32
+#: Dense path warps, one pipeline stage: fp32 (ieee, both operands in registers) spilled
+#: with 4 or 8 warps on sm_90a.
+DENSE_WARPS = {"tf32": 4, "ieee": 16}
 
 #: Sizes D at or above this that factor as D1 x D2 with both factors <= MAX_FACTOR take the
 #: factorised transform; smaller or unfactorable D (primes, 2 x a large prime) stay dense.
@@ -100,7 +103,10 @@ MIN_DOT = 16
 FFT_TILES = {"tf32": (32, 16), "ieee": (16, 16)}
 #: Width of the 1-D chunks (sketch bins, spectrum bins, gathered inputs).
 BLOCK_S = 128
+#: Warps of the factorised kernels: 8, or 16 for fp32 (ieee) with a small first factor
+#: (pow2(D1) <= 32, e.g. the read size 300 = 15 x 20), where 8 warps spilled on sm_80.
 FACTORISED_WARPS = 8
+FACTORISED_WARPS_SMALL_IEEE = 16
 FACTORISED_STAGES = 1
 #: Bytes of factorised-kernel scratch to aim for in one launch: one program's scratch is
 #: reused for its rows, and all of it together should fit in L2 (50 MB on H100/H200,
@@ -687,7 +693,12 @@ def cbp_config(
                           BLOCK_N=DENSE_BLOCK_N, PRECISION=precision)  # fmt: skip
         if not backward:
             constexprs["BLOCK_J"] = DENSE_BLOCK_N
-        return LaunchConfig(grid=(triton.cdiv(rows, DENSE_BLOCK_R),), constexprs=constexprs)
+        return LaunchConfig(
+            grid=(triton.cdiv(rows, DENSE_BLOCK_R),),
+            constexprs=constexprs,
+            num_warps=DENSE_WARPS[precision],
+            num_stages=1,
+        )
     d1, d2 = factors
     p1, p2 = _padded(d1), _padded(d2)
     block_f1, block_f2 = FFT_TILES[precision]
@@ -705,7 +716,9 @@ def cbp_config(
             BLOCK_S=BLOCK_S,
             PRECISION=precision,
         ),  # fmt: skip
-        num_warps=FACTORISED_WARPS,
+        num_warps=(
+            FACTORISED_WARPS_SMALL_IEEE if precision == "ieee" and p1 <= 32 else FACTORISED_WARPS
+        ),
         num_stages=FACTORISED_STAGES,
     )
 

@@ -73,6 +73,13 @@ def _block_i(dtype: torch.dtype) -> int:
     return BLOCK_I_FP32 if dtype == torch.float32 else BLOCK_I_HALF
 
 
+#: dx: rows of one phase per tile and warps. fp32 (ieee) spilled 4-32 B at 32 rows with 2,
+#: 4 or 8 warps in some specialisations; 16 rows with 8 warps stay in registers. bf16/fp16
+#: take the wgmma tile (64 rows), with 8 warps (4 spilled on sm_80).
+DX_BLOCK_Q = {torch.float32: 16}
+DX_WARPS = 8
+
+
 def _stages(dtype: torch.dtype) -> int:
     return STAGES_FP32 if dtype == torch.float32 else STAGES_HALF
 
@@ -380,14 +387,14 @@ def memconv_dx_config(
 ) -> LaunchConfig:
     """Launch configuration of _memconv_dx_kernel for dx [n_batch, c_in, n, d]: the rows of
     each phase r mod stride in blocks of BLOCK_Q."""
-    block_q = _block_i(dtype)
+    block_q = DX_BLOCK_Q.get(dtype, BLOCK_I_HALF)
     n_phase_blocks = triton.cdiv(triton.cdiv(n, stride), block_q)
     return LaunchConfig(
         grid=(n_batch * c_in, stride * n_phase_blocks, triton.cdiv(d, BLOCK_J)),
         constexprs=dict(
             PRECISION=dot_precision(dtype), BLOCK_Q=block_q, BLOCK_J=BLOCK_J, BLOCK_K=BLOCK_K
         ),
-        num_warps=NUM_WARPS,
+        num_warps=DX_WARPS,
         num_stages=_stages(dtype),
     )
 
