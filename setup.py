@@ -19,7 +19,7 @@ setup(
         "torch>=2.6",
         # Triton ships wheels for Linux x86-64 (and aarch64); elsewhere the reference
         # backend runs alone.
-        "triton>=3.2; platform_system == 'Linux'",
+        "triton>=3.6; platform_system == 'Linux'",
         "numpy>=1.24",
         "h5py>=3.8",
     ],

@@ -1,59 +1,46 @@
-"""Fused compact bilinear pooling (SPEC section 2): one launch forward, one launch backward.
+"""Fused compact bilinear pooling (docs/model.md): one launch forward, one launch backward.
 
-Math. With w = exp(-2 pi i / D), the count sketch followed by the DFT is a fixed linear map
+Math. With the count sketches p = psi1(x) (p_j = sum_{i: h1(i) = j} s1(i) x_i) and
+q = psi2(y), CBP(x, y) = p (*) q, the circular convolution mod D:
 
-    X_k = sum_i s1(i) x_i w^{h1(i) k},      Y_k = sum_i s2(i) y_i w^{h2(i) k},
+    out = IDFT(P Q),                 P = DFT(p), Q = DFT(q)   (length D, no padding).
 
-so CBP(x, y) = IDFT(X * Y) is, per row, two small dense "sketch-DFT" matmuls, a complex
-product and a dense inverse-DFT matmul:
+Backward, with g = dL/dout and G = DFT(g): dL/dp = IDFT(G conj(Q)) / D and dL/dq =
+IDFT(G conj(P)) / D (circular correlations; the 1/D of the inverse is folded into the
+spectra here), then the transposed sketch dL/dx_i = s1(i) (dL/dp)[h1(i)], dL/dy_i =
+s2(i) (dL/dq)[h2(i)]. Nothing is saved by the forward: the backward recomputes P and Q.
 
-    out_j = (1/D) sum_{k=0}^{D-1} X_k Y_k w^{-jk}
-          = sum_{k=0}^{D//2} c_k Re(Z_k e^{+2 pi i jk/D}),   Z = X Y,
-      c_k = 1/D for k = 0 and k = D/2 (D even), 2/D otherwise (Z is Hermitian).
+Factorised path (every D = D1 D2 with both factors <= MAX_FACTOR and D >=
+FACTORISED_MIN_DIM; the model's 300 and 4096). A program owns rows_per_program rows and
+loops over them with one scratch area (per program, sized to stay in L2):
+  1. the sketches by a deterministic gather-sum over the inverse hash (inverse_hash: input
+     indices sorted by bin, CSR), O(n + D), no atomics;
+  2. their DFTs by the four-step Cooley-Tukey factorisation (_dft_factorised_row: a
+     D2-point DFT matmul, a twiddle, a D1-point DFT matmul, O(D (D1 + D2)) on tl.dot tiles;
+     every twiddle is an exact integer phase mod D looked up in a table of correctly
+     rounded cos/sin, so no angle error grows with the index);
+  3. the spectrum product and its factorised inverse (forward), or DFT(g), the correlation
+     spectra, two inverses and the gathers at h1, h2 (backward).
 
-Backward. out = p (*) q, the circular convolution (mod D) of p = psi1(x) and q = psi2(y).
-dL/dp_a = sum_j g_j q_{(j-a) mod D} is the circular correlation of g = dL/dout with q, whose
-DFT is G_k conj(Q_k); and dL/dx_i = s1(i) (dL/dp)_{h1(i)} is the transposed count sketch:
+Dense path (D with no factor pair, e.g. primes). The sketch followed by the DFT is a fixed
+linear map, X_k = sum_i s1(i) x_i w^{h1(i) k}, so one program of BLOCK_R rows contracts
+its rows with twiddle tiles built on the fly in registers (the "sketch-DFT"), stores the
+weighted products c_k X_k Y_k (c_k = 1/D for bins 0 and D/2, else 2/D: the Hermitian half
+spectrum) in a per-row workspace and contracts it with the inverse twiddles; backward
+likewise with G conj(Y), G conj(X) evaluated at the hashes. O(n D) per row.
 
-    dL/dx_i = s1(i) sum_{k=0}^{D//2} c_k Re(C_k e^{+2 pi i h1(i) k/D}),  C = G conj(Y),
-    dL/dy_i = s2(i) sum_{k=0}^{D//2} c_k Re(E_k e^{+2 pi i h2(i) k/D}),  E = G conj(X),
-
-with G_k = sum_j g_j w^{jk} (the same sketch-DFT with h(j) = j, s = 1). Nothing is saved
-from the forward: the backward recomputes X and Y from x and y.
-
-Kernels. One program owns BLOCK_R rows. Phase 1 walks the half spectrum in BLOCK_K tiles;
-each twiddle tile cos/sin(2 pi ((h(i) k) mod D) / D) is built on the fly in registers (the
-phase index is reduced mod D in integer arithmetic, then looked up in a 2 x D table of
-correctly rounded cos/sin, so no angle error grows with h k) and contracted with the input
-rows on tensor cores (tl.dot). D is a compile-time constant (one compilation per size). The
-complex products, scaled by c_k, go to a per-row workspace of 2 (forward) or 4 (backward)
-x (D//2 + 1) fp32 values. Phase 2, after a CTA barrier, contracts the workspace with the
-inverse twiddle tiles and writes each output element exactly once. The workspace is only
-ever touched by the program that owns its rows, so it stays in L1/L2; it is linear in the
-rows (about the size of the output). Inputs are read as stored (fp32, bf16 or fp16) and
-accumulated in fp32.
-
-Factorised path. For D = D1 D2 with both factors <= MAX_FACTOR and D >= FACTORISED_MIN_DIM
-(see factorisation), phase 2 is instead a per-row four-step Cooley-Tukey transform
-(_dft_factorised_row: a dense D2-point DFT matmul, a twiddle, a dense D1-point DFT matmul;
-O(D (D1 + D2)) per row, mod D, no zero-padding of the transform). Forward: inverse of the
-full spectrum (1/D) X Y, rebuilt from the stored half on load. Backward: a factorised
-forward DFT of g first (phase 0), then factorised inverses of (1/D) G conj(Y) and
-(1/D) G conj(X) into the full correlations dL/dp, dL/dq, gathered at h1, h2 (the
-transposed count sketch). The sketch-DFT of x and y stays dense in both paths.
+Inputs are read as stored (fp32, bf16 or fp16); products accumulate in fp32. Under autocast
+the inputs are cast to the autocast dtype first (custom ops have no autocast rule).
 
 Broadcasting. x [..., n1] and y [..., n2] broadcast their leading axes like
 ``kernels.reference.cbp``. The launcher passes per-operand row offsets (computed from the
-strides of the broadcast view, so a stride-0 axis is never materialised) and the kernel
-gathers rows through them. The gradient of a broadcast operand is summed over the rows it
-was broadcast to.
+strides of the broadcast view, so a stride-0 axis is never materialised) and the kernels
+read rows through them. The gradient of a broadcast operand is summed over the rows it was
+broadcast to.
 
 Custom ops. ``rwmn::cbp_rows`` and ``rwmn::cbp_rows_backward`` are
 ``torch.library.triton_op``s launched through ``wrap_triton`` with ``register_autograd``,
-so ``torch.compile(fullgraph=True)`` traces them without a graph break. They are dtype
-polymorphic (fp32 accumulation, result in the promoted input dtype, exactly as the reference
-returns), so they need no autocast rule: under autocast they run on whatever dtypes the
-surrounding ops produced.
+so ``torch.compile(fullgraph=True)`` traces them without a graph break.
 """
 
 from __future__ import annotations
@@ -723,6 +710,45 @@ def cbp_config(
     )
 
 
+def executed_macs(
+    rows: int,
+    n1: int,
+    n2: int,
+    out_dim: int,
+    factors: tuple[int, int] | None,
+    precision: str,
+    backward: bool,
+) -> int:
+    """Multiply-adds the kernels' products execute for ``rows`` rows, tile padding included
+    (tensor cores for half inputs, CUDA-core FMA for fp32), from the same configuration the
+    launch uses: the "executed" column of bench.cases beside the algorithmic FLOPs.
+
+    Factorised path, per row: a forward DFT of a real row costs 2 S1 + 4 S2 and an inverse
+    4 S1 + 2 S2, with S1 = cdiv(D2, F2)^2 P1 F2^2 (stage 1) and S2 = cdiv(D2, F2) cdiv(D1,
+    F1) F1 P1 F2 (stage 2); the forward pass runs 2 DFTs and 1 inverse, the backward 3 and
+    2. The gathers (sketch, transposed sketch) and the spectrum products are not products.
+    Dense path, per row: the sketch-DFT of every input (2 products per (bin chunk, input
+    chunk)) and the inverse (2 per (output chunk, bin chunk)).
+    """
+    c = cbp_config(rows, out_dim, factors, precision, backward).constexprs
+    if factors is None:
+        bk, bn = c["BLOCK_K"], c["BLOCK_N"]
+        kc = triton.cdiv(c["K"], bk)
+        chunks = triton.cdiv(n1, bn) + triton.cdiv(n2, bn)
+        if backward:
+            per_row = 2 * bk * bn * kc * (triton.cdiv(out_dim, bn) + 2 * chunks)
+        else:
+            per_row = 2 * bk * bn * kc * (chunks + triton.cdiv(out_dim, c["BLOCK_J"]))
+        return rows * per_row
+    f1, f2, p1 = c["BLOCK_F1"], c["BLOCK_F2"], c["P1"]
+    d1, d2 = factors
+    s1 = triton.cdiv(d2, f2) ** 2 * p1 * f2 * f2
+    s2 = triton.cdiv(d2, f2) * triton.cdiv(d1, f1) * f1 * p1 * f2
+    forward_dft, inverse = 2 * s1 + 4 * s2, 4 * s1 + 2 * s2
+    per_row = 3 * forward_dft + 2 * inverse if backward else 2 * forward_dft + inverse
+    return rows * per_row
+
+
 def _check_factors(factors: tuple[int, int] | None, out_dim: int) -> None:
     if factors is None:
         return
@@ -1091,6 +1117,7 @@ __all__ = [
     "cbp_forward_launch",
     "cbp_rows",
     "cbp_rows_backward",
+    "executed_macs",
     "factorisation",
     "half_spectrum",
     "row_offsets",
