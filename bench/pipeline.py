@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from bench import timing
+from bench.cache_loaders import CacheLoad
 from rwmn.data import MovieQAData, QABatch
 from rwmn.data.synthetic import SyntheticConfig, generate
 
@@ -59,6 +60,10 @@ def _random_batch_to(data, rng, batch, device):
 LOADERS = (
     Loader("random_batch", _random_batch, to_device=False),
     Loader("random_batch+to(device)", _random_batch_to, to_device=True),
+    *(
+        Loader(f"cache:{mode}", CacheLoad(mode), to_device=True)
+        for mode in ("none", "host", "device")
+    ),
 )
 
 

@@ -9,6 +9,13 @@ last.pt is written at step 0, so a run can be resumed from its first moment; a r
 cuts metrics.jsonl back to the checkpoint's step, so after any number of kills and resumes
 the log, the weights and the checkpoints equal an uninterrupted run's.
 
+The input pipeline (issue 11): every movie of the train and val splits is read and checked
+before the first step and served from memory (rwmn.data.cache, --data_cache); the next
+batch is prepared while a step runs (rwmn.data.prefetch); a step queues device work only:
+the loss and accuracy are summed on the device and read, with the check for a non-finite
+loss, at each --validation_step (rwmn.loop), so the host never waits on the device
+between progress lines.
+
 Every check that can fail on a flag, a data file or a checkpoint runs before the run
 directory is written; the command line reports it as one line (exit status 2).
 """
@@ -40,7 +47,18 @@ from rwmn.config import (
     check_field_types,
     check_finite,
 )
+from rwmn.data.cache import (
+    CACHE_MODES,
+    DATA_DTYPES,
+    BatchSource,
+    ReadPerBatch,
+    build_source,
+    plan_cache,
+    split_nbytes,
+)
 from rwmn.data.movieqa import DataError, MovieQAData, QABatch
+from rwmn.data.prefetch import NoPrefetch, Prefetcher
+from rwmn.loop import COMPILE_MODES, RunningMetrics, compile_model, make_adagrad
 from rwmn.model import RWMN
 from rwmn.profiling import nvtx_enabled
 from rwmn.rundir import RunDirError, RunLock
@@ -71,7 +89,8 @@ INVOCATION_FIELDS = frozenset({
 #: Flags --resume accepts with a value other than the checkpoint's: where and how fast the
 #: run computes, and how long it goes on. Each change is logged.
 FREE_ON_RESUME = frozenset({
-    "max_steps", "early_stop", "device", "backend", "compile", "tensorboard", "nvtx",
+    "max_steps", "early_stop", "device", "backend", "compile", "compile_mode", "tensorboard",
+    "nvtx", "data_cache", "prefetch",
 })  # fmt: skip
 #: Flags --resume applies only with --allow_resume_changes (each logged); any other flag
 #: (the seed, Adagrad's initial accumulator, --pretrain, the model's architecture) cannot
@@ -79,7 +98,7 @@ FREE_ON_RESUME = frozenset({
 CHANGEABLE_ON_RESUME = frozenset({
     "batch_size", "init_lr", "learning_rate_decay_examples", "learning_rate_decay_rate",
     "validation_step", "full_validation_step", "checkpoint_step", "save_threshold",
-    "data_dir", "amp", "sharp", "alpha", "reg",
+    "data_dir", "amp", "data_dtype", "sharp", "alpha", "reg",
 })  # fmt: skip
 
 
@@ -107,6 +126,10 @@ class TrainConfig:
     device: str = "auto"
     amp: str = "off"
     compile: bool = False
+    compile_mode: str = "default"
+    data_cache: str = "auto"
+    data_dtype: str = "fp32"
+    prefetch: bool = True
     backend: str | None = None
     seed: int = 0
     resume: bool = False
@@ -135,6 +158,18 @@ class TrainConfig:
         parse_device(self.device)
         if self.amp not in AMP_DTYPES:
             raise ConfigError(f"--amp {self.amp!r}: expected one of {tuple(AMP_DTYPES)}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(
+                f"--compile_mode {self.compile_mode!r}: expected one of {COMPILE_MODES}"
+            )
+        if self.compile_mode != "default" and not self.compile:
+            raise ConfigError(f"--compile_mode {self.compile_mode} applies only with --compile")
+        if self.data_cache not in CACHE_MODES:
+            raise ConfigError(f"--data_cache {self.data_cache!r}: expected one of {CACHE_MODES}")
+        if self.data_dtype not in DATA_DTYPES:
+            raise ConfigError(
+                f"--data_dtype {self.data_dtype!r}: expected one of {tuple(DATA_DTYPES)}"
+            )
         if self.backend is not None and self.backend not in ops.BACKENDS:
             raise ConfigError(f"--backend {self.backend!r}: expected one of {ops.BACKENDS}")
         if self.split not in ("val", "test"):
@@ -340,6 +375,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="mixed precision of the forward pass (fp16 uses a gradient scaler)",
     )
     r.add_argument("--compile", action="store_true", help="run the model through torch.compile")
+    r.add_argument(
+        "--compile_mode", default="default", choices=COMPILE_MODES,
+        help="torch.compile mode with --compile: default, reduce-overhead (CUDA graphs on "
+        "CUDA) or max-autotune",
+    )  # fmt: skip
+    r.add_argument(
+        "--data_cache", default="auto", choices=CACHE_MODES,
+        help="where the train and val data are served from after being read and checked "
+        "once before the first step: device (GPU memory; on a CPU run, memory), host "
+        "(pinned host memory), none (read from HDF5 per batch) or auto (device if it fits "
+        "in half the free GPU memory, else host if in half the available RAM, else none; "
+        "the first log line says which and why)",
+    )  # fmt: skip
+    r.add_argument(
+        "--data_dtype", default="fp32", choices=tuple(DATA_DTYPES),
+        help="dtype the story, question and answer features are stored and copied in "
+        "(bf16, fp16: half the memory; upcast to fp32 on the device)",
+    )  # fmt: skip
+    r.add_argument(
+        "--prefetch", type=_bool, default=True, metavar="{true,false}",
+        help="prepare the next batch (draw, gather, copy to the device on a side CUDA "
+        "stream) while the current step runs; the batches are the same either way",
+    )  # fmt: skip
     r.add_argument(
         "--backend", default=None, choices=ops.BACKENDS,
         help="reference (plain PyTorch), triton (fused kernels, CUDA) or auto (triton on "
@@ -569,9 +627,13 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self.model = RWMN(model_cfg).to(self.device)
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
-        self.optimizer = torch.optim.Adagrad(
+        self.forward = compile_model(self.model, cfg.compile_mode) if cfg.compile else self.model
+        # CUDA graphs replay into the same output buffers: each step starts a new generation.
+        self.mark_step = cfg.compile and cfg.compile_mode == "reduce-overhead"
+        self.mark_step = self.mark_step and self.device.type == "cuda"
+        self.optimizer, self.optimizer_impl = make_adagrad(
             self.model.parameters(),
+            self.device,
             lr=cfg.init_lr,
             initial_accumulator_value=cfg.init_accumulator_value,
         )
@@ -587,8 +649,11 @@ class Trainer:
         self.best_acc = -math.inf
         self.bad_evals = 0
         # Running sums of the training loss, accuracy and questions since the last progress
-        # line; checkpointed so a resumed run logs what the uninterrupted one would.
-        self.window = {"loss": 0.0, "acc": 0.0, "questions": 0}
+        # line, on the device; checkpointed so a resumed run logs what the uninterrupted
+        # one would.
+        self.running = RunningMetrics(self.device)
+        self.data_dtype = DATA_DTYPES[cfg.data_dtype]
+        self.batches: Prefetcher | NoPrefetch | None = None  # the training batches
         # Training time: `start` and `window_t` are perf_counter origins, moved back on
         # resume by the seconds the checkpoint recorded, so time continues across resumes.
         self.start = self.window_t = time.perf_counter()
@@ -602,8 +667,39 @@ class Trainer:
             self.data_dir, c.data_source, split, c.dim_text, c.dim_rgb, c.dim_sub, c.num_answer
         )
 
+    def sources(self, *splits: str) -> list[BatchSource]:
+        """The batch sources of ``splits``: every movie read and checked now (a bad one is
+        a DataError before the first step), cached as --data_cache says, which the first
+        log line reports."""
+        datas = [self.data(split) for split in splits]
+        nbytes = sum(split_nbytes(d, self.data_dtype) for d in datas)
+        plan = plan_cache(self.cfg.data_cache, nbytes, self.device)
+        self.log(plan.line(self.cfg.data_dtype))
+        return [build_source(d, plan, self.data_dtype, self.device) for d in datas]
+
     # -- state ---------------------------------------------------------------------------
+    def window(self) -> dict:
+        """The running sums; raises FloatingPointError if a step's loss was not finite."""
+        self.check_finite()
+        return self.running.state()
+
+    def check_finite(self) -> None:
+        """Raise FloatingPointError naming the first step since the last progress line
+        whose loss was not finite (one host synchronisation)."""
+        _, _, bad_step, bad_loss = self.running.read()
+        if bad_step is not None:
+            raise FloatingPointError(
+                f"step {bad_step}: the loss is {bad_loss} (found at step {self.step})"
+            )
+
+    def sampler_state(self) -> dict:
+        """The training sampler's state, before any batch drawn ahead by the prefetcher."""
+        if self.batches is not None:
+            return self.batches.sampler_state()
+        return self.sampler.bit_generator.state
+
     def state_dict(self) -> dict:
+        window = self.window()
         now = time.perf_counter()
         return {
             "format": CHECKPOINT_FORMAT,
@@ -616,14 +712,14 @@ class Trainer:
             "step": self.step,
             "best_acc": self.best_acc,
             "bad_evals": self.bad_evals,
-            "window": dict(self.window),
+            "window": window,
             "seconds": now - self.start,
             "window_seconds": now - self.window_t,
             "changes": list(self.changes),
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "numpy_sampler": self.sampler.bit_generator.state,
+                "numpy_sampler": self.sampler_state(),
                 "numpy_val_sampler": self.val_sampler.bit_generator.state,
                 "python": random.getstate(),
             },
@@ -648,7 +744,7 @@ class Trainer:
         self.step, self.best_acc, self.bad_evals = (
             state["step"], float(state["best_acc"]), state["bad_evals"],
         )  # fmt: skip
-        self.window = dict(state["window"])
+        self.running.load(state["window"])
         now = time.perf_counter()
         self.start = now - state.get("seconds", 0.0)
         self.window_t = now - state.get("window_seconds", 0.0)
@@ -690,13 +786,19 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _run(self, batch: QABatch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        batch = batch.to(self.device)
+        # Features stored in bf16 or fp16 (--data_dtype) are upcast here, on the device.
+        batch = batch.to(self.device).features(torch.float32)
+        if self.mark_step:
+            torch.compiler.cudagraph_mark_step_begin()
         with self._autocast():
             logits = self.forward(batch.story, batch.query, batch.answers)
         loss = None if batch.target is None else self.model.loss(logits, batch.target)
         return logits, loss
 
-    def train_step(self, batch: QABatch) -> tuple[float, float]:
+    def train_step(self, batch: QABatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step on ``batch``; its loss and correct answers (device tensors) are added
+        to the running sums. Queues device work only: nothing here waits for the device
+        (with --amp fp16, torch's GradScaler reads its overflow check every step)."""
         self.model.train()
         logits, loss = self._run(batch)
         self.optimizer.zero_grad(set_to_none=True)
@@ -705,29 +807,35 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         self.step += 1
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"step {self.step}: the loss is {loss.item()}")
-        acc = (logits.argmax(-1) == batch.target.to(logits.device)).float().mean()
-        return loss.item(), acc.item()
+        correct = (logits.detach().argmax(-1) == batch.target.to(logits.device)).sum()
+        self.running.add(self.step, loss, correct, len(batch.qids))
+        return loss.detach(), correct
 
     @torch.no_grad()
     def evaluate(self, batches: Iterator[QABatch]) -> EvalResult:
+        """Accuracy and loss over ``batches``, summed on the device and read once at the
+        end (evaluations run at progress lines, not inside steps)."""
         self.model.eval()
-        correct = total = 0
-        loss_sum, predictions, has_targets = 0.0, [], True
+        predictions, qids, has_targets = [], [], True
+        f64 = dict(dtype=torch.float64, device=self.device)
+        correct, loss_sum, total = torch.zeros((), **f64), torch.zeros((), **f64), 0
         for batch in batches:
             logits, loss = self._run(batch)
-            pred = logits.argmax(-1).cpu()
-            predictions.extend(zip(batch.qids, pred.tolist(), strict=True))
+            pred = logits.argmax(-1)
+            predictions.append(pred)
+            qids.extend(batch.qids)
             if batch.target is None:
                 has_targets = False
                 continue
-            correct += int((pred == batch.target).sum())
+            correct += (pred == batch.target.to(pred.device)).sum()
+            loss_sum += loss.detach().to(torch.float64) * len(pred)
             total += len(pred)
-            loss_sum += loss.item() * len(pred)
+        answers = torch.cat(predictions).tolist() if predictions else []
+        pairs = list(zip(qids, answers, strict=True))
         if not has_targets or total == 0:
-            return EvalResult(None, None, predictions)
-        return EvalResult(correct / total, loss_sum / total, predictions)
+            return EvalResult(None, None, pairs)
+        correct_n, loss_total = torch.stack([correct, loss_sum]).tolist()
+        return EvalResult(correct_n / total, loss_total / total, pairs)
 
     # -- logging -------------------------------------------------------------------------
     def record(self, split: str, acc: float | None, loss: float | None, **extra) -> None:
@@ -804,7 +912,7 @@ class Trainer:
         rundir.check_directory_flag(self.ckpt_dir, "--checkpoint_dir")
         if resume is None and not cfg.overwrite:
             self._refuse_existing_run()
-        train, val = self.data("train"), self.data("val")  # opens and checks every file
+        train, val = self.sources("train", "val")  # reads and checks every movie
         writer_class = _summary_writer_class() if cfg.tensorboard else None
         pretrained = None
         if resume is None and cfg.pretrain:
@@ -878,24 +986,30 @@ class Trainer:
             + (f"; dropped {dropped} metrics.jsonl line(s) logged after it" if dropped else "")
         )
 
-    def _train(self, train: MovieQAData, val: MovieQAData) -> dict:
+    def _train(self, train: BatchSource, val: BatchSource) -> dict:
         cfg = self.cfg
         self.log(
             f"training on {train.num_questions} questions ({len(train.movies)} movies), "
             f"validating on {val.num_questions}; {self.device}, backend {ops.get_backend()}, "
-            f"amp {cfg.amp}, {sum(p.numel() for p in self.model.parameters())} parameters; "
+            f"amp {cfg.amp}, Adagrad {self.optimizer_impl}, "
+            f"{sum(p.numel() for p in self.model.parameters())} parameters; "
             f"run directory {self.out_dir}"
         )
-        window = self.window
+        feed = Prefetcher if cfg.prefetch else NoPrefetch
+        self.batches = feed(train, self.sampler, cfg.batch_size, self.device)
+        try:
+            return self._steps(val)
+        finally:
+            self.batches = None
+
+    def _steps(self, val: BatchSource) -> dict:
+        cfg = self.cfg
         stopped = "max_steps"
         while self.step < cfg.max_steps:
-            batch = train.random_batch(self.sampler, cfg.batch_size)
-            loss, acc = self.train_step(batch)
-            n = len(batch.qids)
-            window["loss"] += loss * n
-            window["acc"] += acc * n
-            window["questions"] += n
+            batch = self.batches.next(draw_ahead=self.step + 1 < cfg.max_steps)
+            self.train_step(batch)
             if self.step % cfg.validation_step == 0:
+                window = self.window()  # the one synchronisation between progress lines
                 elapsed = time.perf_counter() - self.window_t
                 q = window["questions"]
                 tl, ta = window["loss"] / q, window["acc"] / q
@@ -908,7 +1022,7 @@ class Trainer:
                     f"{cfg.validation_step / elapsed:5.2f} steps/s | "
                     f"lr {self.scheduler.get_last_lr()[0]:.2e}"
                 )
-                window.update(loss=0.0, acc=0.0, questions=0)
+                self.running.reset()
                 self.window_t = time.perf_counter()
             if self.step % cfg.full_validation_step == 0:
                 v = self.evaluate(val.iter_batches(cfg.batch_size))
@@ -946,7 +1060,7 @@ class Trainer:
         path = path or cfg.checkpoint_file
         state = state if state is not None else load_checkpoint(path, self.model_cfg)
         rundir.check_directory_flag(self.out_dir, "--out_dir")
-        data = self.data(cfg.split)
+        data = ReadPerBatch(self.data(cfg.split), self.data_dtype, check=False)
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as exc:

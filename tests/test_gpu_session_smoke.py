@@ -22,6 +22,7 @@ import torch
 
 from bench import cases as C
 from bench import checks, gpu_session, session_procs, session_report, timing
+from bench.pipeline import LOADERS
 
 REPO = Path(__file__).resolve().parent.parent
 #: Cases the smoke run is told to fail, one per kind of section.
@@ -44,7 +45,8 @@ MD_SECTIONS = (
 )
 SMOKE_CASES = C.cases(("smoke",))
 STEP_CONFIGS, STEP_MODES, STEP_BACKENDS = ("video_sub", "sub"), 3, 2
-PIPELINE_ROWS_PER_SOURCE = 1 + 2 * 2  # data generation, then 2 loaders x cold/warm
+# data generation, then each loader (train.py's cache modes among them) x cold/warm
+PIPELINE_ROWS_PER_SOURCE = 1 + 2 * len(LOADERS)
 
 
 def _session(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -135,6 +137,7 @@ def test_every_section_is_present(smoke):
     pipeline = data["pipeline"]
     assert len(pipeline) == 2 * PIPELINE_ROWS_PER_SOURCE
     assert all(r["questions_per_s"] > 0 for r in pipeline if r.get("phase") == "warm")
+    assert {"cache:none", "cache:host", "cache:device"} <= {r["loader"] for r in pipeline}
 
     warm = data["warm"]
     assert (warm["processes"], warm["done"], warm["counts"]["ok"]) == (1, 1, 1)

@@ -6,9 +6,10 @@
 
 At construction every file is opened and checked: each dataset's shape and dtype, and every
 QA file's cor_idx (integers in [0, num_answer)). A movie's story and question vectors are
-read when a batch needs them and checked then for NaN and inf. A file that cannot be read
-(truncated, not HDF5) or holds the wrong kind of data raises :class:`DataError` with one
-line naming the file and dataset.
+read when a batch needs them and checked then for NaN and inf; :meth:`MovieQAData.decode_movie`
+reads and checks a whole movie at once, which ``rwmn.data.cache`` does for every movie of
+a split before training starts. A file that cannot be read (truncated, not HDF5) or holds
+the wrong kind of data raises :class:`DataError` with one line naming the file and dataset.
 """
 
 from __future__ import annotations
@@ -70,16 +71,57 @@ class QABatch:
     target: torch.Tensor | None  # [B] int64, None where cor_idx is absent (test)
     qids: list[str]
 
-    def to(self, device: torch.device | str) -> QABatch:
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> QABatch:
+        """The batch on ``device`` (a no-op for tensors already there); ``non_blocking``
+        makes copies from pinned host memory asynchronous."""
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=non_blocking)
+
         story = (
-            tuple(s.to(device) for s in self.story)
+            tuple(move(s) for s in self.story)
             if isinstance(self.story, tuple)
-            else self.story.to(device)
+            else move(self.story)
         )
-        target = None if self.target is None else self.target.to(device)
+        target = None if self.target is None else move(self.target)
+        return QABatch(self.movie, story, move(self.query), move(self.answers), target, self.qids)
+
+    def features(self, dtype: torch.dtype) -> QABatch:
+        """The batch with its feature tensors (story, query, answers) in ``dtype``."""
+        story = (
+            tuple(s.to(dtype) for s in self.story)
+            if isinstance(self.story, tuple)
+            else self.story.to(dtype)
+        )
         return QABatch(
-            self.movie, story, self.query.to(device), self.answers.to(device), target, self.qids
+            self.movie, story, self.query.to(dtype), self.answers.to(dtype), self.target, self.qids
         )
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the batch (for stream bookkeeping)."""
+        story = list(self.story) if isinstance(self.story, tuple) else [self.story]
+        return [*story, self.query, self.answers, *([] if self.target is None else [self.target])]
+
+
+@dataclass
+class MovieArrays:
+    """One movie read whole and checked (NaN, inf): what a cache holds for it."""
+
+    story: tuple[np.ndarray, ...]  # (story,) for text, (rgb, sub) for video_sub; float32
+    query: np.ndarray  # [q, dim_text] float32
+    answers: np.ndarray  # [q, A, dim_text] float32
+    target: np.ndarray | None  # [q] int64, None where cor_idx is absent
+    qids: list[str]
+
+
+def draw(rng: np.random.Generator, counts: list[int], batch_size: int) -> tuple[int, np.ndarray]:
+    """A random movie and up to ``batch_size`` of its question rows (sorted), as the
+    release drew a batch. Every batch source draws through this one function, so they all
+    consume ``rng`` identically: the same seed gives the same batches whatever serves them."""
+    index = int(rng.integers(len(counts)))
+    count = counts[index]
+    rows = np.sort(rng.choice(count, size=min(batch_size, count), replace=False))
+    return index, rows
 
 
 def _decode(qid) -> str:
@@ -128,6 +170,7 @@ class MovieQAData:
         self._story_file: h5py.File | None = None
         self.movies: list[str] = []
         self.counts: list[int] = []
+        self.story_rows: list[int] = []  # story elements per movie (sizes the caches)
         with _open(self.story_path) as story:
             for name in files:
                 movie = name[: -len(".h5")]
@@ -136,7 +179,7 @@ class MovieQAData:
                         raise DataError(
                             f"{self.story_path}: no story for movie {movie!r} of {split}"
                         )
-                    self._check_story_shapes(story[movie], movie)
+                    self.story_rows.append(self._check_story_shapes(story[movie], movie))
                 self.movies.append(movie)
                 self.counts.append(self._check_qa_file(movie))
 
@@ -144,7 +187,7 @@ class MovieQAData:
     def _qa_path(self, movie: str) -> str:
         return os.path.join(self.split_dir, f"{movie}.h5")
 
-    def _check_story_shapes(self, node, movie: str) -> None:
+    def _check_story_shapes(self, node, movie: str) -> int:
         where = f"{self.story_path}:{movie}"
         if self.video:
             if not isinstance(node, h5py.Group) or "rgb" not in node or "sub" not in node:
@@ -173,6 +216,7 @@ class MovieQAData:
             rows = node.shape[0]
         if rows == 0:
             raise DataError(f"{where}: the story is empty (0 elements)")
+        return rows
 
     def _check_qa_file(self, movie: str) -> int:
         """Check a QA file's datasets (shapes, dtypes, cor_idx values); its question count."""
@@ -268,12 +312,24 @@ class MovieQAData:
             qids,
         )
 
+    def decode_movie(self, index: int) -> MovieArrays:
+        """Movie number ``index`` read whole: its story and every question, as float32,
+        checked for NaN and inf (a DataError names the file and dataset)."""
+        movie = self.movies[index]
+        story = self.story(movie)
+        path = self._qa_path(movie)
+        with _open(path) as f, _reading(path):
+            query = self._finite(np.asarray(f["query_rep"], np.float32), f"{path}:query_rep")
+            answers = self._finite(np.asarray(f["answer_rep"], np.float32), f"{path}:answer_rep")
+            target = np.asarray(f["cor_idx"]).astype(np.int64) if "cor_idx" in f else None
+            rows = range(self.counts[index])
+            qids = [_decode(q) for q in f["qid"]] if "qid" in f else [f"{movie}:{i}" for i in rows]
+        stories = tuple(s.numpy() for s in story) if isinstance(story, tuple) else (story.numpy(),)
+        return MovieArrays(stories, query, answers, target, qids)
+
     def random_batch(self, rng: np.random.Generator, batch_size: int) -> QABatch:
         """Up to batch_size random questions about one random movie, as the release did."""
-        index = int(rng.integers(len(self.movies)))
-        count = self.counts[index]
-        rows = np.sort(rng.choice(count, size=min(batch_size, count), replace=False))
-        return self.batch(index, rows)
+        return self.batch(*draw(rng, self.counts, batch_size))
 
     def iter_batches(self, batch_size: int) -> Iterator[QABatch]:
         """Every question once, in order, in batches of up to batch_size about one movie."""
