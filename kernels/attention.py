@@ -64,9 +64,11 @@ BLOCK_K = 32
 #: Widest row the kernels hold in registers (one tile spans the whole width).
 MAX_FUSED_D = 1024
 NUM_WARPS = 8
-#: The fp32 conv-attention backward spread over 16 warps: at 8, its five [16, 512] fp32
-#: epilogue tiles next to the CUDA-core dot operands spilled 16-28 B per thread.
+#: The fp32 conv-attention backward: 16 warps and a 16-wide reduction chunk. At 8 warps
+#: its five [16, 512] fp32 epilogue tiles next to the CUDA-core dot operands spilled
+#: 16-28 B per thread; at 16 warps with 32-wide chunks triton 3.6 spilled 120 B on sm_90a.
 CONV_ATTN_FP32_BWD_WARPS = 16
+CONV_ATTN_FP32_BWD_BLOCK_K = 16
 #: One pipeline stage: the conv tiles' K loops spilled with 3 (the default) on both targets.
 NUM_STAGES = 1
 
@@ -451,7 +453,8 @@ def conv_attention_config(
     output channel, BLOCK_I slots), each tile spanning the whole width pow2(d)."""
     wgmma = dtype != torch.float32 and not backward
     block_i = BLOCK_I_WGMMA if wgmma else BLOCK_I_SMALL
-    warps = CONV_ATTN_FP32_BWD_WARPS if backward and dtype == torch.float32 else NUM_WARPS
+    fp32_bwd = backward and dtype == torch.float32
+    warps = CONV_ATTN_FP32_BWD_WARPS if fp32_bwd else NUM_WARPS
     return LaunchConfig(
         grid=(n_batch, c_out * triton.cdiv(m, block_i)),
         constexprs=dict(
@@ -459,7 +462,7 @@ def conv_attention_config(
             PRECISION=dot_precision(dtype),
             BLOCK_I=block_i,
             BLOCK_D=pow2_at_least(d),
-            BLOCK_K=BLOCK_K,
+            BLOCK_K=CONV_ATTN_FP32_BWD_BLOCK_K if fp32_bwd else BLOCK_K,
         ),
         num_warps=warps,
         num_stages=NUM_STAGES,

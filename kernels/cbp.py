@@ -90,10 +90,11 @@ MIN_DOT = 16
 FFT_TILES = {"tf32": (32, 16), "ieee": (16, 16)}
 #: Width of the 1-D chunks (sketch bins, spectrum bins, gathered inputs).
 BLOCK_S = 128
-#: Warps of the factorised kernels: 8, or 16 for fp32 (ieee) with a small first factor
-#: (pow2(D1) <= 32, e.g. the read size 300 = 15 x 20), where 8 warps spilled on sm_80.
+#: Warps of the factorised kernels: 8, or 16 with a small first factor (pow2(D1) <= 32,
+#: e.g. the read size 300 = 15 x 20), where 8 warps spilled 8-44 B (fp32 on sm_80 with
+#: triton 3.9, bf16 on sm_90a with triton 3.6).
 FACTORISED_WARPS = 8
-FACTORISED_WARPS_SMALL_IEEE = 16
+FACTORISED_WARPS_SMALL_D1 = 16
 FACTORISED_STAGES = 1
 #: Bytes of factorised-kernel scratch to aim for in one launch: one program's scratch is
 #: reused for its rows, and all of it together should fit in L2 (50 MB on H100/H200,
@@ -703,9 +704,7 @@ def cbp_config(
             BLOCK_S=BLOCK_S,
             PRECISION=precision,
         ),  # fmt: skip
-        num_warps=(
-            FACTORISED_WARPS_SMALL_IEEE if precision == "ieee" and p1 <= 32 else FACTORISED_WARPS
-        ),
+        num_warps=FACTORISED_WARPS_SMALL_D1 if p1 <= 32 else FACTORISED_WARPS,
         num_stages=FACTORISED_STAGES,
     )
 
