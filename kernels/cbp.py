@@ -74,11 +74,10 @@ DENSE_BLOCK_N = 32
 DENSE_WARPS = {"tf32": 4, "ieee": 16}
 
 #: Sizes D at or above this that factor as D1 x D2 with both factors <= MAX_FACTOR take the
-#: factorised transform; smaller or unfactorable D (primes, 2 x a large prime) stay dense.
-#: At D ~ 256 the two paths cost about the same; the factorised one wins as D grows.
+#: factorised path; smaller or unfactorable D (primes, 2 x a large prime) stay dense.
 FACTORISED_MIN_DIM = 256
-#: Largest factor of the factorised transform: a stage's dense DFT matrix tile is
-#: pow2(D1) x FFT_BLOCK and its intermediate pow2(D1) x FFT_BLOCK complex, in registers.
+#: Largest factor of the factorised transform: a stage's tiles are pow2(D1) rows tall, in
+#: registers (at 128, D = 16000, they already spill).
 MAX_FACTOR = 128
 #: tl.dot needs every operand dimension >= 16, so factors are padded to at least this.
 MIN_DOT = 16

@@ -214,7 +214,7 @@ def test_launchers_write_every_element(x_shape, y_shape, out_dim, sum_pool, requ
 
 # (x shape, y shape, D, (D1, D2)): the story form with more rows than one program owns
 # (BLOCK_R = 16), the read-network form (both operands broadcast), odd D, and factor pairs
-# whose padded width exceeds FFT_BLOCK so every chunk loop of the stages runs twice.
+# whose padded width exceeds the stage chunks so every chunk loop of the stages runs twice.
 FACTORISED_CASES = [
     ((19, 37), (19, 23), 12, (3, 4)),
     ((4, 19), (4, 30), 15, (3, 5)),
