@@ -356,8 +356,12 @@ def compile_job(job: CompileJob, arch: str) -> dict:
         row["shared"] = int(compiled.metadata.shared) + info.get("static_shared", 0)
     except Exception as exc:  # a failed build is a row of the report, not a crash
         row["compile_s"] = round(time.perf_counter() - start, 2)
-        first = str(exc).strip().splitlines()
-        row["error"] = f"{type(exc).__name__}: {first[0] if first else ''}"[:300]
+        # A Triton CompilationError says where on its first line and what on its last.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        what = lines[0] if lines else ""
+        if len(lines) > 1:
+            what += f" ... {lines[-1]}"
+        row["error"] = f"{type(exc).__name__}: {what}"[:400]
     return row
 
 
