@@ -10,6 +10,7 @@ given step. The wrapper is not part of the package.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -34,9 +35,10 @@ pytestmark = pytest.mark.skipif(
 
 REPO = Path(__file__).resolve().parent.parent
 DIM = 12
-# Three val movies: the two ranks' shares of a full validation differ in size.
+# Seven val movies of 7 questions (14 batches of 4 and 3): the two ranks' shares of a full
+# validation differ in size.
 TINY_DATA = dict(
-    train_movies=5, val_movies=3, test_movies=1, questions_per_movie=6,
+    train_movies=5, val_movies=7, test_movies=1, questions_per_movie=7,
     min_scenes=2, max_scenes=3, scene_len=4, dim_text=DIM, dim_sub=DIM, dim_rgb=16,
 )  # fmt: skip
 MODEL = dict(dim_text=DIM, dim_memory=DIM, dim_sub=DIM, dim_rgb=16, dim_mcb=20,
@@ -143,8 +145,21 @@ def _timeless(out: Path) -> list[dict]:
             for r in rows]  # fmt: skip
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """As the torchrun ranks run (OMP_NUM_THREADS=1): a CPU reduction's rounding depends
+    on how many threads share it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _one_process(data: str, out: Path, *extra: str) -> int:
-    return main(["--data_dir", data, "--out_dir", str(out), *FLAGS, *extra])
+    with _one_thread():
+        return main(["--data_dir", data, "--out_dir", str(out), *FLAGS, *extra])
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +209,7 @@ def test_two_ranks_with_two_movies_each_equal_one_process_with_four(data, tmp_pa
 
 
 def test_sharded_full_validation_equals_one_process(data, two_ranks, tmp_path):
-    """The full validations of the 2-rank run (each rank evaluated its share of the 3 val
+    """The full validations of the 2-rank run (each rank evaluated its share of the 7 val
     movies) equal one process's evaluation of the same weights, accuracy and loss exactly."""
     out, _ = two_ranks
     model_cfg = RWMNConfig(**MODEL)
@@ -207,7 +222,8 @@ def test_sharded_full_validation_equals_one_process(data, two_ranks, tmp_path):
     for name in ("best.pt", "last.pt"):
         state = _state(out, name)
         trainer.model.load_state_dict(state["model"])
-        result = trainer.evaluate_split(val)
+        with _one_thread():
+            result = trainer.evaluate_split(val)
         row = rows[state["step"]]
         assert (result.acc, result.loss) == (row["acc"], row["loss"]), name
 
