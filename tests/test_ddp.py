@@ -307,3 +307,19 @@ def test_slot_streams():
     assert slot_sampler(7, 0).bit_generator.state == np.random.default_rng(7).bit_generator.state
     draws = {tuple(slot_sampler(7, j).integers(1 << 30, size=4)) for j in range(4)}
     assert len(draws) == 4
+
+
+def test_bench_ddp_smoke(tmp_path):
+    out = tmp_path / "ddp.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.ddp", "--smoke", "--steps", "10", "--window", "5",
+         "--out", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["processes"], r["movies_per_step"]) for r in rows] == [(1, 1), (2, 1), (1, 2)]
+    assert all(r["status"] == "ok" and r["steps_per_s"] > 0 for r in rows), rows
+    assert out.with_suffix(".md").read_text().startswith("# ")
