@@ -18,6 +18,11 @@ between progress lines.
 
 Every check that can fail on a flag, a data file or a checkpoint runs before the run
 directory is written; the command line reports it as one line (exit status 2).
+
+Under torchrun (issue 10, rwmn.distributed) each rank runs this loop on its own movies
+(--movies_per_step of them per step, from per-slot streams), DDP averages the gradients,
+and rank 0 alone logs and writes the run directory; a checkpoint also holds the world
+size and every rank's running sums and random states, and full validation is sharded.
 """
 
 from __future__ import annotations
