@@ -122,6 +122,21 @@ def _need(path: str, holder: dict, key: str, kind, where: str = ""):
     return value
 
 
+def _check_rank_state(path: str, holder: dict, where: str) -> None:
+    """The running window and random states of one rank (or of a single process)."""
+    window = _need(path, holder, "window", dict, where)
+    for key, kind in (("loss", (int, float)), ("acc", (int, float)), ("questions", int)):
+        _need(path, window, key, kind, f"{where}window/")
+    rng = _need(path, holder, "rng", dict, where)
+    for key, kind in (("torch", torch.Tensor), ("numpy_sampler", dict),
+                      ("numpy_val_sampler", dict), ("python", tuple)):  # fmt: skip
+        _need(path, rng, key, kind, f"{where}rng/")
+    if "numpy_samplers" in rng:  # one per movie of a step (--movies_per_step)
+        samplers = _need(path, rng, "numpy_samplers", list, f"{where}rng/")
+        if not samplers or not all(isinstance(s, dict) for s in samplers):
+            raise CheckpointError(f"checkpoint {path!r}: {where}rng/numpy_samplers is malformed")
+
+
 def check_resumable(state: dict, path: str) -> None:
     """Check the training state that ``--resume`` restores (types and ranges)."""
     for key in ("optimizer", "scheduler", "scaler", "train_config"):
@@ -133,13 +148,21 @@ def check_resumable(state: dict, path: str) -> None:
         raise CheckpointError(
             f"checkpoint {path!r}: step {step}, bad_evals {bad}, best_acc {best} out of range"
         )
-    window = _need(path, state, "window", dict)
-    for key, kind in (("loss", (int, float)), ("acc", (int, float)), ("questions", int)):
-        _need(path, window, key, kind, "window/")
-    rng = _need(path, state, "rng", dict)
-    for key, kind in (("torch", torch.Tensor), ("numpy_sampler", dict),
-                      ("numpy_val_sampler", dict), ("python", tuple)):  # fmt: skip
-        _need(path, rng, key, kind, "rng/")
+    _check_rank_state(path, state, "")
+    # Issue 10: a run of N > 1 processes holds every rank's window and random states.
+    world_size = state.get("world_size", 1)  # absent: written by a single process
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise CheckpointError(f"checkpoint {path!r}: world_size {world_size!r} out of range")
+    if world_size > 1:
+        ranks = _need(path, state, "ranks", list)
+        if len(ranks) != world_size:
+            raise CheckpointError(
+                f"checkpoint {path!r}: {len(ranks)} rank states for world size {world_size}"
+            )
+        for rank, part in enumerate(ranks):
+            if not isinstance(part, dict):
+                raise CheckpointError(f"checkpoint {path!r}: ranks/{rank} is not a dict")
+            _check_rank_state(path, part, f"ranks/{rank}/")
     for key, kind in (("seconds", (int, float)), ("window_seconds", (int, float)),
                       ("changes", list)):  # fmt: skip
         if key in state:  # absent from checkpoints written before they were recorded

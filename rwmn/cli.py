@@ -14,10 +14,17 @@ def one_line(exc: BaseException) -> str:
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line (the usage is in ``--help``), exit 2."""
+    """An ArgumentParser whose errors are one line (the usage is in ``--help``), exit 2.
+    ``quiet``: exit 2 without the line (the ranks of a torchrun launch other than 0 parse
+    the same command line, so one of them saying it is enough)."""
+
+    def __init__(self, *args, quiet: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.quiet = quiet
 
     def error(self, message: str) -> NoReturn:
-        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        if not self.quiet:
+            print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
 
 

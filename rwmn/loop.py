@@ -59,6 +59,13 @@ class RunningMetrics:
         ).tolist()
         return loss, correct, None if bad_step == NO_BAD_STEP else int(bad_step), bad_loss
 
+    def vector(self) -> torch.Tensor:
+        """(loss sum, correct, first bad step, its loss, questions) as one float64 device
+        tensor: what the ranks of a data-parallel run gather at a progress line. No
+        synchronisation (the question count is known on the host)."""
+        questions = torch.full((), float(self.questions), dtype=torch.float64, device=self.device)
+        return torch.stack([self.loss, self.correct, self.bad_step, self.bad_loss, questions])
+
     def reset(self) -> None:
         self.questions = 0
         self._zero()
@@ -73,6 +80,22 @@ class RunningMetrics:
         self.loss.fill_(float(window["loss"]))
         self.correct.fill_(float(window["acc"]))
         self.questions = int(window["questions"])
+
+
+def combine_windows(rows: list[list[float]]) -> tuple[float, float, int | None, float, int]:
+    """The windows of every rank (rows of :meth:`RunningMetrics.vector`, in rank order)
+    as one: sums in rank order (one row: its values exactly), and the earliest non-finite
+    step of any rank with its loss."""
+    loss = correct = 0.0
+    questions = 0
+    bad_step, bad_loss = None, 0.0
+    for row_loss, row_correct, row_bad, row_bad_loss, row_questions in rows:
+        loss += row_loss
+        correct += row_correct
+        questions += int(row_questions)
+        if row_bad != NO_BAD_STEP and (bad_step is None or row_bad < bad_step):
+            bad_step, bad_loss = int(row_bad), row_bad_loss
+    return loss, correct, bad_step, bad_loss, questions
 
 
 def make_adagrad(

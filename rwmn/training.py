@@ -18,13 +18,20 @@ between progress lines.
 
 Every check that can fail on a flag, a data file or a checkpoint runs before the run
 directory is written; the command line reports it as one line (exit status 2).
+
+Under torchrun (issue 10, rwmn.distributed) each rank runs this loop on its own movies
+(--movies_per_step of them per step, from per-slot streams), DDP averages the gradients,
+and rank 0 alone logs and writes the run directory; a checkpoint also holds the world
+size and every rank's running sums and random states, and full validation is sharded.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -58,7 +65,14 @@ from rwmn.data.cache import (
 )
 from rwmn.data.movieqa import DataError, MovieQAData, QABatch
 from rwmn.data.prefetch import NoPrefetch, Prefetcher
-from rwmn.loop import COMPILE_MODES, RunningMetrics, compile_model, make_adagrad
+from rwmn.distributed import Comm, Launch, PeerError, slot_sampler
+from rwmn.loop import (
+    COMPILE_MODES,
+    RunningMetrics,
+    combine_windows,
+    compile_model,
+    make_adagrad,
+)
 from rwmn.model import RWMN
 from rwmn.profiling import nvtx_enabled
 from rwmn.rundir import RunDirError, RunLock
@@ -132,6 +146,7 @@ class TrainConfig:
     prefetch: bool = True
     backend: str | None = None
     seed: int = 0
+    movies_per_step: int = 1
     resume: bool = False
     overwrite: bool = False
     allow_resume_changes: bool = False
@@ -143,7 +158,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_field_types(self)
         for name in ("batch_size", "max_steps", "validation_step", "full_validation_step",
-                     "checkpoint_step", "early_stop", "learning_rate_decay_examples"):  # fmt: skip
+                     "checkpoint_step", "early_stop", "learning_rate_decay_examples",
+                     "movies_per_step"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.seed < 2**63:
@@ -198,11 +214,21 @@ def parse_device(name: str) -> torch.device | None:
     return device
 
 
-def resolve_device(name: str) -> torch.device:
-    """The device of --device ``name`` on this machine; ConfigError if it is not here."""
+def resolve_device(name: str, launch: Launch | None = None) -> torch.device:
+    """The device of --device ``name`` on this machine; ConfigError if it is not here.
+    Under torchrun (``launch`` of several ranks) a CUDA run uses cuda:<LOCAL_RANK>: one
+    GPU per rank, as torchrun's --nproc_per_node counts them."""
     device = parse_device(name)
+    launch = launch or Launch()
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if launch.distributed and device.type == "cuda":
+        if device.index is not None:
+            raise ConfigError(
+                f"--device {name}: under torchrun each rank uses cuda:<LOCAL_RANK>; "
+                "pass --device cuda (or auto) and choose GPUs with CUDA_VISIBLE_DEVICES"
+            )
+        device = torch.device("cuda", launch.local_rank)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {name}: CUDA is not available on this machine")
@@ -274,11 +300,18 @@ TRAIN_HELP = {
     "pretrain": "initialise a new run's weights from this checkpoint (default: none)",
     "checkpoint_file": "the checkpoint --eval_only evaluates (default: none)",
 }
+MOVIES_PER_STEP_HELP = (
+    "movies each process trains on per optimizer step: gradient accumulation over K "
+    "batches of --batch_size questions (loss / K each), the same update as K torchrun "
+    "ranks; a step is world size x K movies (docs/cli.md#several-processes-torchrun)"
+)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(quiet: bool = False) -> argparse.ArgumentParser:
+    """train.py's parser; ``quiet``: errors exit 2 without a message (ranks other than 0)."""
     parser = OneLineParser(
         prog="train.py",
+        quiet=quiet,
         description="Train or evaluate a Read-Write Memory Network on MovieQA features "
         "(or, with no --data_dir, on a default synthetic data set). Documentation: "
         "docs/cli.md.",
@@ -410,6 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="seed of the initialisation and the batch samplers, in [0, 2**63)",
     )
     r.add_argument(
+        "--movies_per_step", type=int, default=train_defaults.movies_per_step,
+        help=MOVIES_PER_STEP_HELP,
+    )  # fmt: skip
+    r.add_argument(
         "--tensorboard",
         action="store_true",
         help="also write tensorboard events to <out_dir>/tensorboard",
@@ -529,6 +566,18 @@ class ResumePoint:
         return cls(path, state, stamp)
 
 
+def check_world_size(state: dict, path: str, world_size: int) -> None:
+    """Refuse to resume a run with another number of processes: each rank's batch streams
+    and running sums are in the checkpoint, one per rank of the run that wrote it."""
+    saved = state.get("world_size", 1)
+    if saved != world_size:
+        raise CheckpointError(
+            f"--resume: {path!r} was written by a run of {saved} process(es) (world size "
+            f"{saved}) and this launch has {world_size}; resume it with the same world size "
+            "(torchrun --nnodes x --nproc_per_node), or start a new run"
+        )
+
+
 def _stamp(path: str) -> tuple[int, int, int]:
     st = os.stat(path)
     return st.st_ino, st.st_size, st.st_mtime_ns
@@ -612,14 +661,33 @@ def _summary_writer_class():
     return SummaryWriter
 
 
+def _no_forward_buffer_sync() -> dict:
+    """DDP's flag for not broadcasting buffers before each forward: forward_sync_buffers
+    where this torch has it (2.13 deprecates broadcast_buffers), else broadcast_buffers."""
+    params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    if "forward_sync_buffers" in params:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
 class Trainer:
-    def __init__(self, model_cfg: RWMNConfig, cfg: TrainConfig, log=print) -> None:
-        self.model_cfg, self.cfg, self.log = model_cfg, cfg, log
-        self.device = resolve_device(cfg.device)
+    """One process's part of a run: the whole run with one process, one rank's under
+    torchrun (``comm``; rank 0 alone logs and writes files, see rwmn.distributed)."""
+
+    def __init__(
+        self, model_cfg: RWMNConfig, cfg: TrainConfig, log=print, comm: Comm | None = None
+    ) -> None:
+        self.model_cfg, self.cfg = model_cfg, cfg
+        self.comm = comm if comm is not None else Comm(Launch())
+        self.is_main = self.comm.is_main
+        self.log = log if self.is_main else _quiet
+        self.device = resolve_device(cfg.device, self.comm.launch)
         self.out_dir, self.ckpt_dir = run_paths(model_cfg, cfg)
         if cfg.data_dir is None:
             from rwmn.data.synthetic import ensure_default
 
+            # Rank 0 generates the default data set first; the others then find it.
+            self.comm.on_main((DataError,), lambda: ensure_default(model_cfg.data_source))
             self.data_dir = ensure_default(model_cfg.data_source)
         else:
             self.data_dir = cfg.data_dir
@@ -627,7 +695,20 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self.model = RWMN(model_cfg).to(self.device)
-        self.forward = compile_model(self.model, cfg.compile_mode) if cfg.compile else self.model
+        # torch.compile on the model, DDP around the compiled model, as PyTorch's "where to
+        # apply torch.compile" documents; evaluations call the compiled model directly.
+        self.compiled = compile_model(self.model, cfg.compile_mode) if cfg.compile else self.model
+        self.ddp: torch.nn.parallel.DistributedDataParallel | None = None
+        self.forward = self.compiled
+        if self.comm.distributed:
+            # broadcast_buffers=False: the buffers (CBP hashes) are equal on every rank from
+            # the seed, and an evaluation on rank 0 alone must not wait for a broadcast.
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                self.compiled,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                **_no_forward_buffer_sync(),
+            )
+            self.forward = self.ddp
         # CUDA graphs replay into the same output buffers: each step starts a new generation.
         self.mark_step = cfg.compile and cfg.compile_mode == "reduce-overhead"
         self.mark_step = self.mark_step and self.device.type == "cuda"
@@ -638,12 +719,15 @@ class Trainer:
             initial_accumulator_value=cfg.init_accumulator_value,
         )
         decay, rate = cfg.learning_rate_decay_examples, cfg.learning_rate_decay_rate
+        # One scheduler step per optimizer update: the schedule counts global steps.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: rate ** (step // decay)
         )
         self.amp_dtype = AMP_DTYPES[cfg.amp]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
-        self.sampler = np.random.default_rng(cfg.seed)
+        # Movie k of this rank's step comes from slot rank * K + k (rwmn.distributed).
+        first = self.comm.rank * cfg.movies_per_step
+        self.samplers = [slot_sampler(cfg.seed, first + k) for k in range(cfg.movies_per_step)]
         self.val_sampler = np.random.default_rng(cfg.seed + 1)
         self.step = 0
         self.best_acc = -math.inf
@@ -653,12 +737,17 @@ class Trainer:
         # one would.
         self.running = RunningMetrics(self.device)
         self.data_dtype = DATA_DTYPES[cfg.data_dtype]
-        self.batches: Prefetcher | NoPrefetch | None = None  # the training batches
+        self.batches: list[Prefetcher | NoPrefetch] | None = None  # one feed per slot
         # Training time: `start` and `window_t` are perf_counter origins, moved back on
         # resume by the seconds the checkpoint recorded, so time continues across resumes.
         self.start = self.window_t = time.perf_counter()
         self.changes: list[dict] = []  # flags changed on --resume, with the step
         self.writer = None  # a tensorboard SummaryWriter with --tensorboard
+
+    @property
+    def sampler(self) -> np.random.Generator:
+        """The first slot's sampler (the only one of a single-movie, single-process run)."""
+        return self.samplers[0]
 
     # -- data ----------------------------------------------------------------------------
     def data(self, split: str) -> MovieQAData:
@@ -679,29 +768,52 @@ class Trainer:
 
     # -- state ---------------------------------------------------------------------------
     def window(self) -> dict:
-        """The running sums; raises FloatingPointError if a step's loss was not finite."""
-        self.check_finite()
-        return self.running.state()
-
-    def check_finite(self) -> None:
-        """Raise FloatingPointError naming the first step since the last progress line
-        whose loss was not finite (one host synchronisation)."""
-        _, _, bad_step, bad_loss = self.running.read()
+        """The running sums of every rank (summed in rank order: a single process's
+        exactly); raises FloatingPointError if a step's loss was not finite on any rank.
+        One host synchronisation (and, under torchrun, one all-gather)."""
+        rows = self.comm.all_gather(self.running.vector()).tolist()
+        loss, correct, bad_step, bad_loss, questions = combine_windows(rows)
         if bad_step is not None:
             raise FloatingPointError(
                 f"step {bad_step}: the loss is {bad_loss} (found at step {self.step})"
             )
+        return {"loss": loss, "acc": correct, "questions": questions}
 
-    def sampler_state(self) -> dict:
-        """The training sampler's state, before any batch drawn ahead by the prefetcher."""
+    def check_finite(self) -> None:
+        """Raise FloatingPointError naming the first step since the last progress line
+        whose loss was not finite (one host synchronisation)."""
+        self.window()
+
+    def sampler_state(self) -> list[dict]:
+        """Each slot's sampler state, before any batch drawn ahead by the prefetchers."""
         if self.batches is not None:
-            return self.batches.sampler_state()
-        return self.sampler.bit_generator.state
+            return [feed.sampler_state() for feed in self.batches]
+        return [copy.deepcopy(s.bit_generator.state) for s in self.samplers]
 
-    def state_dict(self) -> dict:
-        window = self.window()
-        now = time.perf_counter()
+    def rank_state(self) -> dict:
+        """What differs between ranks: the running sums and the random states."""
+        samplers = self.sampler_state()
         return {
+            "window": self.running.state(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "numpy_sampler": samplers[0],
+                "numpy_samplers": samplers,
+                "numpy_val_sampler": self.val_sampler.bit_generator.state,
+                "python": random.getstate(),
+            },
+        }
+
+    def state_dict(self) -> dict | None:
+        """The checkpoint (on rank 0; None on the others). Every rank must call it: the
+        ranks' running sums and random states are gathered to rank 0."""
+        self.window()  # a non-finite loss on any rank: no checkpoint
+        ranks = self.comm.gather(self.rank_state())
+        if not self.is_main:
+            return None
+        now = time.perf_counter()
+        state = {
             "format": CHECKPOINT_FORMAT,
             "model_config": self.model_cfg.to_dict(),
             "train_config": dataclasses.asdict(self.cfg),
@@ -712,21 +824,20 @@ class Trainer:
             "step": self.step,
             "best_acc": self.best_acc,
             "bad_evals": self.bad_evals,
-            "window": window,
+            "window": ranks[0]["window"],
             "seconds": now - self.start,
             "window_seconds": now - self.window_t,
             "changes": list(self.changes),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "numpy_sampler": self.sampler_state(),
-                "numpy_val_sampler": self.val_sampler.bit_generator.state,
-                "python": random.getstate(),
-            },
+            "rng": ranks[0]["rng"],
+            "world_size": self.comm.world_size,
         }
+        if self.comm.distributed:
+            state["ranks"] = ranks
+        return state
 
     def load_state_dict(self, state: dict, path: str = "checkpoint") -> None:
-        """Restore a checkpoint's training state (checked by checkpoint.check_resumable)."""
+        """Restore a checkpoint's training state (checked by checkpoint.check_resumable);
+        under torchrun this rank's part of it."""
 
         def restore(part: str, apply: Callable[[], object]) -> None:
             try:
@@ -736,6 +847,8 @@ class Trainer:
                     f"checkpoint {path!r}: cannot restore {part} ({one_line(exc)})"
                 ) from exc
 
+        check_world_size(state, path, self.comm.world_size)
+        mine = state["ranks"][self.comm.rank] if self.comm.distributed else state
         restore("model", lambda: self.model.load_state_dict(state["model"]))
         restore("optimizer", lambda: self.optimizer.load_state_dict(state["optimizer"]))
         restore("scheduler", lambda: self.scheduler.load_state_dict(state["scheduler"]))
@@ -744,18 +857,24 @@ class Trainer:
         self.step, self.best_acc, self.bad_evals = (
             state["step"], float(state["best_acc"]), state["bad_evals"],
         )  # fmt: skip
-        self.running.load(state["window"])
+        self.running.load(mine["window"])
         now = time.perf_counter()
         self.start = now - state.get("seconds", 0.0)
         self.window_t = now - state.get("window_seconds", 0.0)
         self.changes = list(state.get("changes", []))
-        rng = state["rng"]
+        rng = mine["rng"]
         restore("rng/torch", lambda: torch.set_rng_state(rng["torch"]))
         if rng.get("cuda") is not None and torch.cuda.is_available():
             restore("rng/cuda", lambda: torch.cuda.set_rng_state_all(rng["cuda"]))
 
         def numpy_states() -> None:
-            self.sampler.bit_generator.state = rng["numpy_sampler"]
+            samplers = rng.get("numpy_samplers", [rng["numpy_sampler"]])
+            if len(samplers) != len(self.samplers):
+                raise ValueError(
+                    f"{len(samplers)} sampler state(s) for --movies_per_step {len(self.samplers)}"
+                )
+            for sampler, saved in zip(self.samplers, samplers, strict=True):
+                sampler.bit_generator.state = saved
             self.val_sampler.bit_generator.state = rng["numpy_val_sampler"]
 
         restore("rng/numpy", numpy_states)
@@ -771,8 +890,11 @@ class Trainer:
         self.scheduler.base_lrs = [self.cfg.init_lr] * len(self.optimizer.param_groups)
 
     def save(self, name: str) -> str:
+        """Write checkpoints/``name`` atomically (rank 0; every rank must call it)."""
         path = os.path.join(self.ckpt_dir, name)
-        atomic_save(self.state_dict(), path)
+        state = self.state_dict()
+        if state is not None:
+            atomic_save(state, path)
         return path
 
     def load_weights(self, path: str) -> None:
@@ -785,40 +907,55 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _run(self, batch: QABatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _run(self, batch: QABatch, forward: Callable | None = None):
+        """Logits and loss of ``batch`` through ``forward`` (default: the compiled model,
+        without DDP: evaluations)."""
         # Features stored in bf16 or fp16 (--data_dtype) are upcast here, on the device.
         batch = batch.to(self.device).features(torch.float32)
         if self.mark_step:
             torch.compiler.cudagraph_mark_step_begin()
         with self._autocast():
-            logits = self.forward(batch.story, batch.query, batch.answers)
+            forward = self.compiled if forward is None else forward
+            logits = forward(batch.story, batch.query, batch.answers)
         loss = None if batch.target is None else self.model.loss(logits, batch.target)
         return logits, loss
 
-    def train_step(self, batch: QABatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step on ``batch``; its loss and correct answers (device tensors) are added
-        to the running sums. Queues device work only: nothing here waits for the device
+    def train_step(self, batches: QABatch | list[QABatch]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on ``batches`` (--movies_per_step of them, or one batch):
+        the gradient of the mean of their losses (each backward of loss / K; under DDP,
+        which averages the ranks' gradients, the first K - 1 without synchronising), then
+        one Adagrad and scheduler step. Each batch's loss and correct answers are added to
+        the running sums. Queues device work only: nothing here waits for the device
         (with --amp fp16, torch's GradScaler reads its overflow check every step)."""
+        batches = [batches] if isinstance(batches, QABatch) else list(batches)
+        count = len(batches)
         self.model.train()
-        logits, loss = self._run(batch)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        for k, batch in enumerate(batches):
+            accumulate = self.ddp is not None and k < count - 1
+            with self.ddp.no_sync() if accumulate else contextlib.nullcontext():
+                logits, loss = self._run(batch, self.forward)
+                self.scaler.scale(loss / count if count > 1 else loss).backward()
+            correct = (logits.detach().argmax(-1) == batch.target.to(logits.device)).sum()
+            self.running.add(self.step + 1, loss, correct, len(batch.qids))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.step += 1
-        correct = (logits.detach().argmax(-1) == batch.target.to(logits.device)).sum()
-        self.running.add(self.step, loss, correct, len(batch.qids))
         return loss.detach(), correct
+
+    def _sum(self, rows: torch.Tensor, total: int) -> tuple[float, float]:
+        """Accuracy and mean loss from per-batch rows (correct answers, loss * questions):
+        one host read; the same sum in every process count (see evaluate_split)."""
+        correct, loss = rows.sum(0).tolist()
+        return correct / total, loss / total
 
     @torch.no_grad()
     def evaluate(self, batches: Iterator[QABatch]) -> EvalResult:
-        """Accuracy and loss over ``batches``, summed on the device and read once at the
-        end (evaluations run at progress lines, not inside steps)."""
+        """Accuracy and loss over ``batches`` (in this process), summed on the device and
+        read once at the end (evaluations run at progress lines, not inside steps)."""
         self.model.eval()
-        predictions, qids, has_targets = [], [], True
-        f64 = dict(dtype=torch.float64, device=self.device)
-        correct, loss_sum, total = torch.zeros((), **f64), torch.zeros((), **f64), 0
+        predictions, qids, rows, has_targets = [], [], [], True
         for batch in batches:
             logits, loss = self._run(batch)
             pred = logits.argmax(-1)
@@ -827,18 +964,50 @@ class Trainer:
             if batch.target is None:
                 has_targets = False
                 continue
-            correct += (pred == batch.target.to(pred.device)).sum()
-            loss_sum += loss.detach().to(torch.float64) * len(pred)
-            total += len(pred)
+            rows.append(self._row(pred, loss, batch))
         answers = torch.cat(predictions).tolist() if predictions else []
         pairs = list(zip(qids, answers, strict=True))
-        if not has_targets or total == 0:
+        if not has_targets or not rows:
             return EvalResult(None, None, pairs)
-        correct_n, loss_total = torch.stack([correct, loss_sum]).tolist()
-        return EvalResult(correct_n / total, loss_total / total, pairs)
+        acc, loss = self._sum(torch.stack(rows), len(qids))
+        return EvalResult(acc, loss, pairs)
+
+    @staticmethod
+    def _row(pred: torch.Tensor, loss: torch.Tensor, batch: QABatch) -> torch.Tensor:
+        correct = (pred == batch.target.to(pred.device)).sum().to(torch.float64)
+        return torch.stack([correct, loss.detach().to(torch.float64) * len(pred)])
+
+    @torch.no_grad()
+    def evaluate_split(self, source: BatchSource) -> EvalResult:
+        """Every question of ``source`` once (full validation), sharded over the ranks:
+        rank r evaluates the movies i with i % world_size == r. Each batch's (correct,
+        loss * questions) goes to its row of a table of all the split's batches in their
+        single-process order; the table is all-reduced (each row is non-zero on one rank,
+        so the sum is exact) and summed as one process sums it: the same accuracy and loss,
+        bit for bit, for any number of processes."""
+        self.model.eval()
+        size = self.cfg.batch_size
+        per_movie = [math.ceil(count / size) for count in source.counts]
+        first = np.concatenate([[0], np.cumsum(per_movie)]).astype(np.int64)
+        mine = range(self.comm.rank, len(source.counts), self.comm.world_size)
+        rows = torch.zeros((int(first[-1]), 2), dtype=torch.float64, device=self.device)
+        index = [int(first[m]) + j for m in mine for j in range(per_movie[m])]
+        values = []
+        for batch in source.iter_batches(size, movies=mine):
+            logits, loss = self._run(batch)
+            values.append(self._row(logits.argmax(-1), loss, batch))
+        if values:
+            where = torch.tensor(index, dtype=torch.int64).to(self.device)
+            rows.index_copy_(0, where, torch.stack(values))
+        self.comm.all_reduce_sum(rows)
+        acc, loss = self._sum(rows, source.num_questions)
+        return EvalResult(acc, loss, [])
 
     # -- logging -------------------------------------------------------------------------
     def record(self, split: str, acc: float | None, loss: float | None, **extra) -> None:
+        """A metrics.jsonl row (and tensorboard scalars): rank 0 only."""
+        if not self.is_main:
+            return
         row = {
             "step": self.step,
             "split": split,
@@ -862,6 +1031,7 @@ class Trainer:
             "checkpoint_dir": self.ckpt_dir,
             "device": str(self.device),
             "backend": ops.get_backend(),
+            "world_size": self.comm.world_size,
             "changes": self.changes,
         }
         atomic_write_text(os.path.join(self.out_dir, "config.json"), json.dumps(config, indent=2))
@@ -883,57 +1053,78 @@ class Trainer:
             )
         return None
 
-    def _locks(self) -> contextlib.ExitStack:
-        stack = contextlib.ExitStack()
+    def _lock(self, stack: contextlib.ExitStack) -> None:
         stack.enter_context(RunLock(self.out_dir))
         out, ckpt = os.path.abspath(self.out_dir), os.path.abspath(self.ckpt_dir)
         if os.path.commonpath([out, ckpt]) != out:  # --checkpoint_dir outside the run dir
             stack.enter_context(RunLock(self.ckpt_dir))
-        return stack
+
+    def _read_resume_point(self) -> ResumePoint:
+        last = os.path.join(self.ckpt_dir, "last.pt")
+        if not os.path.isfile(last):
+            raise CheckpointError(f"--resume: no checkpoint {last!r} to resume from")
+        resume = ResumePoint.read(last)
+        _check_model_config(resume.state, last, self.model_cfg)
+        check_world_size(resume.state, last, self.comm.world_size)
+        return resume
 
     def fit(self, resume: ResumePoint | None = None) -> dict:
         """Train a new run, or continue ``resume`` (read from last.pt by the caller, or
         here when ``cfg.resume`` is set). Everything that can be refused is checked before
-        the run directory is written."""
-        cfg = self.cfg
-        last = os.path.join(self.ckpt_dir, "last.pt")
+        the run directory is written; under torchrun rank 0 alone reads and writes the
+        run directory and every rank stops at the same check (rwmn.distributed)."""
+        cfg, comm = self.cfg, self.comm
         if cfg.resume and resume is None:
-            if not os.path.isfile(last):
-                raise CheckpointError(f"--resume: no checkpoint {last!r} to resume from")
-            resume = ResumePoint.read(last)
-            _check_model_config(resume.state, last, self.model_cfg)
+            resume = comm.on_main(ERRORS, self._read_resume_point)
         if resume is not None:
             reason = self._not_training(resume.state)
             if reason is not None:
                 self.log(reason)
                 state = resume.state
                 return {"step": state["step"], "best_acc": state["best_acc"], "trained": False}
-        rundir.check_directory_flag(self.out_dir, "--out_dir")
-        rundir.check_directory_flag(self.ckpt_dir, "--checkpoint_dir")
-        if resume is None and not cfg.overwrite:
-            self._refuse_existing_run()
-        train, val = self.sources("train", "val")  # reads and checks every movie
-        writer_class = _summary_writer_class() if cfg.tensorboard else None
-        pretrained = None
-        if resume is None and cfg.pretrain:
-            pretrained = load_checkpoint(cfg.pretrain, self.model_cfg)
+        writer_class = None
+
+        def check_run_dir() -> dict | None:
+            nonlocal writer_class
+            rundir.check_directory_flag(self.out_dir, "--out_dir")
+            rundir.check_directory_flag(self.ckpt_dir, "--checkpoint_dir")
+            if resume is None and not cfg.overwrite:
+                self._refuse_existing_run()
+            writer_class = _summary_writer_class() if cfg.tensorboard else None
+            if resume is None and cfg.pretrain:
+                return load_checkpoint(cfg.pretrain, self.model_cfg)
+            return None
+
+        pretrained = comm.on_main(ERRORS, check_run_dir)
+        train, val = comm.phase(ERRORS, lambda: self.sources("train", "val"))  # every movie
+        if pretrained is not None:
             self.log(f"initialising from --pretrain {cfg.pretrain}")
-        with self._locks():
+        with contextlib.ExitStack() as locks:
+
+            def lock() -> None:
+                self._lock(locks)
+                if resume is not None and _stamp(resume.path) != resume.stamp:
+                    raise CheckpointError(
+                        f"{resume.path!r} changed while this run started (another run?); run again"
+                    )
+                if resume is None and not cfg.overwrite:
+                    self._refuse_existing_run()  # again, under the lock
+
+            comm.on_main(ERRORS, lock)
             if resume is not None:
-                self._continue(resume)
+                comm.phase(ERRORS, lambda: self._continue(resume))
             else:
-                self._start(pretrained)
-            removed = rundir.remove_temp_files(self.out_dir, self.ckpt_dir)
-            if removed:
-                self.log(f"removed {len(removed)} temporary file(s) of a killed run")
+                comm.phase(ERRORS, lambda: self._load_pretrained(pretrained))
+            comm.on_main(ERRORS, lambda: self._prepare_run_dir(resume))
             if resume is None:
                 self.save("last.pt")  # resumable from its first moment
-            self._write_config()
-            if writer_class is not None:
-                # Events after the checkpoint's step were logged by the killed process.
-                purge = self.step + 1 if resume is not None else None
-                self.writer = writer_class(os.path.join(self.out_dir, "tensorboard"),
-                                           purge_step=purge)  # fmt: skip
+            if self.is_main:
+                self._write_config()
+                if writer_class is not None:
+                    # Events after the checkpoint's step were logged by the killed process.
+                    purge = self.step + 1 if resume is not None else None
+                    self.writer = writer_class(os.path.join(self.out_dir, "tensorboard"),
+                                               purge_step=purge)  # fmt: skip
             try:
                 return self._train(train, val)
             finally:
@@ -949,27 +1140,40 @@ class Trainer:
                 "it or --overwrite to replace it, or choose another --out_dir"
             )
 
-    def _start(self, pretrained: dict | None) -> None:
-        if not self.cfg.overwrite:
-            self._refuse_existing_run()  # again, under the lock
-        if pretrained is not None:  # before --overwrite deletes anything
-            try:
-                self.model.load_state_dict(pretrained["model"])
-            except RuntimeError as exc:
-                raise CheckpointError(
-                    f"--pretrain {self.cfg.pretrain!r}: cannot load its weights ({one_line(exc)})"
-                ) from exc
-        if self.cfg.overwrite:
+    def _load_pretrained(self, pretrained: dict | None) -> None:
+        """--pretrain's weights (read by rank 0, on every rank), before --overwrite deletes
+        anything."""
+        if pretrained is None:
+            return
+        try:
+            self.model.load_state_dict(pretrained["model"])
+        except RuntimeError as exc:
+            raise CheckpointError(
+                f"--pretrain {self.cfg.pretrain!r}: cannot load its weights ({one_line(exc)})"
+            ) from exc
+
+    def _prepare_run_dir(self, resume: ResumePoint | None) -> None:
+        """Rank 0, under the lock, once the state is loaded: --overwrite's deletions, a
+        resumed run's metrics.jsonl cut back to its checkpoint, temporary files of a
+        killed run removed."""
+        if resume is None and self.cfg.overwrite:
             removed = rundir.remove_run(self.out_dir, self.ckpt_dir)
             if removed:
                 names = ", ".join(os.path.relpath(p, self.out_dir) for p in removed)
                 self.log(f"--overwrite: removed the previous run's {names}")
+        if resume is not None:
+            dropped = rundir.truncate_metrics(
+                os.path.join(self.out_dir, "metrics.jsonl"), self.step
+            )
+            self.log(
+                f"resumed from {resume.path} at step {self.step}"
+                + (f"; dropped {dropped} metrics.jsonl line(s) logged after it" if dropped else "")
+            )
+        removed = rundir.remove_temp_files(self.out_dir, self.ckpt_dir)
+        if removed:
+            self.log(f"removed {len(removed)} temporary file(s) of a killed run")
 
     def _continue(self, resume: ResumePoint) -> None:
-        if _stamp(resume.path) != resume.stamp:
-            raise CheckpointError(
-                f"{resume.path!r} changed while this run started (another run?); run again"
-            )
         self.load_state_dict(resume.state, resume.path)
         self.changes += resume.changes
         for change in resume.changes:
@@ -980,23 +1184,23 @@ class Trainer:
         if {c["flag"] for c in resume.changes} & {"--init_lr", "--learning_rate_decay_examples",
                                                    "--learning_rate_decay_rate"}:  # fmt: skip
             self._follow_schedule_flags()
-        dropped = rundir.truncate_metrics(os.path.join(self.out_dir, "metrics.jsonl"), self.step)
-        self.log(
-            f"resumed from {resume.path} at step {self.step}"
-            + (f"; dropped {dropped} metrics.jsonl line(s) logged after it" if dropped else "")
-        )
 
     def _train(self, train: BatchSource, val: BatchSource) -> dict:
-        cfg = self.cfg
+        cfg, comm = self.cfg, self.comm
+        processes = (
+            f"{comm.world_size} processes x {cfg.movies_per_step} movie(s) per step"
+            if comm.distributed or cfg.movies_per_step > 1
+            else "1 process"
+        )
         self.log(
             f"training on {train.num_questions} questions ({len(train.movies)} movies), "
             f"validating on {val.num_questions}; {self.device}, backend {ops.get_backend()}, "
             f"amp {cfg.amp}, Adagrad {self.optimizer_impl}, "
-            f"{sum(p.numel() for p in self.model.parameters())} parameters; "
+            f"{sum(p.numel() for p in self.model.parameters())} parameters; {processes}; "
             f"run directory {self.out_dir}"
         )
         feed = Prefetcher if cfg.prefetch else NoPrefetch
-        self.batches = feed(train, self.sampler, cfg.batch_size, self.device)
+        self.batches = [feed(train, s, cfg.batch_size, self.device) for s in self.samplers]
         try:
             return self._steps(val)
         finally:
@@ -1006,26 +1210,27 @@ class Trainer:
         cfg = self.cfg
         stopped = "max_steps"
         while self.step < cfg.max_steps:
-            batch = self.batches.next(draw_ahead=self.step + 1 < cfg.max_steps)
-            self.train_step(batch)
+            ahead = self.step + 1 < cfg.max_steps
+            self.train_step([feed.next(draw_ahead=ahead) for feed in self.batches])
             if self.step % cfg.validation_step == 0:
                 window = self.window()  # the one synchronisation between progress lines
                 elapsed = time.perf_counter() - self.window_t
                 q = window["questions"]
                 tl, ta = window["loss"] / q, window["acc"] / q
                 self.record("train", ta, tl, questions_per_second=round(q / elapsed, 1))
-                v = self.evaluate(iter([val.random_batch(self.val_sampler, cfg.batch_size)]))
-                self.record("val_batch", v.acc, v.loss)
-                self.log(
-                    f"step {self.step:5d}/{cfg.max_steps} | loss {tl:.4f} | acc {ta:.3f} | "
-                    f"val batch acc {v.acc:.3f} | {q / elapsed:7.1f} q/s | "
-                    f"{cfg.validation_step / elapsed:5.2f} steps/s | "
-                    f"lr {self.scheduler.get_last_lr()[0]:.2e}"
-                )
+                if self.is_main:  # one validation batch, on rank 0 (no collective)
+                    v = self.evaluate(iter([val.random_batch(self.val_sampler, cfg.batch_size)]))
+                    self.record("val_batch", v.acc, v.loss)
+                    self.log(
+                        f"step {self.step:5d}/{cfg.max_steps} | loss {tl:.4f} | acc {ta:.3f} | "
+                        f"val batch acc {v.acc:.3f} | {q / elapsed:7.1f} q/s | "
+                        f"{cfg.validation_step / elapsed:5.2f} steps/s | "
+                        f"lr {self.scheduler.get_last_lr()[0]:.2e}"
+                    )
                 self.running.reset()
                 self.window_t = time.perf_counter()
             if self.step % cfg.full_validation_step == 0:
-                v = self.evaluate(val.iter_batches(cfg.batch_size))
+                v = self.evaluate_split(val)  # sharded; the same result on every rank
                 self.record("val", v.acc, v.loss)
                 improved = v.acc > self.best_acc
                 self.log(
@@ -1080,25 +1285,66 @@ class Trainer:
 ERRORS = (ConfigError, DataError, CheckpointError, RunDirError, ops.BackendUnavailableError)
 
 
+def _quiet(_message: str) -> None:
+    """The log of ranks other than 0: rank 0 alone reports."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    """train.py: 0 on success, 2 with one line ``train.py: error: ...`` on bad input.
+    Under torchrun every rank runs this; the line comes from one rank only."""
+    try:
+        launch = Launch.from_environment()
+    except ConfigError as exc:
+        print(f"train.py: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    parser = build_parser(quiet=not launch.is_main)
     args = parser.parse_args(argv)
     given = given_flags(parser, argv)
     values = vars(args)
     try:
+        # Checks of the command line alone: the same on every rank, reported by rank 0.
         model_cfg, cfg, unused = configs_from_args(args)
-        if unused:
-            print(
-                "warning: release flags accepted for compatibility but unused: "
-                + ", ".join(unused),
-                file=sys.stderr,
+        if cfg.eval_only and launch.distributed:
+            raise ConfigError(
+                "--eval_only evaluates in one process: run python train.py, not torchrun"
             )
-        out_dir, ckpt_dir = run_paths(model_cfg, cfg)
-        cfg = dataclasses.replace(cfg, out_dir=out_dir)  # fixed before a resume's merge
-        state, resume = None, None
+    except ERRORS as exc:
+        if launch.is_main:
+            print(f"train.py: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    if unused and launch.is_main:
+        print(
+            "warning: release flags accepted for compatibility but unused: " + ", ".join(unused),
+            file=sys.stderr,
+        )
+    try:
+        with Comm(launch) as comm:
+            _main(comm, model_cfg, cfg, args, values, given)
+    except PeerError:  # another rank failed and said why
+        return 2
+    except ERRORS as exc:
+        print(f"train.py: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _main(
+    comm: Comm,
+    model_cfg: RWMNConfig,
+    cfg: TrainConfig,
+    args: argparse.Namespace,
+    values: dict,
+    given: set[str],
+) -> None:
+    out_dir, ckpt_dir = run_paths(model_cfg, cfg)
+    cfg = dataclasses.replace(cfg, out_dir=out_dir)  # fixed before a resume's merge
+
+    def read_checkpoint() -> tuple[RWMNConfig, TrainConfig, dict | None, ResumePoint | None]:
+        """Rank 0: the checkpoint to evaluate or resume, and the configuration it gives."""
+        state, resume, model, train = None, None, model_cfg, cfg
         if cfg.eval_only:
             state = checkpoint.read(cfg.checkpoint_file)
-            model_cfg = checkpoint_model_config(state, cfg.checkpoint_file, values, given)
+            model = checkpoint_model_config(state, cfg.checkpoint_file, values, given)
         elif cfg.resume:
             last = os.path.join(ckpt_dir, "last.pt")
             if not os.path.isfile(last):
@@ -1109,20 +1355,24 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 raise CheckpointError(f"--resume: no checkpoint {last!r} to resume from{hint}")
             resume = ResumePoint.read(last)
-            model_cfg, cfg, resume.changes = resume_configs(resume, values, given, cfg)
-        check_video_features(args.video_features, model_cfg)
+            check_world_size(resume.state, last, comm.world_size)
+            model, train, resume.changes = resume_configs(resume, values, given, cfg)
         rundir.check_directory_flag(out_dir, "--out_dir")
         rundir.check_directory_flag(ckpt_dir, "--checkpoint_dir")
-        ops.check_device(resolve_device(cfg.device), cfg.backend)
-        backend = ops.use_backend(cfg.backend) if cfg.backend else contextlib.nullcontext()
-        nvtx = nvtx_enabled() if cfg.nvtx else contextlib.nullcontext()
-        with backend, nvtx:
-            trainer = Trainer(model_cfg, cfg)
-            if cfg.eval_only:
-                trainer.run_eval(state, cfg.checkpoint_file)
-            else:
-                trainer.fit(resume)
-    except ERRORS as exc:
-        print(f"train.py: error: {one_line(exc)}", file=sys.stderr)
-        return 2
-    return 0
+        return model, train, state, resume
+
+    model_cfg, cfg, state, resume = comm.on_main(ERRORS, read_checkpoint)
+
+    def check() -> None:
+        check_video_features(args.video_features, model_cfg)
+        ops.check_device(resolve_device(cfg.device, comm.launch), cfg.backend)
+
+    comm.phase(ERRORS, check)
+    backend = ops.use_backend(cfg.backend) if cfg.backend else contextlib.nullcontext()
+    nvtx = nvtx_enabled() if cfg.nvtx else contextlib.nullcontext()
+    with backend, nvtx:
+        trainer = comm.phase(ERRORS, lambda: Trainer(model_cfg, cfg, comm=comm))
+        if cfg.eval_only:
+            trainer.run_eval(state, cfg.checkpoint_file)
+        else:
+            trainer.fit(resume)

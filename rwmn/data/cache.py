@@ -23,7 +23,7 @@ all modes give bit-identical batches.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -180,7 +180,9 @@ class BatchSource(Protocol):
 
     def random_batch(self, rng: np.random.Generator, batch_size: int) -> QABatch: ...
 
-    def iter_batches(self, batch_size: int) -> Iterator[QABatch]: ...
+    def iter_batches(
+        self, batch_size: int, movies: Iterable[int] | None = None
+    ) -> Iterator[QABatch]: ...
 
 
 class ReadPerBatch:
@@ -202,8 +204,10 @@ class ReadPerBatch:
     def random_batch(self, rng: np.random.Generator, batch_size: int) -> QABatch:
         return self.data.random_batch(rng, batch_size).features(self.dtype)
 
-    def iter_batches(self, batch_size: int) -> Iterator[QABatch]:
-        for batch in self.data.iter_batches(batch_size):
+    def iter_batches(
+        self, batch_size: int, movies: Iterable[int] | None = None
+    ) -> Iterator[QABatch]:
+        for batch in self.data.iter_batches(batch_size, movies):
             yield batch.features(self.dtype)
 
 
@@ -289,8 +293,12 @@ class CachedSplit:
     def random_batch(self, rng: np.random.Generator, batch_size: int) -> QABatch:
         return self.batch(*draw(rng, self.counts, batch_size))
 
-    def iter_batches(self, batch_size: int) -> Iterator[QABatch]:
-        for index, count in enumerate(self.counts):
+    def iter_batches(
+        self, batch_size: int, movies: Iterable[int] | None = None
+    ) -> Iterator[QABatch]:
+        """Every question (of ``movies``, default all) once, in order."""
+        for index in range(len(self.counts)) if movies is None else movies:
+            count = self.counts[index]
             for start in range(0, count, batch_size):
                 yield self.batch(index, np.arange(start, min(start + batch_size, count)))
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import h5py
@@ -331,9 +331,13 @@ class MovieQAData:
         """Up to batch_size random questions about one random movie, as the release did."""
         return self.batch(*draw(rng, self.counts, batch_size))
 
-    def iter_batches(self, batch_size: int) -> Iterator[QABatch]:
-        """Every question once, in order, in batches of up to batch_size about one movie."""
-        for index, count in enumerate(self.counts):
+    def iter_batches(
+        self, batch_size: int, movies: Iterable[int] | None = None
+    ) -> Iterator[QABatch]:
+        """Every question once, in order, in batches of up to batch_size about one movie;
+        ``movies``: only these movie indices (a rank's share of a sharded validation)."""
+        for index in range(len(self.counts)) if movies is None else movies:
+            count = self.counts[index]
             for start in range(0, count, batch_size):
                 yield self.batch(index, np.arange(start, min(start + batch_size, count)))
 
