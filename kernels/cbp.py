@@ -451,6 +451,42 @@ def _gather_row(src_ptr, h_ptr, s_ptr, dst_ptr, N, BLOCK_S: tl.constexpr):
 
 
 @triton.jit
+def _sketch_spectra(
+    x_row,
+    y_row,
+    order1_ptr,
+    start1_ptr,
+    sign1_ptr,
+    order2_ptr,
+    start2_ptr,
+    sign2_ptr,
+    tab_ptr,
+    ws,
+    D: tl.constexpr,
+    K: tl.constexpr,
+    D1: tl.constexpr,
+    D2: tl.constexpr,
+    P1: tl.constexpr,
+    BLOCK_F1: tl.constexpr,
+    BLOCK_F2: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One row's sketches p = psi1(x), q = psi2(y) into ws[0:D], ws[D:2D] and their half
+    spectra P, Q (re, im; K bins each) into ws[2D:2D+2K], ws[2D+2K:2D+4K]. Ends with a CTA
+    barrier: the spectra are read by other threads of the program next."""
+    _sketch_row(x_row, order1_ptr, start1_ptr, sign1_ptr, ws, D, BLOCK_S)
+    _sketch_row(y_row, order2_ptr, start2_ptr, sign2_ptr, ws + D, D, BLOCK_S)
+    # The transforms read sketch entries written by other threads of this program.
+    tl.debug_barrier()
+    _dft_factorised_row(ws, ws, ws + 2 * D, ws + 2 * D + K, tab_ptr,
+                        D, K, D1, D2, P1, BLOCK_F1, BLOCK_F2, False, PRECISION)  # fmt: skip
+    _dft_factorised_row(ws + D, ws + D, ws + 2 * D + 2 * K, ws + 2 * D + 3 * K, tab_ptr,
+                        D, K, D1, D2, P1, BLOCK_F1, BLOCK_F2, False, PRECISION)  # fmt: skip
+    tl.debug_barrier()
+
+
+@triton.jit
 def _cbp_fwd_kernel(
     x_ptr,
     y_ptr,
@@ -485,22 +521,16 @@ def _cbp_fwd_kernel(
     it is reused for every row the program owns, so it stays in L2."""
     pid = tl.program_id(0)
     ws = ws_ptr + pid.to(tl.int64) * (2 * D + 4 * K)
-    ws_p, ws_q = ws, ws + D
+    # Layout as _sketch_spectra writes it: [p | q] (D each), [P | Q] (2 K each).
     ws_pr, ws_pi = ws + 2 * D, ws + 2 * D + K
     ws_qr, ws_qi = ws + 2 * D + 2 * K, ws + 2 * D + 3 * K
     row0 = pid * ROWS_PER_PROGRAM
     for r in range(row0, tl.minimum(row0 + ROWS_PER_PROGRAM, R)):
-        _sketch_row(x_ptr + tl.load(xoff_ptr + r), order1_ptr, start1_ptr, sign1_ptr, ws_p,
-                    D, BLOCK_S)  # fmt: skip
-        _sketch_row(y_ptr + tl.load(yoff_ptr + r), order2_ptr, start2_ptr, sign2_ptr, ws_q,
-                    D, BLOCK_S)  # fmt: skip
-        # The transforms read sketch entries written by other threads of this program.
-        tl.debug_barrier()
-        _dft_factorised_row(ws_p, ws_p, ws_pr, ws_pi, tab_ptr,
-                            D, K, D1, D2, P1, BLOCK_F1, BLOCK_F2, False, PRECISION)  # fmt: skip
-        _dft_factorised_row(ws_q, ws_q, ws_qr, ws_qi, tab_ptr,
-                            D, K, D1, D2, P1, BLOCK_F1, BLOCK_F2, False, PRECISION)  # fmt: skip
-        tl.debug_barrier()
+        _sketch_spectra(
+            x_ptr + tl.load(xoff_ptr + r), y_ptr + tl.load(yoff_ptr + r),
+            order1_ptr, start1_ptr, sign1_ptr, order2_ptr, start2_ptr, sign2_ptr, tab_ptr, ws,
+            D, K, D1, D2, P1, BLOCK_F1, BLOCK_F2, BLOCK_S, PRECISION,
+        )  # fmt: skip
         for k0 in range(0, K, BLOCK_S):
             ks = k0 + tl.arange(0, BLOCK_S)
             km = ks < K
@@ -555,29 +585,24 @@ def _cbp_bwd_kernel(
     """gx = s1 * IDFT(G conj(Q) / D)[h1], gy = s2 * IDFT(G conj(P) / D)[h2] row by row, with
     G = DFT(g), P = DFT(psi1(x)), Q = DFT(psi2(y)) (module doc, factorised path).
 
-    Scratch per program: [p | q] (D each; they become dL/dp, dL/dq), [G | P | Q] (2 K each;
+    Scratch per program: [p | q] (D each; they become dL/dp, dL/dq), [P | Q | G] (2 K each;
     P and Q become the correlation spectra C = G conj(Q) / D and E = G conj(P) / D)."""
     pid = tl.program_id(0)
     ws = ws_ptr + pid.to(tl.int64) * (2 * D + 6 * K)
     ws_p, ws_q = ws, ws + D
-    ws_gr, ws_gi = ws + 2 * D, ws + 2 * D + K
-    ws_pr, ws_pi = ws + 2 * D + 2 * K, ws + 2 * D + 3 * K
-    ws_qr, ws_qi = ws + 2 * D + 4 * K, ws + 2 * D + 5 * K
+    ws_pr, ws_pi = ws + 2 * D, ws + 2 * D + K
+    ws_qr, ws_qi = ws + 2 * D + 2 * K, ws + 2 * D + 3 * K
+    ws_gr, ws_gi = ws + 2 * D + 4 * K, ws + 2 * D + 5 * K
     row0 = pid * ROWS_PER_PROGRAM
     for r in range(row0, tl.minimum(row0 + ROWS_PER_PROGRAM, R)):
         r64 = tl.cast(r, tl.int64)
-        _sketch_row(x_ptr + tl.load(xoff_ptr + r), order1_ptr, start1_ptr, sign1_ptr, ws_p,
-                    D, BLOCK_S)  # fmt: skip
-        _sketch_row(y_ptr + tl.load(yoff_ptr + r), order2_ptr, start2_ptr, sign2_ptr, ws_q,
-                    D, BLOCK_S)  # fmt: skip
         _dft_factorised_row(g_ptr + r64 * D, g_ptr, ws_gr, ws_gi, tab_ptr,
                             D, K, D1, D2, P1, BLOCK_F1, BLOCK_F2, False, PRECISION)  # fmt: skip
-        tl.debug_barrier()
-        _dft_factorised_row(ws_p, ws_p, ws_pr, ws_pi, tab_ptr,
-                            D, K, D1, D2, P1, BLOCK_F1, BLOCK_F2, False, PRECISION)  # fmt: skip
-        _dft_factorised_row(ws_q, ws_q, ws_qr, ws_qi, tab_ptr,
-                            D, K, D1, D2, P1, BLOCK_F1, BLOCK_F2, False, PRECISION)  # fmt: skip
-        tl.debug_barrier()
+        _sketch_spectra(
+            x_ptr + tl.load(xoff_ptr + r), y_ptr + tl.load(yoff_ptr + r),
+            order1_ptr, start1_ptr, sign1_ptr, order2_ptr, start2_ptr, sign2_ptr, tab_ptr,
+            ws_p, D, K, D1, D2, P1, BLOCK_F1, BLOCK_F2, BLOCK_S, PRECISION,
+        )  # fmt: skip
         for k0 in range(0, K, BLOCK_S):
             ks = k0 + tl.arange(0, BLOCK_S)
             km = ks < K
