@@ -822,11 +822,12 @@ def inverse_hash(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The count sketch's inverse in CSR form: (order [n] int32, the input indices sorted by
     bin; start [D + 1] int32, bin j's at order[start[j]:start[j+1]]; sign [n] fp32, s at
-    order). A few small device ops, no host sync; linear in n + D."""
-    order = torch.argsort(h, stable=True)
-    counts = torch.bincount(h, minlength=out_dim)
-    start = torch.zeros(out_dim + 1, dtype=torch.int32, device=h.device)
-    start[1:] = torch.cumsum(counts, 0)
+    order). A few small device ops with static shapes, no host sync."""
+    sorted_h, order = torch.sort(h, stable=True)
+    # start[j] = #{i: h(i) < j}; searchsorted keeps every shape static (bincount's output
+    # size depends on the values, which torch.compile cannot trace).
+    bins = torch.arange(out_dim + 1, device=h.device, dtype=sorted_h.dtype)
+    start = torch.searchsorted(sorted_h, bins).to(torch.int32)
     return order.to(torch.int32), start, s[order].to(torch.float32)
 
 

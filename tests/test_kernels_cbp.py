@@ -559,3 +559,20 @@ def test_executed_macs_at_the_story_size():
         assert 2 * (fwd + bwd) / 1e9 == pytest.approx(37.75, abs=0.01)
     dense = kcbp.executed_macs(1500, 2048, 300, 4096, None, "tf32", backward=False)
     assert dense > 5 * kcbp.executed_macs(1500, 2048, 300, 4096, (64, 64), "tf32", False)
+
+
+def test_inverse_hash_is_the_csr_of_the_sketch():
+    """Bin j's inputs are exactly {i: h(i) = j}, in increasing i (a fixed summation order),
+    with their signs; empty bins have empty ranges; the starts cover all n inputs."""
+    gen = torch.Generator().manual_seed(3)
+    n, out_dim = 100, 37
+    h = torch.randint(out_dim, (n,), generator=gen)
+    s = torch.randint(2, (n,), generator=gen).float() * 2 - 1
+    order, start, sign = kcbp.inverse_hash(h, s, out_dim)
+    assert order.dtype == start.dtype == torch.int32 and sign.dtype == torch.float32
+    assert start[0] == 0 and start[-1] == n
+    assert torch.equal(start[1:] - start[:-1], torch.bincount(h, minlength=out_dim).int())
+    for j in range(out_dim):
+        idx = order[start[j] : start[j + 1]].long()
+        assert torch.equal(idx, torch.nonzero(h == j).flatten())
+        assert torch.equal(sign[start[j] : start[j + 1]], s[idx])
