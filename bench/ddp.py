@@ -23,7 +23,6 @@ import datetime
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,20 +41,16 @@ SMOKE_FLAGS = ["--dim_text", "16", "--dim_memory", "16", "--dim_sub", "16", "--d
                "--write", "3-2-2", "--read", "3-1-2", "--batch_size", "8"]  # fmt: skip
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure(data: str, out: Path, nproc: int, movies: int, device: str, steps: int,
             window: int, model_flags: list[str]) -> dict:  # fmt: skip
     """One launch; its steps/s and questions/s from metrics.jsonl."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
            "PYTHONWARNINGS": "ignore"}  # fmt: skip
     args = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "train.py",
+        # --standalone: torchrun binds its own free loopback port, so no port chosen here
+        # can be taken by another process between the choice and the bind.
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        "--nproc_per_node", str(nproc), "train.py",
         "--data_dir", data, "--out_dir", str(out), *model_flags, "--device", device,
         "--max_steps", str(steps), "--validation_step", str(window),
         "--full_validation_step", str(10 * steps), "--checkpoint_step", str(10 * steps),
@@ -64,7 +59,8 @@ def measure(data: str, out: Path, nproc: int, movies: int, device: str, steps: i
     done = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=1800)
     row = {"processes": nproc, "movies_per_step": movies, "movies_per_update": nproc * movies}
     if done.returncode != 0:
-        return {**row, "status": "error", "error": done.stderr.strip().splitlines()[-1:]}
+        lines = done.stderr.strip().splitlines()
+        return {**row, "status": "error", "error": lines[-1:], "detail": lines[-120:]}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["split"] == "train"]
     first, last = train[0], train[-1]

@@ -131,8 +131,13 @@ class Comm:
             self.started = True
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         if self.started:
+            if exc_type is None:
+                # Every rank leaves together: a rank that tears its gloo connections down
+                # while a peer is still finishing its last collective makes that peer fail
+                # ("connection closed by peer") after a complete run.
+                dist.barrier()
             dist.destroy_process_group()
             self.started = False
 
