@@ -9,10 +9,15 @@ Every op is an ``rwmn.ops`` function with the signature of ``rwmn.reference``. A
 
 Counting conventions (they are models, stated so the roofline can be read):
 
-* FLOPs: a multiply-add counts 2; a real FFT of length N costs 2.5 N log2 N; a complex
+* FLOPs (algorithmic, the roofline's): a multiply-add counts 2; a real FFT of length N costs
+  2.5 N log2 N; a complex
   product 6; exp/max/sum of a softmax 5 per logit; the convolutions are counted dense, SAME
   padding taps included (as cuDNN and fvcore do). Backward is counted as twice the forward
   (one product per input gradient, the usual convention); forward+backward as three times.
+* Executed FLOPs (:func:`executed_flops`, the ``executed_flops`` column): what the fused
+  kernels' products execute, tile padding included, from the kernels' cost models
+  (``kernels.cbp.executed_macs`` for CBP, whose FFTs run as dense radix-16 DFT tiles on
+  tensor cores and execute more than the butterfly count); the algorithmic count elsewhere.
 * Bytes: the compulsory traffic of a perfectly fused kernel. Forward reads every input once
   and writes every output once. Backward reads the output gradients and every input again
   (nothing saved beyond the inputs) and writes a gradient per differentiable input.
@@ -27,6 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+import kernels.cbp as kcbp
 
 OPS = ("cbp", "memory_conv", "attention_read", "conv_attention_read", "read_network")
 BACKENDS = ("reference", "fused", "compiled")
@@ -117,6 +124,19 @@ def cbp_flops(p) -> float:
     return sketch + ffts + product
 
 
+def _cbp_executed(p, pass_: str, dtype: torch.dtype) -> float:
+    """FLOPs the fused CBP kernels' products execute (2 per multiply-add, tile padding
+    included), from the kernels' own cost model: the radix plan and tiles the launches use,
+    each distinct x and y row transformed once."""
+    rx, ry, ro = _cbp_rows(p)
+    precision = "ieee" if dtype == torch.float32 else "tf32"
+    args = (p["D"], ro, p["x"][-1], p["y"][-1], precision)
+    fwd = kcbp.executed_macs(*args, backward=False, x_rows=rx, y_rows=ry)
+    bwd = kcbp.executed_macs(*args, backward=True, x_rows=rx, y_rows=ry)
+    macs = {"forward": fwd, "backward": bwd}.get(pass_, fwd + bwd)
+    return FMA_FLOPS * macs
+
+
 def _cbp_io(p, esize):
     rx, ry, ro = _cbp_rows(p)
     n1, n2 = p["x"][-1], p["y"][-1]
@@ -189,6 +209,16 @@ def read_network_flops(p) -> float:
     layers, r = _read_layers(p)
     convs = sum(_conv_flops(x, w, s) for x, w, s in layers)
     return cbp + convs + _attention_flops(b, r, d, b * r)
+
+
+def _read_network_executed(p, pass_: str, dtype: torch.dtype) -> float:
+    """The read network's algorithmic FLOPs with its CBP counted as executed (the
+    convolutions and the readout execute their dense count, padding aside)."""
+    b, c, m, d = p["B"], p["C"], p["m"], p["d"]
+    cbp = {"x": (1, c, m, d), "y": (b, 1, 1, d), "D": d}
+    factor = {"forward": 1, "backward": BACKWARD_FLOP_FACTOR}.get(pass_, 1 + BACKWARD_FLOP_FACTOR)
+    rest = (read_network_flops(p) - cbp_flops(cbp)) * factor
+    return rest + _cbp_executed(cbp, pass_, dtype)
 
 
 def _read_network_io(p, esize):
@@ -279,6 +309,9 @@ class OpSpec:
     flops: Callable[[dict], float]
     io: Callable  # (params, element size) -> (input bytes, hash bytes, output bytes)
     describe: Callable[[dict], str]
+    #: (params, pass, dtype) -> FLOPs the fused kernels execute, where that differs from
+    #: the algorithmic count (the FFT-path CBP); None: the algorithmic count.
+    executed: Callable | None = None
 
 
 def _fmt(shape) -> str:
@@ -292,6 +325,7 @@ SPECS = {
         cbp_flops,
         _cbp_io,
         lambda p: f"x {_fmt(p['x'])}, y {_fmt(p['y'])}, D {p['D']}",
+        _cbp_executed,
     ),
     "memory_conv": OpSpec(
         "memory_conv",
@@ -325,6 +359,7 @@ SPECS = {
             f"memory {p['C']}x{p['m']}x{p['d']}, u {p['B']}x{p['d']}, read "
             + "/".join("-".join(map(str, layer)) for layer in p["read"])
         ),
+        _read_network_executed,
     ),
 }
 
@@ -345,6 +380,16 @@ def flops(case: Case, pass_: str) -> float:
     fwd = SPECS[case.op].flops(case.params)
     factor = {"forward": 1, "backward": BACKWARD_FLOP_FACTOR}
     return fwd * factor.get(pass_, 1 + BACKWARD_FLOP_FACTOR)
+
+
+def executed_flops(case: Case, pass_: str, dtype: torch.dtype) -> float:
+    """FLOPs the fused kernels execute in one call of the given pass: the kernels' cost
+    model where the algorithm they run differs from the counted one (CBP: mixed-radix FFTs
+    as tensor-core tiles, not split-radix butterflies), else the algorithmic count."""
+    spec = SPECS[case.op]
+    if spec.executed is None:
+        return flops(case, pass_)
+    return spec.executed(case.params, pass_, dtype)
 
 
 def bytes_moved(case: Case, pass_: str, dtype: torch.dtype) -> float:

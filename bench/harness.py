@@ -228,6 +228,7 @@ def base_row(case: C.Case, backend: str, pass_: str, dtype: str) -> dict:
         "pass": pass_,
         "dtype": dtype,
         "flops": C.flops(case, pass_),
+        "executed_flops": C.executed_flops(case, pass_, C.DTYPES[dtype]),
         "bytes": C.bytes_moved(case, pass_, C.DTYPES[dtype]),
         "status": "ok",
         "reason": None,

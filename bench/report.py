@@ -90,7 +90,7 @@ def _meta_section(metas: list[dict]) -> list[str]:
 
 OP_HEADER = (
     "| size | pass | dtype | backend | median ms | p20-p80 ms | reps | peak MiB | GB/s | "
-    "% BW | TFLOP/s | % FLOP | bound | % roofline | speedup |"
+    "% BW | GFLOP | exec GFLOP | TFLOP/s | % FLOP | bound | % roofline | speedup |"
 )
 
 
@@ -110,12 +110,20 @@ def _op_tables(rows: list[dict]) -> list[str]:
                 f"{r['median_ms']:.4g} | {r['p20_ms']:.4g}-{r['p80_ms']:.4g} | {r['reps']} | "
                 f"{_fmt(r.get('peak_mem_bytes'), '.1f', 1 / MIB)} | "
                 f"{_fmt(r.get('achieved_GBps'))} | {_pct(r.get('bw_fraction'))} | "
+                f"{_fmt(r.get('flops'), '.3g', 1e-9)} | {_exec(r)} | "
                 f"{_fmt(r.get('achieved_TFLOPs'))} | {_pct(r.get('flop_fraction'))} | "
                 f"{r.get('bound') or '-'} | {_pct(r.get('roofline_fraction'))} | "
                 f"{_fmt(ups.get(i), '.2f')}x |"
             )
         lines.append("")
     return lines
+
+
+def _exec(row: dict) -> str:
+    # Executed FLOPs describe the fused kernels; other backends run other algorithms.
+    if row["backend"] != "fused" or row.get("executed_flops") is None:
+        return "-"
+    return _fmt(row["executed_flops"], ".3g", 1e-9)
 
 
 def _rule(header: str) -> str:

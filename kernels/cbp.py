@@ -1,4 +1,4 @@
-"""Fused compact bilinear pooling (docs/model.md): one launch forward, one launch backward.
+"""Fused compact bilinear pooling (docs/model.md) by mixed-radix FFTs on tensor-core tiles.
 
 Math. With the count sketches p = psi1(x) (p_j = sum_{i: h1(i) = j} s1(i) x_i) and
 q = psi2(y), CBP(x, y) = p (*) q, the circular convolution mod D:
@@ -6,41 +6,52 @@ q = psi2(y), CBP(x, y) = p (*) q, the circular convolution mod D:
     out = IDFT(P Q),                 P = DFT(p), Q = DFT(q)   (length D, no padding).
 
 Backward, with g = dL/dout and G = DFT(g): dL/dp = IDFT(G conj(Q)) / D and dL/dq =
-IDFT(G conj(P)) / D (circular correlations; the 1/D of the inverse is folded into the
-spectra here), then the transposed sketch dL/dx_i = s1(i) (dL/dp)[h1(i)], dL/dy_i =
-s2(i) (dL/dq)[h2(i)]. Nothing is saved by the forward: the backward recomputes P and Q.
+IDFT(G conj(P)) / D (circular correlations), then the transposed sketch dL/dx_i = s1(i)
+(dL/dp)[h1(i)], dL/dy_i = s2(i) (dL/dq)[h2(i)].
 
-Factorised path (every D = D1 D2 with both factors <= MAX_FACTOR and D >=
-FACTORISED_MIN_DIM; the model's 300 and 4096). A program owns rows_per_program rows and
-loops over them with one scratch area (per program, sized to stay in L2):
-  1. the sketches by a deterministic gather-sum over the inverse hash (inverse_hash: input
-     indices sorted by bin, CSR), O(n + D), no atomics;
-  2. their DFTs by the four-step Cooley-Tukey factorisation (_dft_factorised_row: a
-     D2-point DFT matmul, a twiddle, a D1-point DFT matmul, O(D (D1 + D2)) on tl.dot tiles;
-     every twiddle is an exact integer phase mod D looked up in a table of correctly
-     rounded cos/sin, so no angle error grows with the index);
-  3. the spectrum product and its factorised inverse (forward), or DFT(g), the correlation
-     spectra, two inverses and the gathers at h1, h2 (backward).
+FFT path (every D whose radix plan, fft_plan, has at most MAX_STAGES radices <= MAX_RADIX:
+the model's 300 = 10 x 30 and 4096 = 16 x 16 x 16). Three kernels:
+  1. _cbp_spectra_kernel, once per *distinct* input row (a broadcast operand, such as the
+     read network's memory, is transformed once, not once per output row): the sketches by
+     a deterministic gather-sum over the inverse hash (inverse_hash, CSR), O(n + D), no
+     atomics; then the half spectra P [Rx, K], Q [Ry, K] (K = D // 2 + 1, fp32), saved for
+     the backward. Two real rows travel as one complex sequence z = p_a + i p_b, so one
+     complex FFT yields both spectra (P_a = (Z_k + conj Z_{D-k}) / 2, P_b = (Z_k - conj
+     Z_{D-k}) / 2i).
+  2. _cbp_product_kernel, per pair of output rows a, b: Z = P_a Q_a / D + i P_b Q_b / D
+     rebuilt on all D bins from the half spectra, one inverse FFT, out_a = Re, out_b = Im.
+  3. _cbp_bwd_kernel, per pair of output rows: G_a, G_b from one FFT of g_a + i g_b; then for
+     each row C = G conj(Q) / D and E = G conj(P) / D, one inverse FFT of C + i E gives the
+     two correlations (Re, Im), and the gathers at h1, h2 write the input gradients.
 
-Dense path (D with no factor pair, e.g. primes). The sketch followed by the DFT is a fixed
-linear map, X_k = sum_i s1(i) x_i w^{h1(i) k}, so one program of BLOCK_R rows contracts
-its rows with twiddle tiles built on the fly in registers (the "sketch-DFT"), stores the
-weighted products c_k X_k Y_k (c_k = 1/D for bins 0 and D/2, else 2/D: the Hermitian half
-spectrum) in a per-row workspace and contracts it with the inverse twiddles; backward
-likewise with G conj(Y), G conj(X) evaluated at the hashes. O(n D) per row.
+Each FFT is a self-sorting (Stockham) decimation-in-time transform of mixed radices R_1 ...
+R_s (D = prod R_i): stage i, with NS = R_1 ... R_{i-1}, takes for each j < D / R the R inputs
+v_t = z[j + t D / R], multiplies them by the twiddles w^{t (j mod NS) D / (NS R)}, applies
+the R-point DFT as one [BLOCK_J, R] x [R, R] complex product on tensor cores (three real
+products, Gauss's trick: Re = VrWr - ViWi, Im = (Vr + Vi)(Wr + Wi) - VrWr - ViWi), and
+stores output u at (j div NS) NS R + (j mod NS) + u NS. Every twiddle and DFT-matrix entry is
+an exact integer phase mod D looked up in a table of correctly rounded cos/sin. The work of
+a complex transform is D (R_1 + ... + R_s) complex multiply-adds (3 real products each), so
+a row costs O(n1 + n2 + D sum R_i) instead of the O(n D) of a dense sketch-DFT.
+
+Dense path (D < FACTORISED_MIN_DIM, or a D with a prime factor > MAX_RADIX such as a large
+prime). The sketch followed by the DFT is a fixed linear map, X_k = sum_i s1(i) x_i w^{h1(i)
+k}, so one program of BLOCK_R rows contracts its rows with twiddle tiles built on the fly in
+registers (the "sketch-DFT"), stores the weighted products c_k X_k Y_k (c_k = 1/D for bins 0
+and D/2, else 2/D: the Hermitian half spectrum) in a per-row workspace and contracts it with
+the inverse twiddles; backward likewise with G conj(Y), G conj(X) evaluated at the hashes.
+
+Scratch. The FFT kernels stage each transform through a per-program scratch area in device
+memory (2 complex D-vectors forward, 3 backward), reused for every pair of rows the program
+owns; pairs_per_program keeps a launch's scratch within SCRATCH_BUDGET so it stays in L2.
 
 Inputs are read as stored (fp32, bf16 or fp16); products accumulate in fp32. Under autocast
 the inputs are cast to the autocast dtype first (custom ops have no autocast rule).
 
-Broadcasting. x [..., n1] and y [..., n2] broadcast their leading axes like
-``kernels.reference.cbp``. The launcher passes per-operand row offsets (computed from the
-strides of the broadcast view, so a stride-0 axis is never materialised) and the kernels
-read rows through them. The gradient of a broadcast operand is summed over the rows it was
-broadcast to.
-
-Custom ops. ``rwmn::cbp_rows`` and ``rwmn::cbp_rows_backward`` are
-``torch.library.triton_op``s launched through ``wrap_triton`` with ``register_autograd``,
-so ``torch.compile(fullgraph=True)`` traces them without a graph break.
+Custom ops. ``rwmn::cbp_fft`` / ``rwmn::cbp_fft_backward`` (FFT path) and ``rwmn::cbp_dense``
+/ ``rwmn::cbp_dense_backward`` are ``torch.library.triton_op``s launched through
+``wrap_triton`` with ``register_autograd``, so ``torch.compile(fullgraph=True)`` traces them
+without a graph break.
 """
 
 from __future__ import annotations
@@ -73,36 +84,36 @@ DENSE_BLOCK_N = 32
 #: with 4 or 8 warps on sm_90a.
 DENSE_WARPS = {"tf32": 4, "ieee": 16}
 
-#: Sizes D at or above this that factor as D1 x D2 with both factors <= MAX_FACTOR take the
-#: factorised path; smaller or unfactorable D (primes, 2 x a large prime) stay dense.
+#: Sizes D at or above this with a radix plan (fft_plan) take the FFT path; smaller D and D
+#: without a plan (a prime factor > MAX_RADIX) stay dense. Tests lower it to run the FFT
+#: path at tiny D.
 FACTORISED_MIN_DIM = 256
-#: Largest factor of the factorised transform: a stage's tiles are pow2(D1) rows tall, in
-#: registers (at 128, D = 16000, they already spill).
-MAX_FACTOR = 128
-#: tl.dot needs every operand dimension >= 16, so factors are padded to at least this.
+#: Largest radix of one FFT stage: its DFT matrix is a [pow2(R), pow2(R)] register tile, and
+#: a stage costs pow2(R)^2 / R multiply-adds per point, so radices of 16 are the cheapest.
+MAX_RADIX = 32
+#: Most stages of one transform (16384 = 16 x 32 x 32; 16000 = 10 x 10 x 10 x 16).
+MAX_STAGES = 4
+#: tl.dot needs every operand dimension >= 16, so radices are padded to at least this.
 MIN_DOT = 16
-#: Factorised stages, by dot precision: rows of the stage-2 output chunk (the M of its
-#: product) and width of the stage-1 chunks. Stage 1's M is pow2(D1) (64 at the story size:
-#: a wgmma tile). Chosen with the compile gate (bench.compile_report): the largest tiles
-#: with no spill on sm_90a and sm_80 in one pipeline stage; fp32 (ieee, CUDA-core FMA)
-#: holds both operands in registers and needs the smaller ones.
-FFT_TILES = {"tf32": (32, 16), "ieee": (16, 16)}
+#: Rows (j values) of a stage's product tile: 64 is the M of one warpgroup's wgmma.
+FFT_BLOCK_J = 64
+#: Longest j range of a transform that runs each stage as one tile (see _block_j).
+FFT_BLOCK_J_ONE_TILE = 128
 #: Width of the 1-D chunks (sketch bins, spectrum bins, gathered inputs).
 BLOCK_S = 128
-#: Warps of the factorised kernels: 8, or 16 with a small first factor (pow2(D1) <= 32,
-#: e.g. the read size 300 = 15 x 20), where 8 warps spilled 8-44 B (fp32 on sm_80 with
-#: triton 3.9, bf16 on sm_90a with triton 3.6).
-FACTORISED_WARPS = 8
-FACTORISED_WARPS_SMALL_D1 = 16
-FACTORISED_STAGES = 1
-#: Bytes of factorised-kernel scratch to aim for in one launch: one program's scratch is
-#: reused for its rows, and all of it together should fit in L2 (50 MB on H100/H200,
-#: 40 MB on A100) next to the inputs and outputs.
+#: Warps of the FFT kernels: one warpgroup, which the [64, 16] stage tiles fill exactly.
+FFT_WARPS = 4
+#: Bytes of FFT-kernel scratch to aim for in one launch: one program's scratch is reused for
+#: its pairs of rows, and all of it together should fit in L2 (50 MB on H100/H200, 40 MB
+#: on A100) next to the inputs and outputs.
 SCRATCH_BUDGET = 24 * 2**20
+#: Complex D-vectors of scratch per program: ping-pong buffers of the stages, plus the
+#: second correlation spectrum in the backward.
+SCRATCH_VECTORS = {"spectra": 2, "product": 2, "backward": 3}
 
 
 # --------------------------------------------------------------------------------------
-# Triton kernels
+# Triton kernels: dense path
 # --------------------------------------------------------------------------------------
 
 
@@ -195,91 +206,6 @@ def _inverse_tile(
         acc += tl.dot(wr, cos, input_precision=PRECISION)
         acc -= tl.dot(wi, sin, input_precision=PRECISION)
     return acc
-
-
-@triton.jit
-def _dft_factorised_row(
-    src_re,
-    src_im,
-    dst_re,
-    dst_im,
-    tab_ptr,
-    D: tl.constexpr,
-    K: tl.constexpr,
-    D1: tl.constexpr,
-    D2: tl.constexpr,
-    P1: tl.constexpr,
-    BLOCK_F1: tl.constexpr,
-    BLOCK_F2: tl.constexpr,
-    INVERSE: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """One row's length-D DFT as two small dense DFTs and a twiddle (Cooley-Tukey, four
-    steps), D = D1 D2, O(D (D1 + D2)) instead of O(D^2). With sign = +1 (INVERSE) or -1,
-    input index a = a1 + D1 a2 and output index b = b2 + D2 b1 (a b = a1 b2 + D2 a1 b1 +
-    D1 a2 b2 mod D):
-
-        T[a1, b2]   = sum_{a2 < D2} v[a1 + D1 a2] e^{sign 2 pi i a2 b2 / D2}   (DFT over a2)
-        U[a1, b2]   = T[a1, b2] e^{sign 2 pi i a1 b2 / D}                      (twiddle)
-        out[b2 + D2 b1] = sum_{a1 < D1} e^{sign 2 pi i a1 b1 / D1} U[a1, b2]    (DFT over a1)
-
-    INVERSE: v is the full spectrum rebuilt from the Hermitian half spectrum at src_re /
-    src_im (K bins: v_k = conj(v_{D-k}) for k >= K); the real part of out goes to dst_re.
-    Forward: v is the real row at src_re; out_b for b < K goes to dst_re / dst_im.
-    Every stage is a tl.dot on a [pow2(D1), BLOCK] tile; every twiddle is a table lookup
-    of an integer phase reduced mod D (exact), like the dense path. Padded indices (a1 >=
-    D1, a2 >= D2) load zeros; padded outputs are masked at the store.
-    """
-    a1 = tl.arange(0, P1)
-    a1_ok = a1 < D1
-    for b0 in range(0, D2, BLOCK_F2):
-        b2 = b0 + tl.arange(0, BLOCK_F2)
-        tr = tl.zeros((P1, BLOCK_F2), dtype=tl.float32)
-        ti = tl.zeros((P1, BLOCK_F2), dtype=tl.float32)
-        for c0 in range(0, D2, BLOCK_F2):
-            a2 = c0 + tl.arange(0, BLOCK_F2)
-            idx = a1[:, None] + D1 * a2[None, :]
-            m = a1_ok[:, None] & (a2 < D2)[None, :]
-            # Each stage names its own twiddles: Triton rejects a loop-carried variable
-            # whose shape changes, and the stages' tiles differ in shape.
-            c2, s2 = _twiddle(D1 * a2, b2, tab_ptr, D)
-            if not INVERSE:
-                s2 = -s2
-            if INVERSE:
-                lower = idx < K
-                half = tl.where(lower, idx, D - idx)
-                vr = tl.load(src_re + half, mask=m, other=0.0)
-                vi = tl.load(src_im + half, mask=m, other=0.0)
-                vi = tl.where(lower, vi, -vi)
-                tr += tl.dot(vr, c2, input_precision=PRECISION)
-                tr -= tl.dot(vi, s2, input_precision=PRECISION)
-                ti += tl.dot(vr, s2, input_precision=PRECISION)
-                ti += tl.dot(vi, c2, input_precision=PRECISION)
-            else:
-                vr = tl.load(src_re + idx, mask=m, other=0.0).to(tl.float32)
-                tr += tl.dot(vr, c2, input_precision=PRECISION)
-                ti += tl.dot(vr, s2, input_precision=PRECISION)
-        ct, st = _twiddle(a1, b2, tab_ptr, D)
-        if not INVERSE:
-            st = -st
-        ur = tr * ct - ti * st
-        ui = tr * st + ti * ct
-        for e0 in range(0, D1, BLOCK_F1):
-            b1 = e0 + tl.arange(0, BLOCK_F1)
-            c1, s1 = _twiddle(D2 * b1, a1, tab_ptr, D)
-            if not INVERSE:
-                s1 = -s1
-            out_re = tl.dot(c1, ur, input_precision=PRECISION)
-            out_re -= tl.dot(s1, ui, input_precision=PRECISION)
-            b = b2[None, :] + D2 * b1[:, None]
-            m = (b1 < D1)[:, None] & (b2 < D2)[None, :]
-            if INVERSE:
-                tl.store(dst_re + b, out_re.to(dst_re.dtype.element_ty), mask=m)
-            else:
-                out_im = tl.dot(c1, ui, input_precision=PRECISION)
-                out_im += tl.dot(s1, ur, input_precision=PRECISION)
-                tl.store(dst_re + b, out_re, mask=m & (b < K))
-                tl.store(dst_im + b, out_im, mask=m & (b < K))
 
 
 @triton.jit
@@ -416,19 +342,116 @@ def _cbp_dense_bwd_kernel(
         tl.store(gy_row + ns[None, :], (acc * s[None, :]).to(gy_ptr.dtype.element_ty), mask=m)
 
 
+# --------------------------------------------------------------------------------------
+# Triton kernels: FFT path
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fft_stage(
+    src,
+    dst,
+    tab_ptr,
+    D: tl.constexpr,
+    R: tl.constexpr,
+    NS: tl.constexpr,
+    P: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    SIGN: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One radix-R Stockham stage of a length-D complex DFT (module doc), src -> dst, both
+    planar (re at [0, D), im at [D, 2N)); SIGN = -1 forward, +1 inverse (unscaled).
+
+    y[(j div NS) NS R + (j mod NS) + u NS] = sum_{t < R} W_R^{t u} w_N^{t (j mod NS) D/(NS R)}
+    src[j + t D / R], with W_R = e^{SIGN 2 pi i / R}. A tile holds BLOCK_J values of j (rows,
+    the M of the product) by P >= R values of t (zero-padded), so the R-point DFT is one
+    complex [BLOCK_J, P] x [P, P] product, run as three real tl.dot (Gauss).
+    """
+    J: tl.constexpr = D // R
+    t = tl.arange(0, P)
+    t_ok = t < R
+    # W[t, u] = e^{SIGN 2 pi i t u / R} = table entry t u D / R mod D (exact integers).
+    ph = (t[:, None] * t[None, :] * J) % D
+    wr = tl.load(tab_ptr + ph)
+    wi = SIGN * tl.load(tab_ptr + D + ph)
+    wsum = wr + wi
+    for j0 in range(0, J, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        m = (j < J)[:, None] & t_ok[None, :]
+        src_idx = j[:, None] + J * t[None, :]
+        vr = tl.load(src + src_idx, mask=m, other=0.0)
+        vi = tl.load(src + D + src_idx, mask=m, other=0.0)
+        k = j % NS
+        if NS > 1:
+            tp = t[None, :] * k[:, None] * (D // (NS * R))
+            c = tl.load(tab_ptr + tp, mask=m, other=0.0)
+            s = SIGN * tl.load(tab_ptr + D + tp, mask=m, other=0.0)
+            vr, vi = vr * c - vi * s, vr * s + vi * c
+        t1 = tl.dot(vr, wr, input_precision=PRECISION)
+        t2 = tl.dot(vi, wi, input_precision=PRECISION)
+        t3 = tl.dot(vr + vi, wsum, input_precision=PRECISION)
+        dst_idx = ((j // NS) * (NS * R) + k)[:, None] + NS * t[None, :]
+        tl.store(dst + dst_idx, t1 - t2, mask=m)
+        tl.store(dst + D + dst_idx, t3 - t1 - t2, mask=m)
+
+
+@triton.jit
+def _fft(
+    a,
+    b,
+    tab_ptr,
+    D: tl.constexpr,
+    R1: tl.constexpr,
+    R2: tl.constexpr,
+    R3: tl.constexpr,
+    R4: tl.constexpr,
+    P1: tl.constexpr,
+    P2: tl.constexpr,
+    P3: tl.constexpr,
+    P4: tl.constexpr,
+    STAGES: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    SIGN: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """The length-D complex DFT of the planar vector at a, by STAGES Stockham stages of
+    radices R1..R4 (unused ones are 1), ping-ponging between a and b. The caller has made a
+    visible to the whole program (barrier). Returns (result, other): the buffer holding the
+    result and the free one; ends with a barrier, so the result is visible."""
+    _fft_stage(a, b, tab_ptr, D, R1, 1, P1, BLOCK_J, SIGN, PRECISION)
+    tl.debug_barrier()  # the next stage reads what other threads of the program wrote
+    if STAGES > 1:
+        _fft_stage(b, a, tab_ptr, D, R2, R1, P2, BLOCK_J, SIGN, PRECISION)
+        tl.debug_barrier()
+    if STAGES > 2:
+        _fft_stage(a, b, tab_ptr, D, R3, R1 * R2, P3, BLOCK_J, SIGN, PRECISION)
+        tl.debug_barrier()
+    if STAGES > 3:
+        _fft_stage(b, a, tab_ptr, D, R4, R1 * R2 * R3, P4, BLOCK_J, SIGN, PRECISION)
+        tl.debug_barrier()
+    if STAGES % 2 == 1:
+        return b, a
+    else:
+        return a, b
+
+
 @triton.jit
 def _sketch_row(
-    src_ptr, order_ptr, start_ptr, sign_ptr, dst_ptr, D: tl.constexpr, BLOCK_S: tl.constexpr
-):
-    """dst[j] = sum_{i: h(i) = j} s(i) src[i] for j < D: the count sketch as a gather-sum
-    over the inverse hash (input indices sorted by bin, bin j's at order[start[j]:
-    start[j+1]], signs alongside). Deterministic: no atomics; each bin is summed by one
-    thread in a fixed order, and the loop runs as long as the fullest bin of the chunk."""
+    src_ptr, order_ptr, start_ptr, sign_ptr, dst_ptr, valid, D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """dst[j] = sum_{i: h(i) = j} s(i) src[i] for j < D (zeros where not valid): the count
+    sketch as a gather-sum over the inverse hash (input indices sorted by bin, bin j's at
+    order[start[j]: start[j+1]], signs alongside). Deterministic: no atomics; each bin is
+    summed by one thread in a fixed order, and the loop runs as long as the fullest bin of
+    the chunk."""
     for j0 in range(0, D, BLOCK_S):
         js = j0 + tl.arange(0, BLOCK_S)
         jm = js < D
         lo = tl.load(start_ptr + js, mask=jm, other=0)
         count = tl.load(start_ptr + js + 1, mask=jm, other=0) - lo
+        count = tl.where(valid, count, 0)
         acc = tl.zeros((BLOCK_S,), dtype=tl.float32)
         for t in range(0, tl.max(count, axis=0)):
             ok = t < count
@@ -439,11 +462,11 @@ def _sketch_row(
 
 
 @triton.jit
-def _gather_row(src_ptr, h_ptr, s_ptr, dst_ptr, N, BLOCK_S: tl.constexpr):
-    """dst[i] = s(i) src[h(i)] for i < N: the transposed count sketch."""
-    for n0 in range(0, N, BLOCK_S):
+def _gather_row(src_ptr, h_ptr, s_ptr, dst_ptr, D, valid, BLOCK_S: tl.constexpr):
+    """dst[i] = s(i) src[h(i)] for i < D (nothing where not valid): the transposed sketch."""
+    for n0 in range(0, D, BLOCK_S):
         ns = n0 + tl.arange(0, BLOCK_S)
-        nm = ns < N
+        nm = tl.where(valid, ns < D, False)
         h = tl.load(h_ptr + ns, mask=nm, other=0)
         s = tl.load(s_ptr + ns, mask=nm, other=0.0).to(tl.float32)
         v = tl.load(src_ptr + h, mask=nm, other=0.0)
@@ -451,9 +474,76 @@ def _gather_row(src_ptr, h_ptr, s_ptr, dst_ptr, N, BLOCK_S: tl.constexpr):
 
 
 @triton.jit
-def _sketch_spectra(
-    x_row,
-    y_row,
+def _split_pair(z, k, km, D: tl.constexpr):
+    """The spectra A_k, B_k of two real rows a, b from Z = DFT(a + i b) at the bins k:
+    A_k = (Z_k + conj Z_{D-k}) / 2, B_k = (Z_k - conj Z_{D-k}) / 2i. Returns (Ar, Ai, Br, Bi)."""
+    kn = (D - k) % D
+    zr = tl.load(z + k, mask=km, other=0.0)
+    zi = tl.load(z + D + k, mask=km, other=0.0)
+    mr = tl.load(z + kn, mask=km, other=0.0)
+    mi = tl.load(z + D + kn, mask=km, other=0.0)
+    return (zr + mr) * 0.5, (zi - mi) * 0.5, (zi + mi) * 0.5, (mr - zr) * 0.5
+
+
+@triton.jit
+def _load_bins(spec_row, kk, m, K: tl.constexpr):
+    """Re and Im of the half spectrum stored at spec_row ([re K | im K]) at the bins kk."""
+    return tl.load(spec_row + kk, mask=m, other=0.0), tl.load(spec_row + K + kk, mask=m, other=0.0)
+
+
+@triton.jit
+def _spectra_pair(
+    src_ptr,
+    n,
+    r0,
+    R,
+    order_ptr,
+    start_ptr,
+    sign_ptr,
+    spec_ptr,
+    ws,
+    tab_ptr,
+    D: tl.constexpr,
+    K: tl.constexpr,
+    R1: tl.constexpr,
+    R2: tl.constexpr,
+    R3: tl.constexpr,
+    R4: tl.constexpr,
+    P1: tl.constexpr,
+    P2: tl.constexpr,
+    P3: tl.constexpr,
+    P4: tl.constexpr,
+    STAGES: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Half spectra of the sketches of rows r0 and r0 + 1 (if < R) of src [R, n] into
+    spec [R, 2K] ([re K | im K] per row), by one complex FFT of p_r0 + i p_r0+1."""
+    has_b = r0 + 1 < R
+    row = src_ptr + tl.cast(r0, tl.int64) * n
+    _sketch_row(row, order_ptr, start_ptr, sign_ptr, ws, r0 < R, D, BLOCK_S)
+    _sketch_row(row + n, order_ptr, start_ptr, sign_ptr, ws + D, has_b, D, BLOCK_S)
+    tl.debug_barrier()  # the FFT reads sketch bins written by other threads
+    z, _ = _fft(ws, ws + 2 * D, tab_ptr, D, R1, R2, R3, R4, P1, P2, P3, P4, STAGES, BLOCK_J,
+                -1, PRECISION)  # fmt: skip
+    spec_a = spec_ptr + tl.cast(r0, tl.int64) * (2 * K)
+    spec_b = spec_a + 2 * K
+    for k0 in range(0, K, BLOCK_S):
+        k = k0 + tl.arange(0, BLOCK_S)
+        km = k < K
+        ar, ai, br, bi = _split_pair(z, k, km, D)
+        tl.store(spec_a + k, ar, mask=km)
+        tl.store(spec_a + K + k, ai, mask=km)
+        tl.store(spec_b + k, br, mask=tl.where(has_b, km, False))
+        tl.store(spec_b + K + k, bi, mask=tl.where(has_b, km, False))
+    tl.debug_barrier()  # the next pair's sketches overwrite this pair's FFT buffers
+
+
+@triton.jit
+def _cbp_spectra_kernel(
+    x_ptr,
+    y_ptr,
     order1_ptr,
     start1_ptr,
     sign1_ptr,
@@ -461,109 +551,168 @@ def _sketch_spectra(
     start2_ptr,
     sign2_ptr,
     tab_ptr,
-    ws,
+    xs_ptr,
+    ys_ptr,
+    ws_ptr,
+    RX,
+    RY,
+    N1,
+    N2,
+    PROGRAMS_X,
+    PAIRS_PER_PROGRAM,
     D: tl.constexpr,
     K: tl.constexpr,
-    D1: tl.constexpr,
-    D2: tl.constexpr,
+    R1: tl.constexpr,
+    R2: tl.constexpr,
+    R3: tl.constexpr,
+    R4: tl.constexpr,
     P1: tl.constexpr,
-    BLOCK_F1: tl.constexpr,
-    BLOCK_F2: tl.constexpr,
+    P2: tl.constexpr,
+    P3: tl.constexpr,
+    P4: tl.constexpr,
+    STAGES: tl.constexpr,
+    BLOCK_J: tl.constexpr,
     BLOCK_S: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """One row's sketches p = psi1(x), q = psi2(y) into ws[0:D], ws[D:2D] and their half
-    spectra P, Q (re, im; K bins each) into ws[2D:2D+2K], ws[2D+2K:2D+4K]. Ends with a CTA
-    barrier: the spectra are read by other threads of the program next."""
-    _sketch_row(x_row, order1_ptr, start1_ptr, sign1_ptr, ws, D, BLOCK_S)
-    _sketch_row(y_row, order2_ptr, start2_ptr, sign2_ptr, ws + D, D, BLOCK_S)
-    # The transforms read sketch entries written by other threads of this program.
-    tl.debug_barrier()
-    _dft_factorised_row(ws, ws, ws + 2 * D, ws + 2 * D + K, tab_ptr,
-                        D, K, D1, D2, P1, BLOCK_F1, BLOCK_F2, False, PRECISION)  # fmt: skip
-    _dft_factorised_row(ws + D, ws + D, ws + 2 * D + 2 * K, ws + 2 * D + 3 * K, tab_ptr,
-                        D, K, D1, D2, P1, BLOCK_F1, BLOCK_F2, False, PRECISION)  # fmt: skip
-    tl.debug_barrier()
+    """xs = DFT(psi1(x)) [RX, 2K] and ys = DFT(psi2(y)) [RY, 2K] (half spectra, [re K | im K]
+    per row) for the distinct rows of x [RX, N1] and y [RY, N2]: the first PROGRAMS_X
+    programs take pairs of x rows, the rest pairs of y rows, PAIRS_PER_PROGRAM pairs each.
+    Scratch per program: two complex D-vectors (the FFT's ping-pong buffers)."""
+    pid = tl.program_id(0)
+    ws = ws_ptr + pid.to(tl.int64) * (4 * D)
+    if pid < PROGRAMS_X:
+        first = pid * PAIRS_PER_PROGRAM
+        for pair in range(first, tl.minimum(first + PAIRS_PER_PROGRAM, tl.cdiv(RX, 2))):
+            _spectra_pair(
+                x_ptr, N1, 2 * pair, RX, order1_ptr, start1_ptr, sign1_ptr, xs_ptr, ws, tab_ptr,
+                D, K, R1, R2, R3, R4, P1, P2, P3, P4, STAGES, BLOCK_J, BLOCK_S, PRECISION,
+            )  # fmt: skip
+    else:
+        first = (pid - PROGRAMS_X) * PAIRS_PER_PROGRAM
+        for pair in range(first, tl.minimum(first + PAIRS_PER_PROGRAM, tl.cdiv(RY, 2))):
+            _spectra_pair(
+                y_ptr, N2, 2 * pair, RY, order2_ptr, start2_ptr, sign2_ptr, ys_ptr, ws, tab_ptr,
+                D, K, R1, R2, R3, R4, P1, P2, P3, P4, STAGES, BLOCK_J, BLOCK_S, PRECISION,
+            )  # fmt: skip
 
 
 @triton.jit
-def _cbp_fwd_kernel(
-    x_ptr,
-    y_ptr,
-    xoff_ptr,
-    yoff_ptr,
-    order1_ptr,
-    start1_ptr,
-    sign1_ptr,
-    order2_ptr,
-    start2_ptr,
-    sign2_ptr,
+def _cbp_product_kernel(
+    xs_ptr,
+    ys_ptr,
+    xidx_ptr,
+    yidx_ptr,
     tab_ptr,
     out_ptr,
     ws_ptr,
     R,
-    ROWS_PER_PROGRAM,
+    PAIRS_PER_PROGRAM,
     D: tl.constexpr,
     K: tl.constexpr,
-    D1: tl.constexpr,
-    D2: tl.constexpr,
+    R1: tl.constexpr,
+    R2: tl.constexpr,
+    R3: tl.constexpr,
+    R4: tl.constexpr,
     P1: tl.constexpr,
-    BLOCK_F1: tl.constexpr,
-    BLOCK_F2: tl.constexpr,
+    P2: tl.constexpr,
+    P3: tl.constexpr,
+    P4: tl.constexpr,
+    STAGES: tl.constexpr,
+    BLOCK_J: tl.constexpr,
     BLOCK_S: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """out = IDFT(DFT(psi1(x)) DFT(psi2(y))) row by row (module doc, factorised path).
-
-    Per row: the two count sketches by gather-sum into the program's scratch, their
-    factorised forward DFTs (half spectra), the product scaled by 1/D, its factorised
-    inverse written to out. Scratch per program: [p | q] (D each), [P | Q] (2 K each);
-    it is reused for every row the program owns, so it stays in L2."""
+    """out[r] = IDFT(P[xidx[r]] Q[yidx[r]]) for the R output rows, two rows a, b per inverse
+    FFT: Z_k = A_k + i B_k on all D bins (A = P Q / D, and A_k = conj A_{D-k} above the half
+    spectrum), out_a = Re IDFT(Z), out_b = Im IDFT(Z). Scratch per program: two complex
+    D-vectors."""
+    INV_D: tl.constexpr = 1.0 / D  # a multiply, not a divide (see _correlation_pair)
     pid = tl.program_id(0)
-    ws = ws_ptr + pid.to(tl.int64) * (2 * D + 4 * K)
-    # Layout as _sketch_spectra writes it: [p | q] (D each), [P | Q] (2 K each).
-    ws_pr, ws_pi = ws + 2 * D, ws + 2 * D + K
-    ws_qr, ws_qi = ws + 2 * D + 2 * K, ws + 2 * D + 3 * K
-    row0 = pid * ROWS_PER_PROGRAM
-    for r in range(row0, tl.minimum(row0 + ROWS_PER_PROGRAM, R)):
-        _sketch_spectra(
-            x_ptr + tl.load(xoff_ptr + r), y_ptr + tl.load(yoff_ptr + r),
-            order1_ptr, start1_ptr, sign1_ptr, order2_ptr, start2_ptr, sign2_ptr, tab_ptr, ws,
-            D, K, D1, D2, P1, BLOCK_F1, BLOCK_F2, BLOCK_S, PRECISION,
-        )  # fmt: skip
-        for k0 in range(0, K, BLOCK_S):
-            ks = k0 + tl.arange(0, BLOCK_S)
-            km = ks < K
-            pr = tl.load(ws_pr + ks, mask=km, other=0.0)
-            pi = tl.load(ws_pi + ks, mask=km, other=0.0)
-            qr = tl.load(ws_qr + ks, mask=km, other=0.0)
-            qi = tl.load(ws_qi + ks, mask=km, other=0.0)
-            tl.store(ws_pr + ks, (pr * qr - pi * qi) / D, mask=km)
-            tl.store(ws_pi + ks, (pr * qi + pi * qr) / D, mask=km)
-        tl.debug_barrier()
-        _dft_factorised_row(ws_pr, ws_pi, out_ptr + tl.cast(r, tl.int64) * D, out_ptr, tab_ptr,
-                            D, K, D1, D2, P1, BLOCK_F1, BLOCK_F2, True, PRECISION)  # fmt: skip
-        # The next row overwrites scratch that this row's inverse may still be reading.
-        tl.debug_barrier()
+    ws = ws_ptr + pid.to(tl.int64) * (4 * D)
+    first = pid * PAIRS_PER_PROGRAM
+    for pair in range(first, tl.minimum(first + PAIRS_PER_PROGRAM, tl.cdiv(R, 2))):
+        ra = 2 * pair
+        has_b = ra + 1 < R
+        rb = tl.minimum(ra + 1, R - 1)
+        xa = xs_ptr + tl.load(xidx_ptr + ra) * (2 * K)
+        ya = ys_ptr + tl.load(yidx_ptr + ra) * (2 * K)
+        xb = xs_ptr + tl.load(xidx_ptr + rb) * (2 * K)
+        yb = ys_ptr + tl.load(yidx_ptr + rb) * (2 * K)
+        for k0 in range(0, D, BLOCK_S):
+            k = k0 + tl.arange(0, BLOCK_S)
+            km = k < D
+            low = k < K
+            kk = tl.where(low, k, D - k)
+            pr, pi = _load_bins(xa, kk, km, K)
+            qr, qi = _load_bins(ya, kk, km, K)
+            ar = (pr * qr - pi * qi) * INV_D
+            ai = (pr * qi + pi * qr) * INV_D
+            ai = tl.where(low, ai, -ai)
+            pr, pi = _load_bins(xb, kk, tl.where(has_b, km, False), K)
+            qr, qi = _load_bins(yb, kk, tl.where(has_b, km, False), K)
+            br = (pr * qr - pi * qi) * INV_D
+            bi = (pr * qi + pi * qr) * INV_D
+            bi = tl.where(low, bi, -bi)
+            tl.store(ws + k, ar - bi, mask=km)
+            tl.store(ws + D + k, ai + br, mask=km)
+        tl.debug_barrier()  # the FFT reads bins written by other threads
+        z, _ = _fft(ws, ws + 2 * D, tab_ptr, D, R1, R2, R3, R4, P1, P2, P3, P4, STAGES,
+                    BLOCK_J, 1, PRECISION)  # fmt: skip
+        out_a = out_ptr + tl.cast(ra, tl.int64) * D
+        for j0 in range(0, D, BLOCK_S):
+            j = j0 + tl.arange(0, BLOCK_S)
+            jm = j < D
+            tl.store(out_a + j, tl.load(z + j, mask=jm).to(out_ptr.dtype.element_ty), mask=jm)
+            tl.store(
+                out_a + D + j,
+                tl.load(z + D + j, mask=tl.where(has_b, jm, False)).to(out_ptr.dtype.element_ty),
+                mask=tl.where(has_b, jm, False),
+            )
+        tl.debug_barrier()  # the next pair overwrites the buffers this pair just read
+
+
+@triton.jit
+def _correlation_pair(
+    z, kk, kn, low, m, xs_row, ys_row, BCAST_B: tl.constexpr, D: tl.constexpr,
+    K: tl.constexpr,
+):  # fmt: skip
+    """For the row G is the (BCAST_B ? second : first) of the pair whose g + i g' FFT is z:
+    C = G conj(Q) / D and E = G conj(P) / D at the bins kk (conjugated above the half
+    spectrum), packed as C + i E. Returns (Re, Im)."""
+    # A multiply by 1/D, not a divide: an exact fp32 divide by a constant that is not a power
+    # of two is a subroutine call in SASS, whose register saves ptxas reports as spills.
+    INV_D: tl.constexpr = 1.0 / D
+    zr = tl.load(z + kk, mask=m, other=0.0)
+    zi = tl.load(z + D + kk, mask=m, other=0.0)
+    mr = tl.load(z + kn, mask=m, other=0.0)
+    mi = tl.load(z + D + kn, mask=m, other=0.0)
+    if BCAST_B:
+        gr, gi = (zi + mi) * 0.5, (mr - zr) * 0.5
+    else:
+        gr, gi = (zr + mr) * 0.5, (zi - mi) * 0.5
+    pr, pi = _load_bins(xs_row, kk, m, K)
+    qr, qi = _load_bins(ys_row, kk, m, K)
+    cr = (gr * qr + gi * qi) * INV_D
+    ci = (gi * qr - gr * qi) * INV_D
+    er = (gr * pr + gi * pi) * INV_D
+    ei = (gi * pr - gr * pi) * INV_D
+    ci = tl.where(low, ci, -ci)
+    ei = tl.where(low, ei, -ei)
+    return cr - ei, ci + er
 
 
 @triton.jit
 def _cbp_bwd_kernel(
     g_ptr,
-    x_ptr,
-    y_ptr,
-    xoff_ptr,
-    yoff_ptr,
+    xs_ptr,
+    ys_ptr,
+    xidx_ptr,
+    yidx_ptr,
     h1_ptr,
     s1_ptr,
     h2_ptr,
     s2_ptr,
-    order1_ptr,
-    start1_ptr,
-    sign1_ptr,
-    order2_ptr,
-    start2_ptr,
-    sign2_ptr,
     tab_ptr,
     gx_ptr,
     gy_ptr,
@@ -571,65 +720,79 @@ def _cbp_bwd_kernel(
     R,
     N1,
     N2,
-    ROWS_PER_PROGRAM,
+    PAIRS_PER_PROGRAM,
     D: tl.constexpr,
     K: tl.constexpr,
-    D1: tl.constexpr,
-    D2: tl.constexpr,
+    R1: tl.constexpr,
+    R2: tl.constexpr,
+    R3: tl.constexpr,
+    R4: tl.constexpr,
     P1: tl.constexpr,
-    BLOCK_F1: tl.constexpr,
-    BLOCK_F2: tl.constexpr,
+    P2: tl.constexpr,
+    P3: tl.constexpr,
+    P4: tl.constexpr,
+    STAGES: tl.constexpr,
+    BLOCK_J: tl.constexpr,
     BLOCK_S: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """gx = s1 * IDFT(G conj(Q) / D)[h1], gy = s2 * IDFT(G conj(P) / D)[h2] row by row, with
-    G = DFT(g), P = DFT(psi1(x)), Q = DFT(psi2(y)) (module doc, factorised path).
-
-    Scratch per program: [p | q] (D each; they become dL/dp, dL/dq), [P | Q | G] (2 K each;
-    P and Q become the correlation spectra C = G conj(Q) / D and E = G conj(P) / D)."""
+    """gx[r] = s1 * IDFT(G conj(Q) / D)[h1], gy[r] = s2 * IDFT(G conj(P) / D)[h2] for the R
+    output rows (per broadcast row; P = xs[xidx[r]], Q = ys[yidx[r]] from the forward), two
+    rows a, b per program step: G_a, G_b from one FFT of g_a + i g_b, then for each row one
+    inverse FFT of C + i E whose real and imaginary parts are the two correlations.
+    Scratch per program: three complex D-vectors."""
     pid = tl.program_id(0)
-    ws = ws_ptr + pid.to(tl.int64) * (2 * D + 6 * K)
-    ws_p, ws_q = ws, ws + D
-    ws_pr, ws_pi = ws + 2 * D, ws + 2 * D + K
-    ws_qr, ws_qi = ws + 2 * D + 2 * K, ws + 2 * D + 3 * K
-    ws_gr, ws_gi = ws + 2 * D + 4 * K, ws + 2 * D + 5 * K
-    row0 = pid * ROWS_PER_PROGRAM
-    for r in range(row0, tl.minimum(row0 + ROWS_PER_PROGRAM, R)):
-        r64 = tl.cast(r, tl.int64)
-        _dft_factorised_row(g_ptr + r64 * D, g_ptr, ws_gr, ws_gi, tab_ptr,
-                            D, K, D1, D2, P1, BLOCK_F1, BLOCK_F2, False, PRECISION)  # fmt: skip
-        _sketch_spectra(
-            x_ptr + tl.load(xoff_ptr + r), y_ptr + tl.load(yoff_ptr + r),
-            order1_ptr, start1_ptr, sign1_ptr, order2_ptr, start2_ptr, sign2_ptr, tab_ptr,
-            ws_p, D, K, D1, D2, P1, BLOCK_F1, BLOCK_F2, BLOCK_S, PRECISION,
-        )  # fmt: skip
-        for k0 in range(0, K, BLOCK_S):
-            ks = k0 + tl.arange(0, BLOCK_S)
-            km = ks < K
-            gr = tl.load(ws_gr + ks, mask=km, other=0.0)
-            gi = tl.load(ws_gi + ks, mask=km, other=0.0)
-            pr = tl.load(ws_pr + ks, mask=km, other=0.0)
-            pi = tl.load(ws_pi + ks, mask=km, other=0.0)
-            qr = tl.load(ws_qr + ks, mask=km, other=0.0)
-            qi = tl.load(ws_qi + ks, mask=km, other=0.0)
-            tl.store(ws_pr + ks, (gr * qr + gi * qi) / D, mask=km)
-            tl.store(ws_pi + ks, (gi * qr - gr * qi) / D, mask=km)
-            tl.store(ws_qr + ks, (gr * pr + gi * pi) / D, mask=km)
-            tl.store(ws_qi + ks, (gi * pr - gr * pi) / D, mask=km)
-        tl.debug_barrier()
-        _dft_factorised_row(ws_pr, ws_pi, ws_p, ws_p, tab_ptr,
-                            D, K, D1, D2, P1, BLOCK_F1, BLOCK_F2, True, PRECISION)  # fmt: skip
-        _dft_factorised_row(ws_qr, ws_qi, ws_q, ws_q, tab_ptr,
-                            D, K, D1, D2, P1, BLOCK_F1, BLOCK_F2, True, PRECISION)  # fmt: skip
-        tl.debug_barrier()
-        _gather_row(ws_p, h1_ptr, s1_ptr, gx_ptr + r64 * N1, N1, BLOCK_S)
-        _gather_row(ws_q, h2_ptr, s2_ptr, gy_ptr + r64 * N2, N2, BLOCK_S)
-        # The next row overwrites scratch that this row's gathers may still be reading.
-        tl.debug_barrier()
+    ws = ws_ptr + pid.to(tl.int64) * (6 * D)
+    buf_a, buf_b, buf_c = ws, ws + 2 * D, ws + 4 * D
+    first = pid * PAIRS_PER_PROGRAM
+    for pair in range(first, tl.minimum(first + PAIRS_PER_PROGRAM, tl.cdiv(R, 2))):
+        ra = 2 * pair
+        has_b = ra + 1 < R
+        rb = tl.minimum(ra + 1, R - 1)
+        g_a = g_ptr + tl.cast(ra, tl.int64) * D
+        for j0 in range(0, D, BLOCK_S):
+            j = j0 + tl.arange(0, BLOCK_S)
+            jm = j < D
+            tl.store(buf_a + j, tl.load(g_a + j, mask=jm).to(tl.float32), mask=jm)
+            gb = tl.load(g_a + D + j, mask=tl.where(has_b, jm, False), other=0.0).to(tl.float32)
+            tl.store(buf_a + D + j, gb, mask=jm)
+        tl.debug_barrier()  # the FFT reads what other threads loaded
+        zg, free = _fft(buf_a, buf_b, tab_ptr, D, R1, R2, R3, R4, P1, P2, P3, P4, STAGES,
+                        BLOCK_J, -1, PRECISION)  # fmt: skip
+        xa = xs_ptr + tl.load(xidx_ptr + ra) * (2 * K)
+        ya = ys_ptr + tl.load(yidx_ptr + ra) * (2 * K)
+        xb = xs_ptr + tl.load(xidx_ptr + rb) * (2 * K)
+        yb = ys_ptr + tl.load(yidx_ptr + rb) * (2 * K)
+        for k0 in range(0, D, BLOCK_S):
+            k = k0 + tl.arange(0, BLOCK_S)
+            km = k < D
+            low = k < K
+            kk = tl.where(low, k, D - k)
+            kn = (D - kk) % D
+            zr, zi = _correlation_pair(zg, kk, kn, low, km, xa, ya, False, D, K)
+            tl.store(free + k, zr, mask=km)
+            tl.store(free + D + k, zi, mask=km)
+            zr, zi = _correlation_pair(
+                zg, kk, kn, low, tl.where(has_b, km, False), xb, yb, True, D, K
+            )
+            tl.store(buf_c + k, zr, mask=km)
+            tl.store(buf_c + D + k, zi, mask=km)
+        tl.debug_barrier()  # the inverses read bins written by other threads
+        # The FFT of g is consumed: its buffer is the first inverse's ping-pong partner.
+        ca, spare = _fft(free, zg, tab_ptr, D, R1, R2, R3, R4, P1, P2, P3, P4, STAGES,
+                         BLOCK_J, 1, PRECISION)  # fmt: skip
+        cb, _ = _fft(buf_c, spare, tab_ptr, D, R1, R2, R3, R4, P1, P2, P3, P4, STAGES,
+                     BLOCK_J, 1, PRECISION)  # fmt: skip
+        ra64 = tl.cast(ra, tl.int64)
+        _gather_row(ca, h1_ptr, s1_ptr, gx_ptr + ra64 * N1, N1, ra < R, BLOCK_S)
+        _gather_row(ca + D, h2_ptr, s2_ptr, gy_ptr + ra64 * N2, N2, ra < R, BLOCK_S)
+        _gather_row(cb, h1_ptr, s1_ptr, gx_ptr + (ra64 + 1) * N1, N1, has_b, BLOCK_S)
+        _gather_row(cb + D, h2_ptr, s2_ptr, gy_ptr + (ra64 + 1) * N2, N2, has_b, BLOCK_S)
+        tl.debug_barrier()  # the next pair overwrites the buffers these gathers read
 
 
 # --------------------------------------------------------------------------------------
-# Launchers
+# Plans, configurations and costs (pure functions of shapes and dtypes)
 # --------------------------------------------------------------------------------------
 
 
@@ -638,72 +801,135 @@ def half_spectrum(out_dim: int) -> int:
     return out_dim // 2 + 1
 
 
-def factorisation(out_dim: int, min_dim: int = FACTORISED_MIN_DIM) -> tuple[int, int] | None:
-    """(D1, D2) with D1 D2 = out_dim for the factorised transform, or None for the dense one.
+def _padded(radix: int) -> int:
+    return max(MIN_DOT, triton.next_power_of_2(radix))
 
-    None when out_dim < min_dim or out_dim has no factor pair with 2 <= D1, D2 <= MAX_FACTOR
-    (a prime, 2 x a prime > 128, ...). Among the pairs it picks the cheapest after padding
-    each factor to P = max(16, pow2(factor)) (the factorised stages cost about
-    P1 P2 (P1 + P2) multiply-adds), then the most balanced: 4096 -> 64 x 64,
-    16000 -> 125 x 128, 600 -> 24 x 25, 300 -> 15 x 20.
-    """
-    if out_dim < max(min_dim, 4):
-        return None
+
+def _radix_splits(n: int, smallest: int, stages: int):
+    """Every nondecreasing tuple of radices in [smallest, MAX_RADIX] with product n and at
+    most ``stages`` entries."""
+    if n == 1:
+        yield ()
+        return
+    if stages == 0:
+        return
+    for r in range(smallest, min(MAX_RADIX, n) + 1):
+        if n % r == 0:
+            for rest in _radix_splits(n // r, r, stages - 1):
+                yield (r, *rest)
+
+
+def _transform_macs(out_dim: int, radices: tuple[int, ...], block_j: int) -> int:
+    """Real multiply-adds of one complex FFT: per stage, cdiv(D/R, BLOCK_J) tiles of
+    [BLOCK_J, P] x [P, P], three real products each (Gauss), padding included."""
+    return sum(3 * triton.cdiv(out_dim // r, block_j) * block_j * _padded(r) ** 2 for r in radices)
+
+
+def _block_j(out_dim: int, radices: tuple[int, ...]) -> int:
+    """Rows of the stage tiles: every stage's j loop in one tile when the longest has at
+    most FFT_BLOCK_J_ONE_TILE values (the model's read size; a rotated j loop made ptxas
+    spill its 64-bit induction variable around the loop's reconvergence point), else
+    FFT_BLOCK_J (the story size: [64, 16] wgmma tiles, 4 per stage)."""
+    longest = max(out_dim // r for r in radices)
+    if longest <= FFT_BLOCK_J_ONE_TILE:
+        return max(MIN_DOT, triton.next_power_of_2(longest))
+    return FFT_BLOCK_J
+
+
+@functools.cache
+def _plan(out_dim: int) -> tuple[tuple[int, ...], int] | None:
     best = None
-    for d1 in range(2, min(MAX_FACTOR, out_dim // 2) + 1):
-        d2, rem = divmod(out_dim, d1)
-        if rem or d2 > MAX_FACTOR or d2 < 2:
-            continue
-        p1, p2 = _padded(d1), _padded(d2)
-        key = (p1 * p2 * (p1 + p2), abs(d1 - d2), d1)
+    for radices in _radix_splits(out_dim, 2, MAX_STAGES):
+        block_j = _block_j(out_dim, radices)
+        key = (_transform_macs(out_dim, radices, block_j), len(radices))
         if best is None or key < best[0]:
-            best = (key, (d1, d2))
+            best = (key, (radices, block_j))
     return None if best is None else best[1]
 
 
-def _padded(factor: int) -> int:
-    return max(MIN_DOT, triton.next_power_of_2(factor))
+def fft_plan(out_dim: int, min_dim: int = FACTORISED_MIN_DIM) -> tuple[int, ...] | None:
+    """Radices of the FFT path for D = out_dim (their product), or None for the dense path.
+
+    None when out_dim < min_dim or out_dim has no split into at most MAX_STAGES radices <=
+    MAX_RADIX (a prime factor > 32: 97, 4099, 2 x 4099, ...). Among the splits it picks the
+    fewest executed multiply-adds (radices padded to max(16, pow2(R)), j tiles to 16, 32 or
+    64), then the fewest stages: 4096 -> 16 x 16 x 16, 300 -> 10 x 30, 600 -> 24 x 25,
+    16000 -> 10 x 10 x 10 x 16.
+    """
+    if out_dim < max(min_dim, 2):
+        return None
+    plan = _plan(out_dim)
+    return None if plan is None else plan[0]
 
 
-def scratch_floats(out_dim: int, backward: bool) -> int:
-    """fp32 scratch of one program of the factorised kernels: the sketches [p | q] and the
-    half spectra [P | Q] forward, plus G backward."""
-    k = half_spectrum(out_dim)
-    return 2 * out_dim + (6 * k if backward else 4 * k)
+def _fft_constexprs(out_dim: int, radices: tuple[int, ...], precision: str) -> dict:
+    plan = _plan(out_dim)
+    if plan is None or plan[0] != tuple(radices):
+        raise ValueError(f"cbp: radices {tuple(radices)} are not fft_plan({out_dim})")
+    padded = [*radices, *(1,) * (MAX_STAGES - len(radices))]
+    constexprs = dict(D=out_dim, K=half_spectrum(out_dim))
+    for i, r in enumerate(padded, start=1):
+        constexprs[f"R{i}"] = r
+        constexprs[f"P{i}"] = _padded(r)
+    constexprs.update(STAGES=len(radices), BLOCK_J=plan[1], BLOCK_S=BLOCK_S, PRECISION=precision)
+    return constexprs
 
 
-def rows_per_program(rows: int, out_dim: int, backward: bool) -> int:
-    """Rows one program of the factorised kernels owns: one each while the scratch of one
-    program per row fits SCRATCH_BUDGET (so it stays in L2), else enough to fit it."""
-    programs = max(1, min(rows, SCRATCH_BUDGET // (4 * scratch_floats(out_dim, backward))))
-    return triton.cdiv(max(rows, 1), programs)
+def scratch_floats(out_dim: int, kind: str) -> int:
+    """fp32 scratch of one program of an FFT kernel (kind: spectra, product, backward)."""
+    return 2 * out_dim * SCRATCH_VECTORS[kind]
 
 
-def workspace_numel(
-    rows: int, out_dim: int, backward: bool, factors: tuple[int, int] | None
-) -> int:
-    """fp32 workspace values a launch needs. Dense path: the half spectra per row (2 or 4
-    x (D//2+1)). Factorised path: one scratch per program (scratch_floats)."""
-    if factors is None:
-        return rows * (4 if backward else 2) * half_spectrum(out_dim)
-    programs = triton.cdiv(max(rows, 1), rows_per_program(rows, out_dim, backward))
-    return programs * scratch_floats(out_dim, backward)
+def pairs_per_program(pairs: int, out_dim: int, kind: str) -> int:
+    """Pairs of rows one program of an FFT kernel owns: one each while the scratch of one
+    program per pair fits SCRATCH_BUDGET (so it stays in L2), else enough to fit it."""
+    programs = max(1, min(pairs, SCRATCH_BUDGET // (4 * scratch_floats(out_dim, kind))))
+    return triton.cdiv(max(pairs, 1), programs)
+
+
+def spectra_programs(x_rows: int, y_rows: int, out_dim: int) -> tuple[int, int, int]:
+    """(pairs per program, programs for x, programs for y) of the spectra launch."""
+    px, py = triton.cdiv(x_rows, 2), triton.cdiv(y_rows, 2)
+    per = pairs_per_program(px + py, out_dim, "spectra")
+    return per, triton.cdiv(px, per), triton.cdiv(py, per)
+
+
+def workspace_numel(kind: str, out_dim: int, rows: int, y_rows: int = 0) -> int:
+    """fp32 workspace values a launch of ``kind`` needs. FFT kinds (spectra: rows = x rows;
+    product, backward: rows = output rows): one scratch per program (scratch_floats).
+    Dense kinds (dense_forward, dense_backward): the half spectra per row."""
+    if kind.startswith("dense"):
+        return rows * (4 if kind == "dense_backward" else 2) * half_spectrum(out_dim)
+    if kind == "spectra":
+        _, programs_x, programs_y = spectra_programs(rows, y_rows, out_dim)
+        programs = programs_x + programs_y
+    else:
+        pairs = triton.cdiv(rows, 2)
+        programs = triton.cdiv(max(pairs, 1), pairs_per_program(pairs, out_dim, kind))
+    return programs * scratch_floats(out_dim, kind)
 
 
 def cbp_config(
-    rows: int, out_dim: int, factors: tuple[int, int] | None, precision: str, backward: bool
+    kind: str,
+    out_dim: int,
+    precision: str,
+    rows: int,
+    y_rows: int = 0,
+    radices: tuple[int, ...] | None = None,
 ) -> LaunchConfig:
-    """Launch configuration of the CBP kernels.
+    """Launch configuration of a CBP kernel.
 
-    Dense path: one program per DENSE_BLOCK_R rows, tiles small enough to stay in registers.
-    Factorised path: one program per rows_per_program rows; the stage tiles are pow2(D1) x
-    FFT_BLOCK2 (stage 1) and FFT_BLOCK1 x pow2(D1) (stage 2), so at the story size (64 x 64)
-    both stage products have M = 64, the wgmma tile of one warpgroup."""
-    k = half_spectrum(out_dim)
-    if factors is None:
-        constexprs = dict(D=out_dim, K=k, BLOCK_R=DENSE_BLOCK_R, BLOCK_K=DENSE_BLOCK_K,
-                          BLOCK_N=DENSE_BLOCK_N, PRECISION=precision)  # fmt: skip
-        if not backward:
+    kind: "spectra" (rows = distinct x rows, y_rows = distinct y rows), "product" or
+    "backward" (rows = output rows), with the FFT plan ``radices``; or "dense_forward" /
+    "dense_backward" (rows = output rows). FFT kernels: one warpgroup, one program per
+    pairs_per_program pairs of rows, stage tiles [BLOCK_J, pow2(R)] (at the story size
+    [64, 16]: the M of one warpgroup's wgmma). Dense kernels: one program per DENSE_BLOCK_R
+    rows, tiles small enough to stay in registers."""
+    if kind.startswith("dense"):
+        constexprs = dict(D=out_dim, K=half_spectrum(out_dim), BLOCK_R=DENSE_BLOCK_R,
+                          BLOCK_K=DENSE_BLOCK_K, BLOCK_N=DENSE_BLOCK_N,
+                          PRECISION=precision)  # fmt: skip
+        if kind == "dense_forward":
             constexprs["BLOCK_J"] = DENSE_BLOCK_N
         return LaunchConfig(
             grid=(triton.cdiv(rows, DENSE_BLOCK_R),),
@@ -711,50 +937,51 @@ def cbp_config(
             num_warps=DENSE_WARPS[precision],
             num_stages=1,
         )
-    d1, d2 = factors
-    p1, p2 = _padded(d1), _padded(d2)
-    block_f1, block_f2 = FFT_TILES[precision]
-    per_program = rows_per_program(rows, out_dim, backward)
+    if kind == "spectra":
+        _, programs_x, programs_y = spectra_programs(rows, y_rows, out_dim)
+        programs = programs_x + programs_y
+    else:
+        pairs = triton.cdiv(rows, 2)
+        programs = triton.cdiv(max(pairs, 1), pairs_per_program(pairs, out_dim, kind))
     return LaunchConfig(
-        grid=(triton.cdiv(max(rows, 1), per_program),),
-        constexprs=dict(
-            D=out_dim,
-            K=k,
-            D1=d1,
-            D2=d2,
-            P1=p1,
-            BLOCK_F1=min(block_f1, p1),
-            BLOCK_F2=min(block_f2, p2),
-            BLOCK_S=BLOCK_S,
-            PRECISION=precision,
-        ),  # fmt: skip
-        num_warps=FACTORISED_WARPS_SMALL_D1 if p1 <= 32 else FACTORISED_WARPS,
-        num_stages=FACTORISED_STAGES,
+        grid=(programs,),
+        constexprs=_fft_constexprs(out_dim, radices, precision),
+        num_warps=FFT_WARPS,
+        num_stages=1,
     )
 
 
 def executed_macs(
+    out_dim: int,
     rows: int,
     n1: int,
     n2: int,
-    out_dim: int,
-    factors: tuple[int, int] | None,
     precision: str,
     backward: bool,
+    *,
+    x_rows: int | None = None,
+    y_rows: int | None = None,
+    min_dim: int = FACTORISED_MIN_DIM,
 ) -> int:
-    """Multiply-adds the kernels' products execute for ``rows`` rows, tile padding included
-    (tensor cores for half inputs, CUDA-core FMA for fp32), from the same configuration the
-    launch uses: the "executed" column of bench.cases beside the algorithmic FLOPs.
+    """Multiply-adds the kernels' products execute for one pass (forward or backward) over
+    ``rows`` output rows of distinct x and y rows (default: rows each, the unbroadcast
+    story form), tile padding included (tensor cores for half inputs, CUDA-core FMA for
+    fp32), from the plan and tiles the launches use: the "executed" column of bench.cases
+    beside the algorithmic FLOPs.
 
-    Factorised path, per row: a forward DFT of a real row costs 2 S1 + 4 S2 and an inverse
-    4 S1 + 2 S2, with S1 = cdiv(D2, F2)^2 P1 F2^2 (stage 1) and S2 = cdiv(D2, F2) cdiv(D1,
-    F1) F1 P1 F2 (stage 2); the forward pass runs 2 DFTs and 1 inverse, the backward 3 and
-    2. The gathers (sketch, transposed sketch) and the spectrum products are not products.
+    FFT path: T = one complex FFT (_transform_macs). Forward: ceil(x_rows / 2) + ceil(y_rows
+    / 2) transforms for the spectra and ceil(rows / 2) inverses; backward: 3 ceil(rows / 2)
+    (an FFT of two gradient rows and one inverse per row). The sketches, gathers and
+    spectrum products are not products.
     Dense path, per row: the sketch-DFT of every input (2 products per (bin chunk, input
     chunk)) and the inverse (2 per (output chunk, bin chunk)).
     """
-    c = cbp_config(rows, out_dim, factors, precision, backward).constexprs
-    if factors is None:
+    x_rows = rows if x_rows is None else x_rows
+    y_rows = rows if y_rows is None else y_rows
+    radices = fft_plan(out_dim, min_dim)
+    if radices is None:
+        kind = "dense_backward" if backward else "dense_forward"
+        c = cbp_config(kind, out_dim, precision, rows).constexprs
         bk, bn = c["BLOCK_K"], c["BLOCK_N"]
         kc = triton.cdiv(c["K"], bk)
         chunks = triton.cdiv(n1, bn) + triton.cdiv(n2, bn)
@@ -763,23 +990,11 @@ def executed_macs(
         else:
             per_row = 2 * bk * bn * kc * (chunks + triton.cdiv(out_dim, c["BLOCK_J"]))
         return rows * per_row
-    f1, f2, p1 = c["BLOCK_F1"], c["BLOCK_F2"], c["P1"]
-    d1, d2 = factors
-    s1 = triton.cdiv(d2, f2) ** 2 * p1 * f2 * f2
-    s2 = triton.cdiv(d2, f2) * triton.cdiv(d1, f1) * f1 * p1 * f2
-    forward_dft, inverse = 2 * s1 + 4 * s2, 4 * s1 + 2 * s2
-    per_row = 3 * forward_dft + 2 * inverse if backward else 2 * forward_dft + inverse
-    return rows * per_row
-
-
-def _check_factors(factors: tuple[int, int] | None, out_dim: int) -> None:
-    if factors is None:
-        return
-    d1, d2 = factors
-    if d1 * d2 != out_dim or not (1 <= d1 <= MAX_FACTOR and 1 <= d2 <= MAX_FACTOR):
-        raise ValueError(
-            f"cbp: factors {factors} must multiply to D = {out_dim}, each in [1, {MAX_FACTOR}]"
-        )
+    transform = _transform_macs(out_dim, radices, _plan(out_dim)[1])
+    pairs = triton.cdiv(rows, 2)
+    if backward:
+        return 3 * pairs * transform
+    return (triton.cdiv(x_rows, 2) + triton.cdiv(y_rows, 2) + pairs) * transform
 
 
 def _precision(*tensors: torch.Tensor) -> str:
@@ -788,6 +1003,148 @@ def _precision(*tensors: torch.Tensor) -> str:
     # tried on sm_90a and sm_80. Half inputs carry 8-11 mantissa bits, which one tf32 pass
     # (tensor cores, fp32 accumulation) already exceeds.
     return "ieee" if any(t.dtype == torch.float32 for t in tensors) else "tf32"
+
+
+# --------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------
+
+
+def _check_matrix(name: str, t: torch.Tensor, cols: int | None = None) -> None:
+    if t.dim() != 2 or not t.is_contiguous() or (cols is not None and t.shape[1] != cols):
+        want = "[rows, cols]" if cols is None else f"[rows, {cols}]"
+        raise ValueError(f"cbp: {name} of shape {tuple(t.shape)} must be contiguous {want}")
+
+
+def _check_index(name: str, idx: torch.Tensor, rows: int) -> None:
+    if idx.dtype != torch.int64 or idx.dim() != 1 or idx.numel() != rows:
+        raise ValueError(f"cbp: {name} must be int64 [{rows}], got {idx.dtype} {tuple(idx.shape)}")
+
+
+def _check_spectra(name: str, spec: torch.Tensor, out_dim: int) -> None:
+    _check_matrix(name, spec, 2 * half_spectrum(out_dim))
+    if spec.dtype != torch.float32:
+        raise ValueError(f"cbp: {name} spectra must be fp32, got {spec.dtype}")
+
+
+def cbp_spectra_launch(x, y, h1, s1, h2, s2, twiddles, xs, ys, workspace, radices) -> None:
+    """Launch the spectra kernel: xs [Rx, 2K], ys [Ry, 2K] (fp32, [re K | im K] per row) =
+    the half spectra of the sketches of the rows of x [Rx, n1] and y [Ry, n2] (contiguous);
+    twiddles = twiddle_table(D); workspace fp32 with workspace_numel("spectra", D, Rx, Ry)
+    values; radices = fft_plan(D)."""
+    out_dim = twiddles.numel() // 2
+    _check_twiddles(twiddles, out_dim)
+    _check_matrix("x", x)
+    _check_matrix("y", y)
+    _check_spectra("x", xs, out_dim)
+    _check_spectra("y", ys, out_dim)
+    if xs.shape[0] != x.shape[0] or ys.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"cbp: spectra of shapes {tuple(xs.shape)}, {tuple(ys.shape)} need one row per "
+            f"input row ({x.shape[0]}, {y.shape[0]})"
+        )
+    _check_workspace(workspace, workspace_numel("spectra", out_dim, x.shape[0], y.shape[0]))
+    rx, ry = x.shape[0], y.shape[0]
+    per, programs_x, _ = spectra_programs(rx, ry, out_dim)
+    config = cbp_config("spectra", out_dim, _precision(x, y), rx, ry, radices)
+    launch(
+        _cbp_spectra_kernel, config,
+        x, y, *inverse_hash(h1, s1, out_dim), *inverse_hash(h2, s2, out_dim), twiddles,
+        xs, ys, workspace, rx, ry, x.shape[1], y.shape[1], programs_x, per,
+    )  # fmt: skip
+
+
+def cbp_product_launch(xs, ys, xidx, yidx, twiddles, out, workspace, radices, precision) -> None:
+    """Launch the product kernel: out [R, D] (contiguous) = IDFT(xs[xidx[r]] ys[yidx[r]])
+    for r < R; xidx, yidx int64 [R]; workspace with workspace_numel("product", D, R)."""
+    rows, out_dim = out.shape
+    _check_twiddles(twiddles, out_dim)
+    _check_spectra("x", xs, out_dim)
+    _check_spectra("y", ys, out_dim)
+    _check_matrix("output", out, out_dim)
+    _check_index("xidx", xidx, rows)
+    _check_index("yidx", yidx, rows)
+    _check_workspace(workspace, workspace_numel("product", out_dim, rows))
+    config = cbp_config("product", out_dim, precision, rows, radices=radices)
+    launch(
+        _cbp_product_kernel, config,
+        xs, ys, xidx, yidx, twiddles, out, workspace, rows,
+        pairs_per_program(triton.cdiv(rows, 2), out_dim, "product"),
+    )  # fmt: skip
+
+
+def cbp_backward_launch(
+    grad, xs, ys, xidx, yidx, h1, s1, h2, s2, twiddles, gx, gy, workspace, radices, precision
+) -> None:
+    """Launch the backward kernel: gx [R, n1], gy [R, n2] (contiguous, per output row) from
+    grad [R, D] (contiguous) and the forward's spectra; workspace with
+    workspace_numel("backward", D, R)."""
+    rows, out_dim = grad.shape
+    _check_twiddles(twiddles, out_dim)
+    _check_matrix("gradient", grad, out_dim)
+    _check_spectra("x", xs, out_dim)
+    _check_spectra("y", ys, out_dim)
+    _check_index("xidx", xidx, rows)
+    _check_index("yidx", yidx, rows)
+    _check_matrix("x gradient", gx, h1.numel())
+    _check_matrix("y gradient", gy, h2.numel())
+    if gx.shape[0] != rows or gy.shape[0] != rows:
+        raise ValueError(
+            f"cbp: gradients of shapes {tuple(gx.shape)}, {tuple(gy.shape)} need {rows} rows"
+        )
+    _check_workspace(workspace, workspace_numel("backward", out_dim, rows))
+    config = cbp_config("backward", out_dim, precision, rows, radices=radices)
+    launch(
+        _cbp_bwd_kernel, config,
+        grad, xs, ys, xidx, yidx, h1, s1, h2, s2, twiddles, gx, gy, workspace,
+        rows, gx.shape[1], gy.shape[1],
+        pairs_per_program(triton.cdiv(rows, 2), out_dim, "backward"),
+    )  # fmt: skip
+
+
+def cbp_dense_forward_launch(x, y, xoff, yoff, h1, s1, h2, s2, twiddles, out, workspace) -> None:
+    """Launch the dense forward kernel: out [R, D] (contiguous) from the rows of x and y at
+    the element offsets xoff, yoff [R]; workspace with workspace_numel("dense_forward", D, R)."""
+    rows, out_dim = out.shape
+    _check_twiddles(twiddles, out_dim)
+    _check_rows("x", x, xoff)
+    _check_rows("y", y, yoff)
+    if not out.is_contiguous() or xoff.numel() != rows or yoff.numel() != rows:
+        raise ValueError(f"cbp: output of shape {tuple(out.shape)} must be contiguous [R, D]")
+    _check_workspace(workspace, workspace_numel("dense_forward", out_dim, rows))
+    config = cbp_config("dense_forward", out_dim, _precision(x, y), rows)
+    launch(
+        _cbp_dense_fwd_kernel, config,
+        x, y, xoff, yoff, h1, s1, h2, s2, twiddles, out, workspace,
+        rows, x.shape[-1], y.shape[-1],
+    )  # fmt: skip
+
+
+def cbp_dense_backward_launch(
+    grad, x, y, xoff, yoff, h1, s1, h2, s2, twiddles, gx, gy, workspace
+) -> None:
+    """Launch the dense backward kernel: gx [R, n1] and gy [R, n2] (contiguous, per broadcast
+    row) from grad [R, D] (contiguous); workspace with workspace_numel("dense_backward", D, R)."""
+    rows, out_dim = grad.shape
+    _check_twiddles(twiddles, out_dim)
+    _check_rows("x", x, xoff)
+    _check_rows("y", y, yoff)
+    if not grad.is_contiguous():
+        raise ValueError(f"cbp: gradient of shape {tuple(grad.shape)} must be contiguous")
+    if tuple(gx.shape) != (rows, x.shape[-1]) or tuple(gy.shape) != (rows, y.shape[-1]):
+        raise ValueError(
+            f"cbp: gradients of shapes {tuple(gx.shape)}, {tuple(gy.shape)} must be "
+            f"[{rows}, {x.shape[-1]}] and [{rows}, {y.shape[-1]}]"
+        )
+    if not (gx.is_contiguous() and gy.is_contiguous()):
+        raise ValueError("cbp: gradient outputs must be contiguous")
+    _check_workspace(workspace, workspace_numel("dense_backward", out_dim, rows))
+    config = cbp_config("dense_backward", out_dim, _precision(grad, x, y), rows)
+    launch(
+        _cbp_dense_bwd_kernel, config,
+        grad, x, y, xoff, yoff, h1, s1, h2, s2, twiddles, gx, gy, workspace,
+        rows, x.shape[-1], y.shape[-1],
+    )  # fmt: skip
 
 
 def _check_rows(name: str, t: torch.Tensor, offsets: torch.Tensor) -> None:
@@ -831,8 +1188,7 @@ def inverse_hash(
     return order.to(torch.int32), start, s[order].to(torch.float32)
 
 
-def _check_workspace(workspace: torch.Tensor, rows: int, out_dim: int, backward: bool, factors):
-    need = workspace_numel(rows, out_dim, backward, factors)
+def _check_workspace(workspace: torch.Tensor, need: int) -> None:
     if workspace.dtype != torch.float32 or workspace.numel() < need:
         raise ValueError(
             f"cbp: workspace of shape {tuple(workspace.shape)} and dtype {workspace.dtype} is "
@@ -840,85 +1196,87 @@ def _check_workspace(workspace: torch.Tensor, rows: int, out_dim: int, backward:
         )
 
 
-def cbp_forward_launch(
-    x, y, xoff, yoff, h1, s1, h2, s2, twiddles, out, workspace, factors=None
-) -> None:
-    """Launch the forward kernel: out [R, D] (contiguous) from the rows of x and y at the
-    element offsets xoff, yoff [R]; twiddles = twiddle_table(D); workspace fp32 with at
-    least workspace_numel(R, D, False, factors) values. factors = (D1, D2) with D1 D2 = D
-    selects the factorised path (see factorisation); None the dense one."""
-    rows, out_dim = out.shape
-    _check_twiddles(twiddles, out_dim)
-    _check_factors(factors, out_dim)
-    _check_rows("x", x, xoff)
-    _check_rows("y", y, yoff)
-    if not out.is_contiguous() or xoff.numel() != rows or yoff.numel() != rows:
-        raise ValueError(f"cbp: output of shape {tuple(out.shape)} must be contiguous [R, D]")
-    _check_workspace(workspace, rows, out_dim, False, factors)
-    config = cbp_config(rows, out_dim, factors, _precision(x, y), backward=False)
-    if factors is None:
-        launch(
-            _cbp_dense_fwd_kernel, config,
-            x, y, xoff, yoff, h1, s1, h2, s2, twiddles, out, workspace,
-            rows, x.shape[-1], y.shape[-1],
-        )  # fmt: skip
-        return
-    launch(
-        _cbp_fwd_kernel, config,
-        x, y, xoff, yoff, *inverse_hash(h1, s1, out_dim), *inverse_hash(h2, s2, out_dim),
-        twiddles, out, workspace, rows, rows_per_program(rows, out_dim, False),
-    )  # fmt: skip
-
-
-def cbp_backward_launch(
-    grad, x, y, xoff, yoff, h1, s1, h2, s2, twiddles, gx, gy, workspace, factors=None
-) -> None:
-    """Launch the backward kernel: gx [R, n1] and gy [R, n2] (contiguous, per broadcast row)
-    from grad [R, D] (contiguous); twiddles = twiddle_table(D); workspace fp32 with at least
-    workspace_numel(R, D, True, factors) values; factors as for cbp_forward_launch."""
-    rows, out_dim = grad.shape
-    _check_twiddles(twiddles, out_dim)
-    _check_factors(factors, out_dim)
-    _check_rows("x", x, xoff)
-    _check_rows("y", y, yoff)
-    if not grad.is_contiguous():
-        raise ValueError(f"cbp: gradient of shape {tuple(grad.shape)} must be contiguous")
-    if tuple(gx.shape) != (rows, x.shape[-1]) or tuple(gy.shape) != (rows, y.shape[-1]):
-        raise ValueError(
-            f"cbp: gradients of shapes {tuple(gx.shape)}, {tuple(gy.shape)} must be "
-            f"[{rows}, {x.shape[-1]}] and [{rows}, {y.shape[-1]}]"
-        )
-    if not (gx.is_contiguous() and gy.is_contiguous()):
-        raise ValueError("cbp: gradient outputs must be contiguous")
-    _check_workspace(workspace, rows, out_dim, True, factors)
-    config = cbp_config(rows, out_dim, factors, _precision(grad, x, y), backward=True)
-    if factors is None:
-        launch(
-            _cbp_dense_bwd_kernel, config,
-            grad, x, y, xoff, yoff, h1, s1, h2, s2, twiddles, gx, gy, workspace,
-            rows, x.shape[-1], y.shape[-1],
-        )  # fmt: skip
-        return
-    launch(
-        _cbp_bwd_kernel, config,
-        grad, x, y, xoff, yoff, h1, s1, h2, s2,
-        *inverse_hash(h1, s1, out_dim), *inverse_hash(h2, s2, out_dim),
-        twiddles, gx, gy, workspace, rows, x.shape[-1], y.shape[-1],
-        rows_per_program(rows, out_dim, True),
-    )  # fmt: skip
-
-
 # --------------------------------------------------------------------------------------
 # Custom ops and autograd
 # --------------------------------------------------------------------------------------
 
 
-def _factors_of(d1: int, out_dim: int) -> tuple[int, int] | None:
-    return None if d1 == 0 else (d1, out_dim // d1)
+@triton_op("rwmn::cbp_fft", mutates_args=())
+def cbp_fft(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    xidx: torch.Tensor,
+    yidx: torch.Tensor,
+    h1: torch.Tensor,
+    s1: torch.Tensor,
+    h2: torch.Tensor,
+    s2: torch.Tensor,
+    twiddles: torch.Tensor,
+    radices: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CBP by the FFT path. x [..., n1] and y [..., n2] contiguous, unbroadcast; xidx, yidx
+    int64 of the broadcast leading shape L: the x row and y row of each output row;
+    twiddles = twiddle_table(D) sets D; radices = fft_plan(D). Returns (out [*L, D] in
+    promote(x, y), the half spectra of x's and y's rows, fp32 [rows, 2K], which the
+    backward reuses)."""
+    out_dim, k = twiddles.numel() // 2, half_spectrum(twiddles.numel() // 2)
+    x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+    rows = xidx.numel()
+    out = x.new_empty((rows, out_dim), dtype=torch.promote_types(x.dtype, y.dtype))
+    xs = x.new_empty((x2.shape[0], 2 * k), dtype=torch.float32)
+    ys = y.new_empty((y2.shape[0], 2 * k), dtype=torch.float32)
+    if rows and x2.shape[0] and y2.shape[0]:
+        radices = tuple(radices)
+        ws = x.new_empty(
+            workspace_numel("spectra", out_dim, x2.shape[0], y2.shape[0]), dtype=torch.float32
+        )
+        cbp_spectra_launch(x2, y2, h1, s1, h2, s2, twiddles, xs, ys, ws, radices)
+        ws = x.new_empty(workspace_numel("product", out_dim, rows), dtype=torch.float32)
+        cbp_product_launch(
+            xs, ys, xidx.reshape(-1), yidx.reshape(-1), twiddles, out, ws, radices,
+            _precision(x, y),
+        )  # fmt: skip
+    return out.view(*xidx.shape, out_dim), xs, ys
 
 
-@triton_op("rwmn::cbp_rows", mutates_args=())
-def cbp_rows(
+@triton_op("rwmn::cbp_fft_backward", mutates_args=())
+def cbp_fft_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    xs: torch.Tensor,
+    ys: torch.Tensor,
+    xidx: torch.Tensor,
+    yidx: torch.Tensor,
+    h1: torch.Tensor,
+    s1: torch.Tensor,
+    h2: torch.Tensor,
+    s2: torch.Tensor,
+    twiddles: torch.Tensor,
+    radices: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of cbp_fft's output in x and y (shaped like them), summed over the rows
+    each was broadcast to."""
+    lead, rows, out_dim = xidx.shape, xidx.numel(), twiddles.numel() // 2
+    n1, n2 = x.shape[-1], y.shape[-1]
+    # A broadcast operand's per-row gradient is summed below, so keep it in fp32 until then.
+    x_bcast, y_bcast = x.numel() != rows * n1, y.numel() != rows * n2
+    gx = x.new_empty((rows, n1), dtype=torch.float32 if x_bcast else x.dtype)
+    gy = y.new_empty((rows, n2), dtype=torch.float32 if y_bcast else y.dtype)
+    if rows:
+        ws = x.new_empty(workspace_numel("backward", out_dim, rows), dtype=torch.float32)
+        cbp_backward_launch(
+            grad.reshape(rows, out_dim).contiguous(), xs, ys, xidx.reshape(-1),
+            yidx.reshape(-1), h1, s1, h2, s2, twiddles, gx, gy, ws, tuple(radices),
+            _precision(grad, x, y),
+        )  # fmt: skip
+    gx = gx.view(*lead, n1).sum_to_size(x.shape).to(x.dtype)
+    gy = gy.view(*lead, n2).sum_to_size(y.shape).to(y.dtype)
+    return gx, gy
+
+
+@triton_op("rwmn::cbp_dense", mutates_args=())
+def cbp_dense(
     x: torch.Tensor,
     y: torch.Tensor,
     xoff: torch.Tensor,
@@ -928,25 +1286,22 @@ def cbp_rows(
     h2: torch.Tensor,
     s2: torch.Tensor,
     twiddles: torch.Tensor,
-    d1: int = 0,
 ) -> torch.Tensor:
-    """CBP of the broadcast rows: xoff, yoff of the broadcast leading shape L hold each
-    row's element offset into x and y; twiddles = twiddle_table(D) sets the output size D.
-    d1 > 0 selects the factorised transform with D = d1 x (D / d1); 0 the dense one.
-    Returns [*L, D] in promote(x, y)."""
+    """CBP by the dense path: xoff, yoff of the broadcast leading shape L hold each row's
+    element offset into x and y; twiddles = twiddle_table(D) sets D. Returns [*L, D] in
+    promote(x, y)."""
     rows, out_dim = xoff.numel(), twiddles.numel() // 2
-    factors = _factors_of(d1, out_dim)
     out = x.new_empty((rows, out_dim), dtype=torch.promote_types(x.dtype, y.dtype))
-    workspace = x.new_empty(workspace_numel(rows, out_dim, False, factors), dtype=torch.float32)
-    cbp_forward_launch(
-        x, y, xoff.reshape(-1), yoff.reshape(-1), h1, s1, h2, s2, twiddles, out, workspace,
-        factors,
-    )  # fmt: skip
+    ws = x.new_empty(workspace_numel("dense_forward", out_dim, rows), dtype=torch.float32)
+    if rows:
+        cbp_dense_forward_launch(
+            x, y, xoff.reshape(-1), yoff.reshape(-1), h1, s1, h2, s2, twiddles, out, ws
+        )
     return out.view(*xoff.shape, out_dim)
 
 
-@triton_op("rwmn::cbp_rows_backward", mutates_args=())
-def cbp_rows_backward(
+@triton_op("rwmn::cbp_dense_backward", mutates_args=())
+def cbp_dense_backward(
     grad: torch.Tensor,
     x: torch.Tensor,
     y: torch.Tensor,
@@ -957,34 +1312,19 @@ def cbp_rows_backward(
     h2: torch.Tensor,
     s2: torch.Tensor,
     twiddles: torch.Tensor,
-    d1: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of cbp_rows in x and y, summed over the rows each was broadcast to."""
-    factors = _factors_of(d1, twiddles.numel() // 2)
+    """Gradients of cbp_dense in x and y, summed over the rows each was broadcast to."""
     lead, rows, out_dim = xoff.shape, xoff.numel(), grad.shape[-1]
     n1, n2 = x.shape[-1], y.shape[-1]
-    # A broadcast operand's per-row gradient is summed below, so keep it in fp32 until then.
     x_bcast, y_bcast = x.numel() != rows * n1, y.numel() != rows * n2
     gx = x.new_empty((rows, n1), dtype=torch.float32 if x_bcast else x.dtype)
     gy = y.new_empty((rows, n2), dtype=torch.float32 if y_bcast else y.dtype)
-    workspace = x.new_empty(workspace_numel(rows, out_dim, True, factors), dtype=torch.float32)
-    grad = grad.reshape(rows, out_dim).contiguous()
-    cbp_backward_launch(
-        grad,
-        x,
-        y,
-        xoff.reshape(-1),
-        yoff.reshape(-1),
-        h1,
-        s1,
-        h2,
-        s2,
-        twiddles,
-        gx,
-        gy,
-        workspace,
-        factors,
-    )
+    ws = x.new_empty(workspace_numel("dense_backward", out_dim, rows), dtype=torch.float32)
+    if rows:
+        cbp_dense_backward_launch(
+            grad.reshape(rows, out_dim).contiguous(), x, y, xoff.reshape(-1),
+            yoff.reshape(-1), h1, s1, h2, s2, twiddles, gx, gy, ws,
+        )  # fmt: skip
     gx = gx.view(*lead, n1).sum_to_size(x.shape).to(x.dtype)
     gy = gy.view(*lead, n2).sum_to_size(y.shape).to(y.dtype)
     return gx, gy
@@ -993,31 +1333,63 @@ def cbp_rows_backward(
 # Explicit fake (meta) kernels. triton_op would trace the bodies above instead, but under
 # TRITON_INTERPRET=1 wrap_triton hands back the interpreted kernel, which cannot run on
 # fake tensors; these keep shape propagation identical on every platform.
-@cbp_rows.register_fake
-def _cbp_rows_fake(x, y, xoff, yoff, h1, s1, h2, s2, twiddles, d1=0):
-    return x.new_empty(
-        (*xoff.shape, twiddles.shape[0] // 2), dtype=torch.promote_types(x.dtype, y.dtype)
-    )
+@cbp_fft.register_fake
+def _cbp_fft_fake(x, y, xidx, yidx, h1, s1, h2, s2, twiddles, radices):
+    out_dim = twiddles.shape[0] // 2
+    k = out_dim // 2 + 1
+    out = x.new_empty((*xidx.shape, out_dim), dtype=torch.promote_types(x.dtype, y.dtype))
+    xs = x.new_empty((x.numel() // x.shape[-1], 2 * k), dtype=torch.float32)
+    ys = y.new_empty((y.numel() // y.shape[-1], 2 * k), dtype=torch.float32)
+    return out, xs, ys
 
 
-@cbp_rows_backward.register_fake
-def _cbp_rows_backward_fake(grad, x, y, xoff, yoff, h1, s1, h2, s2, twiddles, d1=0):
+@cbp_fft_backward.register_fake
+def _cbp_fft_backward_fake(grad, x, y, xs, ys, xidx, yidx, h1, s1, h2, s2, twiddles, radices):
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
         y, memory_format=torch.contiguous_format
     )
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs[:-1])
-    ctx.d1 = inputs[-1]
+@cbp_dense.register_fake
+def _cbp_dense_fake(x, y, xoff, yoff, h1, s1, h2, s2, twiddles):
+    return x.new_empty(
+        (*xoff.shape, twiddles.shape[0] // 2), dtype=torch.promote_types(x.dtype, y.dtype)
+    )
 
 
-def _backward(ctx, grad):
-    gx, gy = torch.ops.rwmn.cbp_rows_backward(grad, *ctx.saved_tensors, ctx.d1)
+@cbp_dense_backward.register_fake
+def _cbp_dense_backward_fake(grad, x, y, xoff, yoff, h1, s1, h2, s2, twiddles):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
+        y, memory_format=torch.contiguous_format
+    )
+
+
+def _fft_setup_context(ctx, inputs, output) -> None:
+    x, y, xidx, yidx, h1, s1, h2, s2, twiddles, radices = inputs
+    _, xs, ys = output
+    ctx.mark_non_differentiable(xs, ys)
+    ctx.save_for_backward(x, y, xs, ys, xidx, yidx, h1, s1, h2, s2, twiddles)
+    ctx.radices = radices
+
+
+def _fft_backward(ctx, grad, _grad_xs, _grad_ys):
+    gx, gy = torch.ops.rwmn.cbp_fft_backward(grad, *ctx.saved_tensors, ctx.radices)
     return gx, gy, None, None, None, None, None, None, None, None
 
 
-cbp_rows.register_autograd(_backward, setup_context=_setup_context)
+cbp_fft.register_autograd(_fft_backward, setup_context=_fft_setup_context)
+
+
+def _dense_setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _dense_backward(ctx, grad):
+    gx, gy = torch.ops.rwmn.cbp_dense_backward(grad, *ctx.saved_tensors)
+    return gx, gy, None, None, None, None, None, None, None
+
+
+cbp_dense.register_autograd(_dense_backward, setup_context=_dense_setup_context)
 
 
 # --------------------------------------------------------------------------------------
@@ -1095,8 +1467,8 @@ def cbp(
 ) -> torch.Tensor:
     """Fused compact bilinear pooling, same contract as :func:`kernels.reference.cbp`.
 
-    factorised_min_dim: smallest D that takes the factorised transform when D factors
-    (see factorisation); tests lower it to run the factorised path at tiny D."""
+    factorised_min_dim: smallest D that takes the FFT path when it has a radix plan (see
+    fft_plan); tests lower it to run the FFT path at tiny D."""
     if x.dim() < 1 or y.dim() < 1:
         raise ValueError(
             f"cbp: inputs of shapes {tuple(x.shape)}, {tuple(y.shape)} need a last axis"
@@ -1123,26 +1495,39 @@ def cbp(
         twiddles = twiddle_table(out_dim, x.device)  # traced into the graph
     else:
         twiddles = _cached_twiddle_table(out_dim, x.device)
-    factors = factorisation(out_dim, factorised_min_dim)
-    d1 = 0 if factors is None else factors[0]
-    out = torch.ops.rwmn.cbp_rows(
-        x, y, row_offsets(x, lead), row_offsets(y, lead), h1, s1, h2, s2, twiddles, d1
-    )
+    radices = fft_plan(out_dim, factorised_min_dim)
+    if radices is None:
+        out = torch.ops.rwmn.cbp_dense(
+            x, y, row_offsets(x, lead), row_offsets(y, lead), h1, s1, h2, s2, twiddles
+        )
+    else:
+        # The FFT path transforms each distinct row of x and y once: index rows, not copies.
+        x, y = x.contiguous(), y.contiguous()
+        xidx = torch.div(row_offsets(x, lead), x.shape[-1], rounding_mode="floor")
+        yidx = torch.div(row_offsets(y, lead), y.shape[-1], rounding_mode="floor")
+        out, _, _ = torch.ops.rwmn.cbp_fft(
+            x, y, xidx, yidx, h1, s1, h2, s2, twiddles, list(radices)
+        )
     if sum_pool and out.dim() > 2:
         out = out.sum(dim=tuple(range(1, out.dim() - 1)))
     return out
 
 
 __all__ = [
+    "cbp_dense",
+    "cbp_dense_backward",
+    "cbp_dense_backward_launch",
+    "cbp_dense_forward_launch",
+    "cbp_fft",
+    "cbp_fft_backward",
+    "cbp_product_launch",
+    "cbp_spectra_launch",
+    "fft_plan",
     "FACTORISED_MIN_DIM",
     "MAX_FUSED_DIM",
     "cbp",
     "cbp_backward_launch",
-    "cbp_forward_launch",
-    "cbp_rows",
-    "cbp_rows_backward",
     "executed_macs",
-    "factorisation",
     "half_spectrum",
     "row_offsets",
     "inverse_hash",

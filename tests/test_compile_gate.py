@@ -27,7 +27,8 @@ REPORT_TIMEOUT_S = 1500
 #: a factorised size between them, and the largest fused one.
 CBP_DIMS = {97, 300, 600, 4096, 16000}
 KERNELS = {
-    "_cbp_fwd_kernel", "_cbp_bwd_kernel", "_cbp_dense_fwd_kernel", "_cbp_dense_bwd_kernel",
+    "_cbp_spectra_kernel", "_cbp_product_kernel", "_cbp_bwd_kernel", "_cbp_dense_fwd_kernel",
+    "_cbp_dense_bwd_kernel",
     "_memconv_fwd_kernel", "_memconv_dx_kernel", "_memconv_dw_kernel",
     "_attn_fwd_kernel", "_attn_bwd_kernel", "_conv_attn_fwd_kernel", "_conv_attn_bwd_kernel",
 }  # fmt: skip
@@ -120,7 +121,7 @@ def _violations(*rows, arch="sm_90a"):
         (_row(spill_load=4), "spills"),
         (_row(shared=cr.SHARED_LIMIT["sm_90a"] + 1), "shared memory"),
         (_row(HGMMA=0), "wgmma"),
-        (_row(kernel="_cbp_fwd_kernel", constexprs={"D": 4096, "D1": 64}, HGMMA=0), "wgmma"),
+        (_row(kernel="_cbp_product_kernel", constexprs={"D": 4096, "R1": 16}, HGMMA=0), "wgmma"),
     ],
 )
 def test_rules_flag_bad_rows(row, match):
@@ -135,7 +136,7 @@ def test_rules_flag_bad_rows(row, match):
         _row(spill_store=900, spill_checked=False),  # CBP beyond the model's sizes
         _row(dtype="fp32", HGMMA=0),  # fp32 multiplies on CUDA cores
         _row(kernel="_conv_attn_bwd_kernel", HGMMA=0),  # not a wgmma kernel
-        _row(kernel="_cbp_fwd_kernel", constexprs={"D": 300, "D1": 15}, HGMMA=0),
+        _row(kernel="_cbp_product_kernel", constexprs={"D": 300, "R1": 10}, HGMMA=0),
         _row(arch="sm_80", HGMMA=0),
     ],
 )
