@@ -65,8 +65,8 @@ EXTRA_CBP_DIMS = (97, 600, 16000)
 #: Kernels whose bf16/fp16 configurations must emit wgmma (HGMMA) on sm_90a: CBP at the story
 #: size, the conv-attention forward, and the memory convolution (forward, dx, dw).
 WGMMA_KERNELS = (
-    "_cbp_spectra_kernel", "_cbp_product_kernel", "_cbp_bwd_kernel", "_conv_attn_fwd_kernel",
-    "_memconv_fwd_kernel", "_memconv_dx_kernel", "_memconv_dw_kernel",
+    "_cbp_fwd_kernel", "_cbp_spectra_kernel", "_cbp_product_kernel", "_cbp_bwd_kernel",
+    "_conv_attn_fwd_kernel", "_memconv_fwd_kernel", "_memconv_dx_kernel", "_memconv_dw_kernel",
 )  # fmt: skip
 #: CBP sizes whose bf16 kernels are held to WGMMA_KERNELS (the story size).
 WGMMA_CBP_DIM = 4096

@@ -10,7 +10,8 @@ IDFT(G conj(P)) / D (circular correlations), then the transposed sketch dL/dx_i 
 (dL/dp)[h1(i)], dL/dy_i = s2(i) (dL/dq)[h2(i)].
 
 FFT path (every D whose radix plan, fft_plan, has at most MAX_STAGES radices <= MAX_RADIX:
-the model's 300 = 10 x 30 and 4096 = 16 x 16 x 16). Three kernels:
+the model's 300 = 10 x 30 and 4096 = 16 x 16 x 16). With a gradient to come, or broadcast
+operands, three kernels:
   1. _cbp_spectra_kernel, once per *distinct* input row (a broadcast operand, such as the
      read network's memory, is transformed once, not once per output row): the sketches by
      a deterministic gather-sum over the inverse hash (inverse_hash, CSR), O(n + D), no
@@ -23,6 +24,11 @@ the model's 300 = 10 x 30 and 4096 = 16 x 16 x 16). Three kernels:
   3. _cbp_bwd_kernel, per pair of output rows: G_a, G_b from one FFT of g_a + i g_b; then for
      each row C = G conj(Q) / D and E = G conj(P) / D, one inverse FFT of C + i E gives the
      two correlations (Re, Im), and the gathers at h1, h2 write the input gradients.
+
+Without a gradient and without broadcasting (the story embedding, whose inputs are data)
+one kernel, _cbp_fwd_kernel, does it all per pair of rows: one complex FFT of p_r + i q_r
+per row gives P_r and Q_r, and two rows' products travel as one inverse; the spectra stay
+in the program's scratch instead of a round trip through device memory.
 
 Each FFT is a self-sorting (Stockham) decimation-in-time transform of mixed radices R_1 ...
 R_s (D = prod R_i): stage i, with NS = R_1 ... R_{i-1}, takes for each j < D / R the R inputs
@@ -42,13 +48,15 @@ and D/2, else 2/D: the Hermitian half spectrum) in a per-row workspace and contr
 the inverse twiddles; backward likewise with G conj(Y), G conj(X) evaluated at the hashes.
 
 Scratch. The FFT kernels stage each transform through a per-program scratch area in device
-memory (2 complex D-vectors forward, 3 backward), reused for every pair of rows the program
+memory (2 complex D-vectors for the spectra and product kernels, 3 for the backward and
+the forward-only kernel), reused for every pair of rows the program
 owns; pairs_per_program keeps a launch's scratch within SCRATCH_BUDGET so it stays in L2.
 
 Inputs are read as stored (fp32, bf16 or fp16); products accumulate in fp32. Under autocast
 the inputs are cast to the autocast dtype first (custom ops have no autocast rule).
 
-Custom ops. ``rwmn::cbp_fft`` / ``rwmn::cbp_fft_backward`` (FFT path) and ``rwmn::cbp_dense``
+Custom ops. ``rwmn::cbp_fft`` / ``rwmn::cbp_fft_backward`` and ``rwmn::cbp_fft_forward``
+(forward only, no autograd) for the FFT path, ``rwmn::cbp_dense``
 / ``rwmn::cbp_dense_backward`` are ``torch.library.triton_op``s launched through
 ``wrap_triton`` with ``register_autograd``, so ``torch.compile(fullgraph=True)`` traces them
 without a graph break.
@@ -103,13 +111,18 @@ FFT_BLOCK_J_ONE_TILE = 128
 BLOCK_S = 128
 #: Warps of the FFT kernels: one warpgroup, which the [64, 16] stage tiles fill exactly.
 FFT_WARPS = 4
+#: Stage tile rows of the fp32 one-launch forward: with 64 it spilled 24 B on sm_90a at
+#: D = 4096 (ieee FMA products hold both operands in registers; 8 warps spilled too), with 32
+#: it builds with no spill on both targets. Same executed MACs whenever D / R is a multiple
+#: of 64 (4096).
+FFT_FORWARD_IEEE_BLOCK_J = 32
 #: Bytes of FFT-kernel scratch to aim for in one launch: one program's scratch is reused for
 #: its pairs of rows, and all of it together should fit in L2 (50 MB on H100/H200, 40 MB
 #: on A100) next to the inputs and outputs.
 SCRATCH_BUDGET = 24 * 2**20
 #: Complex D-vectors of scratch per program: ping-pong buffers of the stages, plus the
 #: second correlation spectrum in the backward.
-SCRATCH_VECTORS = {"spectra": 2, "product": 2, "backward": 3}
+SCRATCH_VECTORS = {"spectra": 2, "product": 2, "backward": 3, "forward": 3}
 
 
 # --------------------------------------------------------------------------------------
@@ -673,6 +686,98 @@ def _cbp_product_kernel(
 
 
 @triton.jit
+def _product_bins(z, k, km, D: tl.constexpr, K: tl.constexpr):
+    """P Q / D at the bins k < D (conjugated above the half spectrum), with P, Q read from Z =
+    DFT(p + i q) of one row. Returns (Re, Im)."""
+    INV_D: tl.constexpr = 1.0 / D  # a multiply, not a divide (see _correlation_pair)
+    low = k < K
+    kk = tl.where(low, k, D - k)
+    pr, pi, qr, qi = _split_pair(z, kk, km, D)
+    ar = (pr * qr - pi * qi) * INV_D
+    ai = (pr * qi + pi * qr) * INV_D
+    return ar, tl.where(low, ai, -ai)
+
+
+@triton.jit
+def _cbp_fwd_kernel(
+    x_ptr,
+    y_ptr,
+    order1_ptr,
+    start1_ptr,
+    sign1_ptr,
+    order2_ptr,
+    start2_ptr,
+    sign2_ptr,
+    tab_ptr,
+    out_ptr,
+    ws_ptr,
+    R,
+    N1,
+    N2,
+    PAIRS_PER_PROGRAM,
+    D: tl.constexpr,
+    K: tl.constexpr,
+    R1: tl.constexpr,
+    R2: tl.constexpr,
+    R3: tl.constexpr,
+    R4: tl.constexpr,
+    P1: tl.constexpr,
+    P2: tl.constexpr,
+    P3: tl.constexpr,
+    P4: tl.constexpr,
+    STAGES: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Forward only, unbroadcast rows (x [R, N1], y [R, N2]): out[r] = IDFT(P_r Q_r) in one
+    launch with nothing saved. Per row one complex FFT of p_r + i q_r gives P_r and Q_r; two
+    rows' products travel as one inverse FFT (out_a = Re, out_b = Im). The same transforms
+    as the spectra + product launches, without writing the spectra to device memory and
+    reading them back. Scratch per program: three complex D-vectors."""
+    pid = tl.program_id(0)
+    ws = ws_ptr + pid.to(tl.int64) * (6 * D)
+    first = pid * PAIRS_PER_PROGRAM
+    for pair in range(first, tl.minimum(first + PAIRS_PER_PROGRAM, tl.cdiv(R, 2))):
+        ra = 2 * pair
+        has_b = ra + 1 < R
+        ra64 = tl.cast(ra, tl.int64)
+        _sketch_row(x_ptr + ra64 * N1, order1_ptr, start1_ptr, sign1_ptr, ws, ra < R, D, BLOCK_S)
+        _sketch_row(y_ptr + ra64 * N2, order2_ptr, start2_ptr, sign2_ptr, ws + D, ra < R, D,
+                    BLOCK_S)  # fmt: skip
+        tl.debug_barrier()  # the FFT reads sketch bins written by other threads
+        za, free = _fft(ws, ws + 2 * D, tab_ptr, D, R1, R2, R3, R4, P1, P2, P3, P4, STAGES,
+                        BLOCK_J, -1, PRECISION)  # fmt: skip
+        _sketch_row(x_ptr + (ra64 + 1) * N1, order1_ptr, start1_ptr, sign1_ptr, free, has_b, D,
+                    BLOCK_S)  # fmt: skip
+        _sketch_row(y_ptr + (ra64 + 1) * N2, order2_ptr, start2_ptr, sign2_ptr, free + D, has_b,
+                    D, BLOCK_S)  # fmt: skip
+        tl.debug_barrier()
+        zb, spare = _fft(free, ws + 4 * D, tab_ptr, D, R1, R2, R3, R4, P1, P2, P3, P4, STAGES,
+                         BLOCK_J, -1, PRECISION)  # fmt: skip
+        for k0 in range(0, D, BLOCK_S):
+            k = k0 + tl.arange(0, BLOCK_S)
+            km = k < D
+            ar, ai = _product_bins(za, k, km, D, K)
+            br, bi = _product_bins(zb, k, tl.where(has_b, km, False), D, K)
+            tl.store(spare + k, ar - bi, mask=km)
+            tl.store(spare + D + k, ai + br, mask=km)
+        tl.debug_barrier()  # the inverse reads bins written by other threads
+        # P_a Q_a is consumed: its buffer is the inverse's ping-pong partner.
+        z, _ = _fft(spare, za, tab_ptr, D, R1, R2, R3, R4, P1, P2, P3, P4, STAGES, BLOCK_J, 1,
+                    PRECISION)  # fmt: skip
+        out_a = out_ptr + ra64 * D
+        for j0 in range(0, D, BLOCK_S):
+            j = j0 + tl.arange(0, BLOCK_S)
+            jm = j < D
+            tl.store(out_a + j, tl.load(z + j, mask=jm).to(out_ptr.dtype.element_ty), mask=jm)
+            jb = tl.where(has_b, jm, False)
+            tl.store(out_a + D + j, tl.load(z + D + j, mask=jb).to(out_ptr.dtype.element_ty),
+                     mask=jb)  # fmt: skip
+        tl.debug_barrier()  # the next pair overwrites the buffers this pair just read
+
+
+@triton.jit
 def _correlation_pair(
     z, kk, kn, low, m, xs_row, ys_row, BCAST_B: tl.constexpr, D: tl.constexpr,
     K: tl.constexpr,
@@ -920,7 +1025,8 @@ def cbp_config(
     """Launch configuration of a CBP kernel.
 
     kind: "spectra" (rows = distinct x rows, y_rows = distinct y rows), "product" or
-    "backward" (rows = output rows), with the FFT plan ``radices``; or "dense_forward" /
+    "backward" or "forward" (the forward-only kernel; rows = output rows), with the FFT plan
+    ``radices``; or "dense_forward" /
     "dense_backward" (rows = output rows). FFT kernels: one warpgroup, one program per
     pairs_per_program pairs of rows, stage tiles [BLOCK_J, pow2(R)] (at the story size
     [64, 16]: the M of one warpgroup's wgmma). Dense kernels: one program per DENSE_BLOCK_R
@@ -943,9 +1049,12 @@ def cbp_config(
     else:
         pairs = triton.cdiv(rows, 2)
         programs = triton.cdiv(max(pairs, 1), pairs_per_program(pairs, out_dim, kind))
+    constexprs = _fft_constexprs(out_dim, radices, precision)
+    if (kind, precision) == ("forward", "ieee"):
+        constexprs["BLOCK_J"] = min(constexprs["BLOCK_J"], FFT_FORWARD_IEEE_BLOCK_J)
     return LaunchConfig(
         grid=(programs,),
-        constexprs=_fft_constexprs(out_dim, radices, precision),
+        constexprs=constexprs,
         num_warps=FFT_WARPS,
         num_stages=1,
     )
@@ -1051,6 +1160,29 @@ def cbp_spectra_launch(x, y, h1, s1, h2, s2, twiddles, xs, ys, workspace, radice
         _cbp_spectra_kernel, config,
         x, y, *inverse_hash(h1, s1, out_dim), *inverse_hash(h2, s2, out_dim), twiddles,
         xs, ys, workspace, rx, ry, x.shape[1], y.shape[1], programs_x, per,
+    )  # fmt: skip
+
+
+def cbp_forward_launch(x, y, h1, s1, h2, s2, twiddles, out, workspace, radices) -> None:
+    """Launch the forward-only kernel: out [R, D] (contiguous) = CBP of the rows of x [R, n1]
+    and y [R, n2] (contiguous, unbroadcast), nothing saved; workspace with
+    workspace_numel("forward", D, R); radices = fft_plan(D)."""
+    rows, out_dim = out.shape
+    _check_twiddles(twiddles, out_dim)
+    _check_matrix("x", x)
+    _check_matrix("y", y)
+    _check_matrix("output", out, out_dim)
+    if x.shape[0] != rows or y.shape[0] != rows:
+        raise ValueError(
+            f"cbp: inputs of shapes {tuple(x.shape)}, {tuple(y.shape)} need {rows} rows each"
+        )
+    _check_workspace(workspace, workspace_numel("forward", out_dim, rows))
+    config = cbp_config("forward", out_dim, _precision(x, y), rows, radices=radices)
+    launch(
+        _cbp_fwd_kernel, config,
+        x, y, *inverse_hash(h1, s1, out_dim), *inverse_hash(h2, s2, out_dim), twiddles, out,
+        workspace, rows, x.shape[1], y.shape[1],
+        pairs_per_program(triton.cdiv(rows, 2), out_dim, "forward"),
     )  # fmt: skip
 
 
@@ -1239,6 +1371,29 @@ def cbp_fft(
     return out.view(*xidx.shape, out_dim), xs, ys
 
 
+@triton_op("rwmn::cbp_fft_forward", mutates_args=())
+def cbp_fft_forward(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    h1: torch.Tensor,
+    s1: torch.Tensor,
+    h2: torch.Tensor,
+    s2: torch.Tensor,
+    twiddles: torch.Tensor,
+    radices: list[int],
+) -> torch.Tensor:
+    """CBP by the FFT path in one launch, for x [*L, n1] and y [*L, n2] (contiguous, the same
+    leading shape) when no gradient is needed: nothing is saved. Returns [*L, D]."""
+    out_dim = twiddles.numel() // 2
+    x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+    rows = x2.shape[0]
+    out = x.new_empty((rows, out_dim), dtype=torch.promote_types(x.dtype, y.dtype))
+    if rows:
+        ws = x.new_empty(workspace_numel("forward", out_dim, rows), dtype=torch.float32)
+        cbp_forward_launch(x2, y2, h1, s1, h2, s2, twiddles, out, ws, tuple(radices))
+    return out.view(*x.shape[:-1], out_dim)
+
+
 @triton_op("rwmn::cbp_fft_backward", mutates_args=())
 def cbp_fft_backward(
     grad: torch.Tensor,
@@ -1341,6 +1496,13 @@ def _cbp_fft_fake(x, y, xidx, yidx, h1, s1, h2, s2, twiddles, radices):
     xs = x.new_empty((x.numel() // x.shape[-1], 2 * k), dtype=torch.float32)
     ys = y.new_empty((y.numel() // y.shape[-1], 2 * k), dtype=torch.float32)
     return out, xs, ys
+
+
+@cbp_fft_forward.register_fake
+def _cbp_fft_forward_fake(x, y, h1, s1, h2, s2, twiddles, radices):
+    return x.new_empty(
+        (*x.shape[:-1], twiddles.shape[0] // 2), dtype=torch.promote_types(x.dtype, y.dtype)
+    )
 
 
 @cbp_fft_backward.register_fake
@@ -1500,6 +1662,14 @@ def cbp(
         out = torch.ops.rwmn.cbp_dense(
             x, y, row_offsets(x, lead), row_offsets(y, lead), h1, s1, h2, s2, twiddles
         )
+    elif x.shape[:-1] == y.shape[:-1] == lead and not (
+        torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
+    ):
+        # No gradient and no broadcast (the story embedding: its inputs are data): one
+        # launch, the spectra stay in the program's scratch.
+        out = torch.ops.rwmn.cbp_fft_forward(
+            x.contiguous(), y.contiguous(), h1, s1, h2, s2, twiddles, list(radices)
+        )
     else:
         # The FFT path transforms each distinct row of x and y once: index rows, not copies.
         x, y = x.contiguous(), y.contiguous()
@@ -1520,6 +1690,8 @@ __all__ = [
     "cbp_dense_forward_launch",
     "cbp_fft",
     "cbp_fft_backward",
+    "cbp_fft_forward",
+    "cbp_forward_launch",
     "cbp_product_launch",
     "cbp_spectra_launch",
     "fft_plan",

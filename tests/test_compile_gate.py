@@ -27,8 +27,8 @@ REPORT_TIMEOUT_S = 1500
 #: a factorised size between them, and the largest fused one.
 CBP_DIMS = {97, 300, 600, 4096, 16000}
 KERNELS = {
-    "_cbp_spectra_kernel", "_cbp_product_kernel", "_cbp_bwd_kernel", "_cbp_dense_fwd_kernel",
-    "_cbp_dense_bwd_kernel",
+    "_cbp_fwd_kernel", "_cbp_spectra_kernel", "_cbp_product_kernel", "_cbp_bwd_kernel",
+    "_cbp_dense_fwd_kernel", "_cbp_dense_bwd_kernel",
     "_memconv_fwd_kernel", "_memconv_dx_kernel", "_memconv_dw_kernel",
     "_attn_fwd_kernel", "_attn_bwd_kernel", "_conv_attn_fwd_kernel", "_conv_attn_bwd_kernel",
 }  # fmt: skip

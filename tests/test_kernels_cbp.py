@@ -306,6 +306,59 @@ def test_fft_four_stages(request):
     check_fft_launchers_write_every_element((3, 5), (3, 4), 16000, fresh_seed(request))
 
 
+def check_fft_forward_launcher_writes_every_element(shape1, shape2, out_dim, seed):
+    """The forward-only FFT launch (unbroadcast rows, nothing saved) with its output and
+    workspace NaN-poisoned, against the float64 truth."""
+    radices = kcbp.fft_plan(out_dim, min_dim=1)
+    x, y, h1, s1, h2, s2 = make_inputs(shape1, shape2, out_dim, seed)
+    x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+    rows = x2.shape[0]
+    out = torch.full((rows, out_dim), float("nan"), device=DEVICE)
+    ws = torch.full((kcbp.workspace_numel("forward", out_dim, rows),), float("nan"), device=DEVICE)
+    twiddles = kcbp.twiddle_table(out_dim, DEVICE)
+    kcbp.cbp_forward_launch(x2, y2, h1, s1, h2, s2, twiddles, out, ws, radices)
+    npx, npy, nh1, ns1, nh2, ns2 = to_np(x2, y2, h1, s1, h2, s2)
+    truth = np_cbp(npx, npy, nh1.astype(np.int64), ns1, nh2.astype(np.int64), ns2, out_dim, False)
+    assert_close_to_truth(out, truth, what="forward-only out")
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "y_shape", "out_dim"),
+    [c for c in FFT_CASES if c[0][:-1] == c[1][:-1]],
+    ids=[i for c, i in zip(FFT_CASES, FFT_IDS, strict=True) if c[0][:-1] == c[1][:-1]],
+)
+def test_fft_forward_launcher_writes_every_element(x_shape, y_shape, out_dim, small_tiles, request):
+    check_fft_forward_launcher_writes_every_element(x_shape, y_shape, out_dim, fresh_seed(request))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_fft_forward_only_dispatch(grad, request, monkeypatch):
+    """Without a gradient and without broadcasting (the story embedding) the public op runs
+    the one-launch forward; with a gradient, the spectra + product launches it saves for."""
+    seen = []
+    for name in ("cbp_forward_launch", "cbp_spectra_launch", "cbp_product_launch"):
+        launch = getattr(kcbp, name)
+
+        def spy(*args, _launch=launch, _name=name):
+            seen.append(_name)
+            return _launch(*args)
+
+        monkeypatch.setattr(kcbp, name, spy)
+    x, y, h1, s1, h2, s2 = make_inputs((5, 31), (5, 9), 300, fresh_seed(request))
+    x.requires_grad_(grad)
+    out = kcbp.cbp(x, y, h1, s1, h2, s2, 300)
+    truth = np_cbp(*to_np(x, y), *(t.cpu().numpy() for t in (h1, s1, h2, s2)), 300, False)
+    assert_close_to_truth(out, truth, what="out")
+    if grad:
+        assert seen == ["cbp_spectra_launch", "cbp_product_launch"]
+    else:
+        assert seen == ["cbp_forward_launch"]
+    with torch.no_grad():
+        seen.clear()
+        kcbp.cbp(x, y, h1, s1, h2, s2, 300)
+        assert seen == ["cbp_forward_launch"]
+
+
 @pytest.mark.parametrize("pairs_per_program", [2, 5])
 def test_fft_programs_loop_over_pairs(pairs_per_program, small_tiles, request, monkeypatch):
     """A small scratch budget makes each program own several pairs of rows (the pair loop
@@ -316,7 +369,9 @@ def test_fft_programs_loop_over_pairs(pairs_per_program, small_tiles, request, m
     monkeypatch.setattr(kcbp, "SCRATCH_BUDGET", 4 * floats * programs)
     assert kcbp.pairs_per_program(10, out_dim, "backward") == pairs_per_program
     assert kcbp.pairs_per_program(10, out_dim, "product") > 1
+    assert kcbp.pairs_per_program(10, out_dim, "forward") == pairs_per_program
     check_fft_launchers_write_every_element(x_shape, y_shape, out_dim, fresh_seed(request))
+    check_fft_forward_launcher_writes_every_element(x_shape, y_shape, out_dim, fresh_seed(request))
 
 
 @pytest.mark.parametrize(
@@ -523,6 +578,12 @@ def test_custom_op_registration(request):
         test_utils=tests,
     )
     _, xs, ys = torch.ops.rwmn.cbp_fft(x, y, xidx, yidx, h1, s1, h2, s2, twiddles, radices)
+    xb, yb = (t.detach().expand(3, 2, t.shape[-1]).contiguous() for t in (x, y))
+    torch.library.opcheck(
+        torch.ops.rwmn.cbp_fft_forward.default,
+        (xb, yb, h1, s1, h2, s2, twiddles, radices),
+        test_utils=("test_schema", "test_faketensor"),
+    )
     torch.library.opcheck(
         torch.ops.rwmn.cbp_fft_backward.default,
         (g, x.detach(), y.detach(), xs, ys, xidx, yidx, h1, s1, h2, s2, twiddles, radices),

@@ -18,6 +18,7 @@ message; set CBP_SIZES_SEED=<seed> to rerun a failure with the same inputs.
 import math
 import os
 import secrets
+import warnings
 
 import numpy as np
 import pytest
@@ -183,7 +184,10 @@ def cbp_errors(out_dim, fmd, form, seed, fused_cbp=None):
     y.requires_grad_(True)
     kwargs = {} if fmd is None else {"factorised_min_dim": fmd}
     fused_cbp = kcbp.cbp if fused_cbp is None else fused_cbp
-    out = fused_cbp(x, y, h1, s1, h2, s2, out_dim, sum_pool, **kwargs)
+    with warnings.catch_warnings():
+        # A silent fallback to the reference would pass every comparison below.
+        warnings.simplefilter("error")
+        out = fused_cbp(x, y, h1, s1, h2, s2, out_dim, sum_pool, **kwargs)
     ref = reference.cbp(x, y, h1, s1, h2, s2, out_dim, sum_pool)
     assert out.dtype == ref.dtype == torch.float32 and out.shape == ref.shape
     g = torch.randn(ref.shape, generator=gen).to(DEVICE)

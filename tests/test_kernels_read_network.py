@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -12,8 +14,10 @@ from kernel_helpers import (
     poisoned,  # noqa: F401  (fixture)
 )
 
+import kernels.cbp as kcbp
 import rwmn.ops
 from kernels import read_network as fused_read
+from kernels._common import record_launches
 from rwmn import reference
 
 # Every kernel output buffer starts NaN-filled (see kernel_helpers.poisoned).
@@ -76,6 +80,67 @@ def test_matches_float64(case):
     check_against_float64(
         call(fused_read.read_network), call(reference.read_network), inputs, ratio=2 * ERROR_RATIO
     )
+
+
+# (C, m, d, batch, read layers): one, two and three read layers on the FFT-path CBP.
+FFT_CASES = [
+    (2, 9, 12, 2, [(3, 1, 3)]),
+    (2, 9, 15, 3, [(3, 2, 2), (2, 1, 3)]),
+    (1, 8, 16, 2, [(3, 1, 2), (2, 2, 2), (3, 1, 1)]),
+]
+
+
+@pytest.fixture
+def fft_cbp(monkeypatch):
+    """The read network's CBP on the FFT path at these tiny d (below FACTORISED_MIN_DIM)."""
+    monkeypatch.setattr(fused_read, "cbp", functools.partial(kcbp.cbp, factorised_min_dim=1))
+
+
+@pytest.mark.parametrize("case", FFT_CASES, ids=str)
+def test_fft_path_matches_float64(case, fft_cbp):
+    c, m, d, batch, spec = case
+    hashes = _hashes(d, d)
+    weights, biases, strides = _layers(c, spec, d)
+    n_layers = len(spec)
+
+    def call(fn):
+        def run(memory, u, *params):
+            ws, bs = list(params[:n_layers]), list(params[n_layers:])
+            return fn(memory, u, hashes, ws, bs, strides, SHARP)
+
+        return run
+
+    inputs = [torch.randn(c, m, d), torch.randn(batch, d), *weights, *biases]
+    check_against_float64(
+        call(fused_read.read_network), call(reference.read_network), inputs, ratio=2 * ERROR_RATIO
+    )
+
+
+@pytest.mark.parametrize("case", FFT_CASES, ids=str)
+def test_launches_and_no_torch_fft(case, fft_cbp, monkeypatch):
+    """What the fused read path launches today: the CBP's spectra and product kernels, one
+    memory_conv per read layer but the last, the conv-attention kernel (2 + L launches
+    forward); the backward adds the CBP backward. torch.fft is never called."""
+    for name in ("fft", "ifft", "rfft", "irfft", "fftn", "ifftn", "rfftn", "irfftn"):
+
+        def banned(*args, _name=name, **kwargs):
+            raise AssertionError(f"torch.fft.{_name} called by the fused read path")
+
+        monkeypatch.setattr(torch.fft, name, banned)
+    c, m, d, batch, spec = case
+    hashes = _hashes(d, d)
+    weights, biases, strides = _layers(c, spec, d)
+    memory = torch.randn(c, m, d, requires_grad=True)
+    u = torch.randn(batch, d)
+    with record_launches() as launches:
+        o, p = fused_read.read_network(memory, u, hashes, weights, biases, strides, SHARP)
+    expected = ["_cbp_spectra_kernel", "_cbp_product_kernel"]
+    expected += ["_memconv_fwd_kernel"] * (len(spec) - 1) + ["_conv_attn_fwd_kernel"]
+    assert [launch.name for launch in launches] == expected
+    # The same path run for real (interpreter): outputs and a backward, still no torch.fft.
+    o, p = fused_read.read_network(memory, u, hashes, weights, biases, strides, SHARP)
+    (o.sum() + p.sum()).backward()
+    assert torch.isfinite(memory.grad).all()
 
 
 def test_dispatch_runs_the_kernels(monkeypatch):
