@@ -12,13 +12,13 @@ IDFT(G conj(P)) / D (circular correlations), then the transposed sketch dL/dx_i 
 FFT path (every D whose radix plan, fft_plan, has at most MAX_STAGES radices <= MAX_RADIX:
 the model's 300 = 10 x 30 and 4096 = 16 x 16 x 16). With a gradient to come, or broadcast
 operands, three kernels:
-  1. _cbp_spectra_kernel, once per *distinct* input row (a broadcast operand, such as the
-     read network's memory, is transformed once, not once per output row): the sketches by
-     a deterministic gather-sum over the inverse hash (inverse_hash, CSR), O(n + D), no
-     atomics; then the half spectra P [Rx, K], Q [Ry, K] (K = D // 2 + 1, fp32), saved for
-     the backward. Two real rows travel as one complex sequence z = p_a + i p_b, so one
-     complex FFT yields both spectra (P_a = (Z_k + conj Z_{D-k}) / 2, P_b = (Z_k - conj
-     Z_{D-k}) / 2i).
+  1. _cbp_spectra_kernel, launched for x and for y, once per *distinct* input row (a
+     broadcast operand, such as the read network's memory, is transformed once, not once
+     per output row): the sketches by a deterministic gather-sum over the inverse hash
+     (inverse_hash, CSR), O(n + D), no atomics; then the half spectra P [Rx, K], Q [Ry, K]
+     (K = D // 2 + 1, fp32), saved for the backward. Two real rows travel as one complex
+     sequence z = p_a + i p_b, so one complex FFT yields both spectra (P_a = (Z_k + conj
+     Z_{D-k}) / 2, P_b = (Z_k - conj Z_{D-k}) / 2i).
   2. _cbp_product_kernel, per pair of output rows a, b: Z = P_a Q_a / D + i P_b Q_b / D
      rebuilt on all D bins from the half spectra, one inverse FFT, out_a = Re, out_b = Im.
   3. _cbp_bwd_kernel, per pair of output rows: G_a, G_b from one FFT of g_a + i g_b; then for
@@ -111,11 +111,26 @@ FFT_BLOCK_J_ONE_TILE = 128
 BLOCK_S = 128
 #: Warps of the FFT kernels: one warpgroup, which the [64, 16] stage tiles fill exactly.
 FFT_WARPS = 4
-#: Stage tile rows of the fp32 one-launch forward: with 64 it spilled 24 B on sm_90a at
-#: D = 4096 (ieee FMA products hold both operands in registers; 8 warps spilled too), with 32
-#: it builds with no spill on both targets. Same executed MACs whenever D / R is a multiple
-#: of 64 (4096).
-FFT_FORWARD_IEEE_BLOCK_J = 32
+#: (kind, precision) -> (warps, largest BLOCK_J) where the defaults spilled, fitted with the
+#: compile gate on both targets. ptxas, given no register cap, settles on a register
+#: budget of its own (96-128 for a 4-warp program) and spills past it; more warps halve each
+#: thread's share of the tiles, smaller j tiles shorten the live ranges. ieee products hold
+#: both operands in registers. Same executed MACs at 4096 (256 j values divide 32 and 64).
+FFT_TILE_OVERRIDES = {
+    ("forward", "ieee"): (4, 32),
+    ("spectra", "tf32"): (8, None),
+}
+#: The same for Triton < 3.7 (CI's floor, 3.6), whose bundled ptxas settles on other
+#: budgets: the fp32 backward needs 8 warps (4 spilled 20 B at D = 300 on sm_90a) and the
+#: fp32 spectra 8 warps with 32-row tiles where a stage is one tile (4 spilled 8 B at
+#: D = 600), while Triton 3.9 spills with exactly those (16-20 B at D = 600).
+FFT_TILE_OVERRIDES_FLOOR = {
+    ("forward", "ieee"): (4, 32),
+    ("backward", "ieee"): (8, 32),
+    ("spectra", "tf32"): (8, None),
+    ("spectra", "ieee", "one tile"): (8, 32),
+}
+TRITON_FLOOR = tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 7)
 #: Bytes of FFT-kernel scratch to aim for in one launch: one program's scratch is reused for
 #: its pairs of rows, and all of it together should fit in L2 (50 MB on H100/H200, 40 MB
 #: on A100) next to the inputs and outputs.
@@ -555,23 +570,15 @@ def _spectra_pair(
 
 @triton.jit
 def _cbp_spectra_kernel(
-    x_ptr,
-    y_ptr,
-    order1_ptr,
-    start1_ptr,
-    sign1_ptr,
-    order2_ptr,
-    start2_ptr,
-    sign2_ptr,
+    src_ptr,
+    order_ptr,
+    start_ptr,
+    sign_ptr,
     tab_ptr,
-    xs_ptr,
-    ys_ptr,
+    spec_ptr,
     ws_ptr,
-    RX,
-    RY,
-    N1,
-    N2,
-    PROGRAMS_X,
+    R,
+    N_IN,
     PAIRS_PER_PROGRAM,
     D: tl.constexpr,
     K: tl.constexpr,
@@ -588,26 +595,18 @@ def _cbp_spectra_kernel(
     BLOCK_S: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """xs = DFT(psi1(x)) [RX, 2K] and ys = DFT(psi2(y)) [RY, 2K] (half spectra, [re K | im K]
-    per row) for the distinct rows of x [RX, N1] and y [RY, N2]: the first PROGRAMS_X
-    programs take pairs of x rows, the rest pairs of y rows, PAIRS_PER_PROGRAM pairs each.
-    Scratch per program: two complex D-vectors (the FFT's ping-pong buffers)."""
+    """spec = DFT(psi(src)) [R, 2K] (half spectra, [re K | im K] per row) for the distinct
+    rows of one operand src [R, N_IN] and its inverse hash (launched once for x, once for
+    y: one copy of the pipeline per kernel keeps the build within registers), each program
+    PAIRS_PER_PROGRAM pairs of rows. Scratch per program: two complex D-vectors."""
     pid = tl.program_id(0)
     ws = ws_ptr + pid.to(tl.int64) * (4 * D)
-    if pid < PROGRAMS_X:
-        first = pid * PAIRS_PER_PROGRAM
-        for pair in range(first, tl.minimum(first + PAIRS_PER_PROGRAM, tl.cdiv(RX, 2))):
-            _spectra_pair(
-                x_ptr, N1, 2 * pair, RX, order1_ptr, start1_ptr, sign1_ptr, xs_ptr, ws, tab_ptr,
-                D, K, R1, R2, R3, R4, P1, P2, P3, P4, STAGES, BLOCK_J, BLOCK_S, PRECISION,
-            )  # fmt: skip
-    else:
-        first = (pid - PROGRAMS_X) * PAIRS_PER_PROGRAM
-        for pair in range(first, tl.minimum(first + PAIRS_PER_PROGRAM, tl.cdiv(RY, 2))):
-            _spectra_pair(
-                y_ptr, N2, 2 * pair, RY, order2_ptr, start2_ptr, sign2_ptr, ys_ptr, ws, tab_ptr,
-                D, K, R1, R2, R3, R4, P1, P2, P3, P4, STAGES, BLOCK_J, BLOCK_S, PRECISION,
-            )  # fmt: skip
+    first = pid * PAIRS_PER_PROGRAM
+    for pair in range(first, tl.minimum(first + PAIRS_PER_PROGRAM, tl.cdiv(R, 2))):
+        _spectra_pair(
+            src_ptr, N_IN, 2 * pair, R, order_ptr, start_ptr, sign_ptr, spec_ptr, ws, tab_ptr,
+            D, K, R1, R2, R3, R4, P1, P2, P3, P4, STAGES, BLOCK_J, BLOCK_S, PRECISION,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -992,26 +991,24 @@ def pairs_per_program(pairs: int, out_dim: int, kind: str) -> int:
     return triton.cdiv(max(pairs, 1), programs)
 
 
-def spectra_programs(x_rows: int, y_rows: int, out_dim: int) -> tuple[int, int, int]:
-    """(pairs per program, programs for x, programs for y) of the spectra launch."""
-    px, py = triton.cdiv(x_rows, 2), triton.cdiv(y_rows, 2)
-    per = pairs_per_program(px + py, out_dim, "spectra")
-    return per, triton.cdiv(px, per), triton.cdiv(py, per)
-
-
 def workspace_numel(kind: str, out_dim: int, rows: int, y_rows: int = 0) -> int:
-    """fp32 workspace values a launch of ``kind`` needs. FFT kinds (spectra: rows = x rows;
-    product, backward: rows = output rows): one scratch per program (scratch_floats).
+    """fp32 workspace values a launch of ``kind`` needs. FFT kinds (spectra: rows = x rows,
+    y_rows = y rows; the others: rows = output rows): one scratch per program
+    (scratch_floats).
     Dense kinds (dense_forward, dense_backward): the half spectra per row."""
     if kind.startswith("dense"):
         return rows * (4 if kind == "dense_backward" else 2) * half_spectrum(out_dim)
     if kind == "spectra":
-        _, programs_x, programs_y = spectra_programs(rows, y_rows, out_dim)
-        programs = programs_x + programs_y
-    else:
-        pairs = triton.cdiv(rows, 2)
-        programs = triton.cdiv(max(pairs, 1), pairs_per_program(pairs, out_dim, kind))
-    return programs * scratch_floats(out_dim, kind)
+        # One launch per operand, one after the other on the stream: they share the space.
+        return max(_fft_programs(r, out_dim, kind) for r in (rows, y_rows)) * scratch_floats(
+            out_dim, kind
+        )
+    return _fft_programs(rows, out_dim, kind) * scratch_floats(out_dim, kind)
+
+
+def _fft_programs(rows: int, out_dim: int, kind: str) -> int:
+    pairs = triton.cdiv(rows, 2)
+    return triton.cdiv(max(pairs, 1), pairs_per_program(pairs, out_dim, kind))
 
 
 def cbp_config(
@@ -1019,15 +1016,14 @@ def cbp_config(
     out_dim: int,
     precision: str,
     rows: int,
-    y_rows: int = 0,
     radices: tuple[int, ...] | None = None,
 ) -> LaunchConfig:
     """Launch configuration of a CBP kernel.
 
-    kind: "spectra" (rows = distinct x rows, y_rows = distinct y rows), "product" or
-    "backward" or "forward" (the forward-only kernel; rows = output rows), with the FFT plan
-    ``radices``; or "dense_forward" /
-    "dense_backward" (rows = output rows). FFT kernels: one warpgroup, one program per
+    kind: "spectra" (rows = the distinct rows of one operand), "product", "backward" or
+    "forward" (the forward-only kernel; rows = output rows), with the FFT plan ``radices``;
+    or "dense_forward" / "dense_backward" (rows = output rows). FFT kernels: one warpgroup
+    (FFT_TILE_OVERRIDES aside), one program per
     pairs_per_program pairs of rows, stage tiles [BLOCK_J, pow2(R)] (at the story size
     [64, 16]: the M of one warpgroup's wgmma). Dense kernels: one program per DENSE_BLOCK_R
     rows, tiles small enough to stay in registers."""
@@ -1043,19 +1039,18 @@ def cbp_config(
             num_warps=DENSE_WARPS[precision],
             num_stages=1,
         )
-    if kind == "spectra":
-        _, programs_x, programs_y = spectra_programs(rows, y_rows, out_dim)
-        programs = programs_x + programs_y
-    else:
-        pairs = triton.cdiv(rows, 2)
-        programs = triton.cdiv(max(pairs, 1), pairs_per_program(pairs, out_dim, kind))
     constexprs = _fft_constexprs(out_dim, radices, precision)
-    if (kind, precision) == ("forward", "ieee"):
-        constexprs["BLOCK_J"] = min(constexprs["BLOCK_J"], FFT_FORWARD_IEEE_BLOCK_J)
+    overrides = FFT_TILE_OVERRIDES_FLOOR if TRITON_FLOOR else FFT_TILE_OVERRIDES
+    key = (kind, precision)
+    if constexprs["BLOCK_J"] != FFT_BLOCK_J and (*key, "one tile") in overrides:
+        key = (*key, "one tile")
+    warps, block_j = overrides.get(key, (FFT_WARPS, None))
+    if block_j is not None:
+        constexprs["BLOCK_J"] = min(constexprs["BLOCK_J"], block_j)
     return LaunchConfig(
-        grid=(programs,),
+        grid=(_fft_programs(rows, out_dim, kind),),
         constexprs=constexprs,
-        num_warps=FFT_WARPS,
+        num_warps=warps,
         num_stages=1,
     )
 
@@ -1137,10 +1132,10 @@ def _check_spectra(name: str, spec: torch.Tensor, out_dim: int) -> None:
 
 
 def cbp_spectra_launch(x, y, h1, s1, h2, s2, twiddles, xs, ys, workspace, radices) -> None:
-    """Launch the spectra kernel: xs [Rx, 2K], ys [Ry, 2K] (fp32, [re K | im K] per row) =
-    the half spectra of the sketches of the rows of x [Rx, n1] and y [Ry, n2] (contiguous);
-    twiddles = twiddle_table(D); workspace fp32 with workspace_numel("spectra", D, Rx, Ry)
-    values; radices = fft_plan(D)."""
+    """Launch the spectra kernel for x, then for y: xs [Rx, 2K], ys [Ry, 2K] (fp32, [re K |
+    im K] per row) = the half spectra of the sketches of the rows of x [Rx, n1] and y [Ry,
+    n2] (contiguous); twiddles = twiddle_table(D); workspace fp32 with
+    workspace_numel("spectra", D, Rx, Ry) values; radices = fft_plan(D)."""
     out_dim = twiddles.numel() // 2
     _check_twiddles(twiddles, out_dim)
     _check_matrix("x", x)
@@ -1153,14 +1148,15 @@ def cbp_spectra_launch(x, y, h1, s1, h2, s2, twiddles, xs, ys, workspace, radice
             f"input row ({x.shape[0]}, {y.shape[0]})"
         )
     _check_workspace(workspace, workspace_numel("spectra", out_dim, x.shape[0], y.shape[0]))
-    rx, ry = x.shape[0], y.shape[0]
-    per, programs_x, _ = spectra_programs(rx, ry, out_dim)
-    config = cbp_config("spectra", out_dim, _precision(x, y), rx, ry, radices)
-    launch(
-        _cbp_spectra_kernel, config,
-        x, y, *inverse_hash(h1, s1, out_dim), *inverse_hash(h2, s2, out_dim), twiddles,
-        xs, ys, workspace, rx, ry, x.shape[1], y.shape[1], programs_x, per,
-    )  # fmt: skip
+    precision = _precision(x, y)
+    for v, h, s, spec in ((x, h1, s1, xs), (y, h2, s2, ys)):
+        rows = v.shape[0]
+        config = cbp_config("spectra", out_dim, precision, rows, radices=radices)
+        launch(
+            _cbp_spectra_kernel, config,
+            v, *inverse_hash(h, s, out_dim), twiddles, spec, workspace, rows, v.shape[1],
+            pairs_per_program(triton.cdiv(rows, 2), out_dim, "spectra"),
+        )  # fmt: skip
 
 
 def cbp_forward_launch(x, y, h1, s1, h2, s2, twiddles, out, workspace, radices) -> None:

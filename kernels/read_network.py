@@ -5,10 +5,11 @@ then the read convolutions over Mq [B, C, m, d], the last one fused with the att
 readout (kernels/attention.py: its rows never reach device memory in the forward).
 
 What runs, in launches (pinned by tests/test_kernels_read_network.py): the CBP's spectra
-launch (each memory row and each question transformed once, not once per pair) and its
-product launch (Mq = the inverse FFTs of the spectrum products), one memory_conv launch per
-read layer but the last (kernels/memconv.py), and the conv-attention launch plus a few tiny
-merge ops: 2 + L launches forward for L read layers, no torch.fft. Not achieved yet: the
+launches (one for the memory rows, one for the questions: each transformed once, not once
+per pair) and its product launch (Mq = the inverse FFTs of the spectrum products), one
+memory_conv launch per read layer but the last (kernels/memconv.py), and the
+conv-attention launch plus a few tiny merge ops: 3 + L launches forward for L read layers,
+no torch.fft. Not achieved yet: the
 read network in ONE launch after the memory spectra. Mq [B, C, m, d] and each intermediate
 read layer are materialised between launches. See kernels/README.md.
 """

@@ -118,9 +118,10 @@ def test_fft_path_matches_float64(case, fft_cbp):
 
 @pytest.mark.parametrize("case", FFT_CASES, ids=str)
 def test_launches_and_no_torch_fft(case, fft_cbp, monkeypatch):
-    """What the fused read path launches today: the CBP's spectra and product kernels, one
-    memory_conv per read layer but the last, the conv-attention kernel (2 + L launches
-    forward); the backward adds the CBP backward. torch.fft is never called."""
+    """What the fused read path launches today: the CBP's spectra kernel (once for the
+    memory, once for the questions) and product kernel, one memory_conv per read layer but
+    the last, the conv-attention kernel (3 + L launches forward); the backward adds the CBP
+    backward. torch.fft is never called."""
     for name in ("fft", "ifft", "rfft", "irfft", "fftn", "ifftn", "rfftn", "irfftn"):
 
         def banned(*args, _name=name, **kwargs):
@@ -134,7 +135,7 @@ def test_launches_and_no_torch_fft(case, fft_cbp, monkeypatch):
     u = torch.randn(batch, d)
     with record_launches() as launches:
         o, p = fused_read.read_network(memory, u, hashes, weights, biases, strides, SHARP)
-    expected = ["_cbp_spectra_kernel", "_cbp_product_kernel"]
+    expected = ["_cbp_spectra_kernel", "_cbp_spectra_kernel", "_cbp_product_kernel"]
     expected += ["_memconv_fwd_kernel"] * (len(spec) - 1) + ["_conv_attn_fwd_kernel"]
     assert [launch.name for launch in launches] == expected
     # The same path run for real (interpreter): outputs and a backward, still no torch.fft.
