@@ -331,12 +331,10 @@ def test_fft_forward_launcher_writes_every_element(x_shape, y_shape, out_dim, sm
     check_fft_forward_launcher_writes_every_element(x_shape, y_shape, out_dim, fresh_seed(request))
 
 
-@pytest.mark.parametrize("grad", [False, True])
-def test_fft_forward_only_dispatch(grad, request, monkeypatch):
-    """Without a gradient and without broadcasting (the story embedding) the public op runs
-    the one-launch forward; with a gradient, the spectra + product launches it saves for."""
+def spy_launchers(monkeypatch, *names):
+    """Wrap the named kcbp launchers so each call appends its name to the returned list."""
     seen = []
-    for name in ("cbp_forward_launch", "cbp_spectra_launch", "cbp_product_launch"):
+    for name in names:
         launch = getattr(kcbp, name)
 
         def spy(*args, _launch=launch, _name=name):
@@ -344,6 +342,16 @@ def test_fft_forward_only_dispatch(grad, request, monkeypatch):
             return _launch(*args)
 
         monkeypatch.setattr(kcbp, name, spy)
+    return seen
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_fft_forward_only_dispatch(grad, request, monkeypatch):
+    """Without a gradient and without broadcasting (the story embedding) the public op runs
+    the one-launch forward; with a gradient, the spectra + product launches it saves for."""
+    seen = spy_launchers(
+        monkeypatch, "cbp_forward_launch", "cbp_spectra_launch", "cbp_product_launch"
+    )
     x, y, h1, s1, h2, s2 = make_inputs((5, 31), (5, 9), 300, fresh_seed(request))
     x.requires_grad_(grad)
     out = kcbp.cbp(x, y, h1, s1, h2, s2, 300)
@@ -385,15 +393,9 @@ def test_fft_programs_loop_over_pairs(pairs_per_program, small_tiles, request, m
 def test_fft_cbp_output_and_grads_fp32(x_shape, y_shape, out_dim, sum_pool, request, monkeypatch):
     """The public entry point with the threshold lowered runs the FFT kernels (the
     launchers are spied on) and matches the float64 truth, forward and both gradients."""
-    seen = []
-    for name in ("cbp_spectra_launch", "cbp_product_launch", "cbp_backward_launch"):
-        launch = getattr(kcbp, name)
-
-        def spy(*args, _launch=launch, _name=name):
-            seen.append(_name)
-            return _launch(*args)
-
-        monkeypatch.setattr(kcbp, name, spy)
+    seen = spy_launchers(
+        monkeypatch, "cbp_spectra_launch", "cbp_product_launch", "cbp_backward_launch"
+    )
     check_cbp_output_and_grads(
         x_shape, y_shape, out_dim, sum_pool, fresh_seed(request), factorised_min_dim=1
     )
