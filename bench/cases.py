@@ -17,7 +17,8 @@ Counting conventions (they are models, stated so the roofline can be read):
 * Executed FLOPs (:func:`executed_flops`, the ``executed_flops`` column): what the fused
   kernels' products execute, tile padding included, from the kernels' cost models
   (``kernels.cbp.executed_macs`` for CBP, whose FFTs run as dense radix-16 DFT tiles on
-  tensor cores and execute more than the butterfly count); the algorithmic count elsewhere.
+  tensor cores and execute more than the butterfly count; ``kernels.read_network.
+  executed_macs`` for the one-launch read); the algorithmic count elsewhere.
 * Bytes: the compulsory traffic of a perfectly fused kernel. Forward reads every input once
   and writes every output once. Backward reads the output gradients and every input again
   (nothing saved beyond the inputs) and writes a gradient per differentiable input.
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 import kernels.cbp as kcbp
+import kernels.read_network as kread
 
 OPS = ("cbp", "memory_conv", "attention_read", "conv_attention_read", "read_network")
 BACKENDS = ("reference", "fused", "compiled")
@@ -212,13 +214,24 @@ def read_network_flops(p) -> float:
 
 
 def _read_network_executed(p, pass_: str, dtype: torch.dtype) -> float:
-    """The read network's algorithmic FLOPs with its CBP counted as executed (the
-    convolutions and the readout execute their dense count, padding aside)."""
+    """What the fused read network executes. One read layer (the one-launch read): the
+    forward from kernels.read_network.executed_macs (memory spectra, question spectra, the
+    spectral GEMM, tile padding included) plus the readout's algorithmic count; the
+    backward recomputes the CBP (kernels.cbp.executed_macs, forward and backward) and runs
+    the conv-attention backward (algorithmic). Several layers: the algorithmic count with
+    the CBP counted as executed."""
     b, c, m, d = p["B"], p["C"], p["m"], p["d"]
     cbp = {"x": (1, c, m, d), "y": (b, 1, 1, d), "D": d}
+    conv_readout = read_network_flops(p) - cbp_flops(cbp)
+    layers, r = _read_layers(p)
+    if len(layers) == 1:
+        ((_, (c_out, _, k, _), stride),) = layers
+        macs = kread.executed_macs(b, c, m, c_out, k, stride, d, dtype)
+        fwd = FMA_FLOPS * macs + _attention_flops(b, r, d, b * r)
+        bwd = BACKWARD_FLOP_FACTOR * conv_readout + _cbp_executed(cbp, "forward+backward", dtype)
+        return {"forward": fwd, "backward": bwd}.get(pass_, fwd + bwd)
     factor = {"forward": 1, "backward": BACKWARD_FLOP_FACTOR}.get(pass_, 1 + BACKWARD_FLOP_FACTOR)
-    rest = (read_network_flops(p) - cbp_flops(cbp)) * factor
-    return rest + _cbp_executed(cbp, pass_, dtype)
+    return conv_readout * factor + _cbp_executed(cbp, pass_, dtype)
 
 
 def _read_network_io(p, esize):

@@ -63,10 +63,12 @@ MODEL_MAX_CBP_DIM = 4096
 #: dense path), a factorised size between the model's, and the largest fused one.
 EXTRA_CBP_DIMS = (97, 600, 16000)
 #: Kernels whose bf16/fp16 configurations must emit wgmma (HGMMA) on sm_90a: CBP at the story
-#: size, the conv-attention forward, and the memory convolution (forward, dx, dw).
+#: size, the one-launch read, the conv-attention forward, and the memory convolution
+#: (forward, dx, dw).
 WGMMA_KERNELS = (
     "_cbp_fwd_kernel", "_cbp_spectra_kernel", "_cbp_product_kernel", "_cbp_bwd_kernel",
-    "_conv_attn_fwd_kernel", "_memconv_fwd_kernel", "_memconv_dx_kernel", "_memconv_dw_kernel",
+    "_read_fwd_kernel", "_conv_attn_fwd_kernel", "_memconv_fwd_kernel", "_memconv_dx_kernel",
+    "_memconv_dw_kernel",
 )  # fmt: skip
 #: CBP sizes whose bf16 kernels are held to WGMMA_KERNELS (the story size).
 WGMMA_CBP_DIM = 4096
@@ -483,8 +485,9 @@ def violations(arch_report: dict) -> list[str]:
 def _needs_wgmma(row: dict) -> bool:
     if row["arch"] != "sm_90a" or row["dtype"] == "fp32" or row["kernel"] not in WGMMA_KERNELS:
         return False
-    d = row["constexprs"].get("D")
-    return d is None or (int(d) == WGMMA_CBP_DIM and "R1" in row["constexprs"])
+    if not row["kernel"].startswith("_cbp"):
+        return True
+    return int(row["constexprs"]["D"]) == WGMMA_CBP_DIM and "R1" in row["constexprs"]
 
 
 def _short(constexprs: dict) -> str:

@@ -46,6 +46,9 @@ k}, so one program of BLOCK_R rows contracts its rows with twiddle tiles built o
 registers (the "sketch-DFT"), stores the weighted products c_k X_k Y_k (c_k = 1/D for bins 0
 and D/2, else 2/D: the Hermitian half spectrum) in a per-row workspace and contracts it with
 the inverse twiddles; backward likewise with G conj(Y), G conj(X) evaluated at the hashes.
+_cbp_dense_spectra_kernel (op ``rwmn::cbp_dense_spectra``, no autograd) writes the half
+spectra of one operand's rows the same way: the read network's memory spectra
+(kernels/read_network.py), a few hundred rows computed once per forward.
 
 Scratch. The FFT kernels stage each transform through a per-program scratch area in device
 memory (2 complex D-vectors for the spectra and product kernels, 3 for the backward and
@@ -368,6 +371,40 @@ def _cbp_dense_bwd_kernel(
         )
         m = rmask[:, None] & nmask[None, :]
         tl.store(gy_row + ns[None, :], (acc * s[None, :]).to(gy_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _cbp_dense_spectra_kernel(
+    src_ptr,
+    h_ptr,
+    s_ptr,
+    tab_ptr,
+    spec_ptr,
+    R,
+    N,
+    D: tl.constexpr,
+    K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """spec[r] = DFT(psi(src[r])) at the K half-spectrum bins ([re K | im K] per row, fp32)
+    by the dense sketch-DFT, for BLOCK_R rows of src [R, N]: the read network's memory
+    spectra (a few hundred rows, where one launch of this costs less than planning FFTs)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    rows64 = rows.to(tl.int64)
+    spec_row = spec_ptr + rows64[:, None] * (2 * K)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        re, im = _sketch_dft(
+            src_ptr, rows64 * N, rmask, h_ptr, s_ptr, N, ks, tab_ptr, D,
+            False, BLOCK_R, BLOCK_K, BLOCK_N, PRECISION,
+        )  # fmt: skip
+        m = rmask[:, None] & (ks < K)[None, :]
+        tl.store(spec_row + ks[None, :], re, mask=m)
+        tl.store(spec_row + K + ks[None, :], im, mask=m)
 
 
 # --------------------------------------------------------------------------------------
@@ -1022,7 +1059,8 @@ def cbp_config(
 
     kind: "spectra" (rows = the distinct rows of one operand), "product", "backward" or
     "forward" (the forward-only kernel; rows = output rows), with the FFT plan ``radices``;
-    or "dense_forward" / "dense_backward" (rows = output rows). FFT kernels: one warpgroup
+    or "dense_forward" / "dense_backward" (rows = output rows) / "dense_spectra" (rows =
+    input rows). FFT kernels: one warpgroup
     (FFT_TILE_OVERRIDES aside), one program per
     pairs_per_program pairs of rows, stage tiles [BLOCK_J, pow2(R)] (at the story size
     [64, 16]: the M of one warpgroup's wgmma). Dense kernels: one program per DENSE_BLOCK_R
@@ -1246,6 +1284,22 @@ def cbp_dense_forward_launch(x, y, xoff, yoff, h1, s1, h2, s2, twiddles, out, wo
         x, y, xoff, yoff, h1, s1, h2, s2, twiddles, out, workspace,
         rows, x.shape[-1], y.shape[-1],
     )  # fmt: skip
+
+
+def cbp_dense_spectra_launch(x, h, s, twiddles, spec) -> None:
+    """Launch the dense spectra kernel: spec [R, 2K] (fp32, [re K | im K] per row) = the half
+    spectra of the sketches (hash h, signs s) of the rows of x [R, n] (contiguous)."""
+    out_dim = twiddles.numel() // 2
+    _check_twiddles(twiddles, out_dim)
+    _check_matrix("x", x, h.numel())
+    _check_spectra("x", spec, out_dim)
+    if spec.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"cbp: spectra of shape {tuple(spec.shape)} need one row per input row ({x.shape[0]})"
+        )
+    rows = x.shape[0]
+    config = cbp_config("dense_spectra", out_dim, _precision(x), rows)
+    launch(_cbp_dense_spectra_kernel, config, x, h, s, twiddles, spec, rows, x.shape[1])
 
 
 def cbp_dense_backward_launch(
@@ -1481,6 +1535,21 @@ def cbp_dense_backward(
     return gx, gy
 
 
+@triton_op("rwmn::cbp_dense_spectra", mutates_args=())
+def cbp_dense_spectra(
+    x: torch.Tensor, h: torch.Tensor, s: torch.Tensor, twiddles: torch.Tensor
+) -> torch.Tensor:
+    """The half spectra DFT(psi(x)) [R, 2K] (fp32, [re K | im K] per row) of the rows of x
+    [R, n] by the dense sketch-DFT, D = twiddles.numel() // 2. No autograd: the read
+    network, its one caller, returns the memory's gradient from its own backward."""
+    out_dim = twiddles.numel() // 2
+    spec = torch.empty((x.shape[0], 2 * half_spectrum(out_dim)), device=x.device,
+                       dtype=torch.float32)  # fmt: skip
+    if x.shape[0]:
+        cbp_dense_spectra_launch(x.contiguous(), h, s, twiddles, spec)
+    return spec
+
+
 # Explicit fake (meta) kernels. triton_op would trace the bodies above instead, but under
 # TRITON_INTERPRET=1 wrap_triton hands back the interpreted kernel, which cannot run on
 # fake tensors; these keep shape propagation identical on every platform.
@@ -1513,6 +1582,11 @@ def _cbp_dense_fake(x, y, xoff, yoff, h1, s1, h2, s2, twiddles):
     return x.new_empty(
         (*xoff.shape, twiddles.shape[0] // 2), dtype=torch.promote_types(x.dtype, y.dtype)
     )
+
+
+@cbp_dense_spectra.register_fake
+def _cbp_dense_spectra_fake(x, h, s, twiddles):
+    return x.new_empty((x.shape[0], 2 * (twiddles.shape[0] // 4 + 1)), dtype=torch.float32)
 
 
 @cbp_dense_backward.register_fake
@@ -1577,7 +1651,7 @@ def row_offsets(t: torch.Tensor, lead: torch.Size) -> torch.Tensor:
     return offsets
 
 
-def _check_hash(name: str, h: torch.Tensor, s: torch.Tensor, n: int, out_dim: int) -> None:
+def check_hash(name: str, h: torch.Tensor, s: torch.Tensor, n: int, out_dim: int) -> None:
     if h.shape != (n,) or s.shape != (n,):
         raise ValueError(
             f"cbp: hash {name} of shape {tuple(h.shape)} and signs of shape {tuple(s.shape)} "
@@ -1611,6 +1685,62 @@ def _fallback_reason(x: torch.Tensor, y: torch.Tensor, out_dim: int) -> str | No
     return None
 
 
+def cached_twiddles(out_dim: int, device: torch.device) -> torch.Tensor:
+    """twiddle_table(out_dim) on ``device``: cached in eager mode, traced under compile."""
+    if torch.compiler.is_compiling():
+        return twiddle_table(out_dim, device)
+    return _cached_twiddle_table(out_dim, device)
+
+
+def _row_indices(x: torch.Tensor, y: torch.Tensor, lead: torch.Size):
+    """The x row and y row of every output row of the broadcast shape ``lead`` (int64): the
+    FFT path transforms each distinct row once and indexes it, never copies it."""
+    xidx = torch.div(row_offsets(x, lead), x.shape[-1], rounding_mode="floor")
+    yidx = torch.div(row_offsets(y, lead), y.shape[-1], rounding_mode="floor")
+    return xidx, yidx
+
+
+def cbp_with_vjp(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    h1: torch.Tensor,
+    s1: torch.Tensor,
+    h2: torch.Tensor,
+    s2: torch.Tensor,
+    out_dim: int,
+    *,
+    factorised_min_dim: int = FACTORISED_MIN_DIM,
+):
+    """(out, vjp) for a caller that runs its own backward: out = CBP(x, y) [*L, D] of the
+    broadcast operands by the fused kernels, and vjp(dL/dout) -> (dL/dx, dL/dy) shaped like
+    x and y (summed over broadcast rows), reusing what the forward computed. No autograd:
+    the fused read network recomputes its CBP this way in its backward. x and y must be in
+    a fused dtype, D <= MAX_FUSED_DIM, hashes checked by the caller."""
+    lead = torch.broadcast_shapes(x.shape[:-1], y.shape[:-1])
+    x, y = x.contiguous(), y.contiguous()
+    twiddles = cached_twiddles(out_dim, x.device)
+    radices = fft_plan(out_dim, factorised_min_dim)
+    if radices is None:
+        xoff, yoff = row_offsets(x, lead), row_offsets(y, lead)
+        out = torch.ops.rwmn.cbp_dense(x, y, xoff, yoff, h1, s1, h2, s2, twiddles)
+
+        def dense_vjp(grad):
+            return torch.ops.rwmn.cbp_dense_backward(
+                grad.to(out.dtype).contiguous(), x, y, xoff, yoff, h1, s1, h2, s2, twiddles
+            )
+
+        return out, dense_vjp
+    xidx, yidx = _row_indices(x, y, lead)
+    out, xs, ys = torch.ops.rwmn.cbp_fft(x, y, xidx, yidx, h1, s1, h2, s2, twiddles, list(radices))
+
+    def fft_vjp(grad):
+        return torch.ops.rwmn.cbp_fft_backward(
+            grad.to(out.dtype), x, y, xs, ys, xidx, yidx, h1, s1, h2, s2, twiddles, list(radices)
+        )
+
+    return out, fft_vjp
+
+
 def cbp(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -1642,17 +1772,14 @@ def cbp(
         # ops (the video story CBP gets unit-normalised fp32 inputs under bf16 autocast).
         dtype = torch.get_autocast_dtype(x.device.type)
         x, y = x.to(dtype), y.to(dtype)
-    _check_hash("h1", h1, s1, x.shape[-1], out_dim)
-    _check_hash("h2", h2, s2, y.shape[-1], out_dim)
+    check_hash("h1", h1, s1, x.shape[-1], out_dim)
+    check_hash("h2", h2, s2, y.shape[-1], out_dim)
     lead = torch.broadcast_shapes(x.shape[:-1], y.shape[:-1])
     if x.stride(-1) != 1:
         x = x.contiguous()
     if y.stride(-1) != 1:
         y = y.contiguous()
-    if torch.compiler.is_compiling():
-        twiddles = twiddle_table(out_dim, x.device)  # traced into the graph
-    else:
-        twiddles = _cached_twiddle_table(out_dim, x.device)
+    twiddles = cached_twiddles(out_dim, x.device)
     radices = fft_plan(out_dim, factorised_min_dim)
     if radices is None:
         out = torch.ops.rwmn.cbp_dense(
@@ -1667,10 +1794,8 @@ def cbp(
             x.contiguous(), y.contiguous(), h1, s1, h2, s2, twiddles, list(radices)
         )
     else:
-        # The FFT path transforms each distinct row of x and y once: index rows, not copies.
         x, y = x.contiguous(), y.contiguous()
-        xidx = torch.div(row_offsets(x, lead), x.shape[-1], rounding_mode="floor")
-        yidx = torch.div(row_offsets(y, lead), y.shape[-1], rounding_mode="floor")
+        xidx, yidx = _row_indices(x, y, lead)
         out, _, _ = torch.ops.rwmn.cbp_fft(
             x, y, xidx, yidx, h1, s1, h2, s2, twiddles, list(radices)
         )
@@ -1680,6 +1805,11 @@ def cbp(
 
 
 __all__ = [
+    "cached_twiddles",
+    "cbp_dense_spectra",
+    "cbp_dense_spectra_launch",
+    "cbp_with_vjp",
+    "check_hash",
     "cbp_dense",
     "cbp_dense_backward",
     "cbp_dense_backward_launch",

@@ -1,33 +1,538 @@
-"""The read network of B questions over one write memory, from the fused pieces.
+"""The read network of B questions over one write memory, one launch per hop.
 
-Math (kernels.reference.read_network is the ground truth): Mq[b, c, i] = CBP(M[c, i], u[b]),
-then the read convolutions over Mq [B, C, m, d], the last one fused with the attention
-readout (kernels/attention.py: its rows never reach device memory in the forward).
+Math (kernels.reference.read_network is the ground truth). With the read CBP's count
+sketches psi1 (memory rows) and psi2 (questions), D = d, K = D // 2 + 1:
+    Mq[b, c, r] = CBP(M[c, r], u[b]) = IDFT(X[c, r] Q[b]),
+    X[c, r] = DFT(psi1(M[c, r])),  Q[b] = DFT(psi2(u[b]))        (half spectra, K bins),
+then the read convolutions over Mq [B, C, m, d] and the attention readout over the rows of
+the last one (kernels/attention.py).
 
-What runs, in launches (pinned by tests/test_kernels_read_network.py): the CBP's spectra
-launches (one for the memory rows, one for the questions: each transformed once, not once
-per pair) and its product launch (Mq = the inverse FFTs of the spectrum products), one
-memory_conv launch per read layer but the last (kernels/memconv.py), and the
-conv-attention launch plus a few tiny merge ops: 3 + L launches forward for L read layers,
-no torch.fft. Not achieved yet: the
-read network in ONE launch after the memory spectra. Mq [B, C, m, d] and each intermediate
-read layer are materialised between launches. See kernels/README.md.
+The inverse DFT is linear, and so is each read convolution along the width: with
+Finv [2K, D] the real inverse half-spectrum DFT (rows k < K: c_k cos(2 pi k t / D) / D,
+rows K + k: -c_k sin(2 pi k t / D) / D; c_k = 1 for bins 0 and D/2, else 2) and T_{o,c,a}
+the d x d Toeplitz matrix of kernel row (o, c, a) (kernels/memconv.py),
+    y[b, o, i] = bias_o + sum_{c, a} Mq[b, c, i*s + a - p] T_{o,c,a}
+               = bias_o + sum_{c, a} [Re P | Im P][b, c, i*s + a - p] G_{o,c,a},
+    P[b, c, r] = X[c, r] Q[b],   G_{o,c,a} = Finv T_{o,c,a}   ([2K, D], "spectral weights").
+So the last read layer runs as a GEMM whose A operand is formed in the prologue of each
+K chunk from the spectra (one complex multiply per element, in registers) and whose B
+operand is G: Mq is never formed, in registers or in memory, and the reduction is 2K =
+D + 2 long, so the executed tensor-core work equals the Toeplitz convolution's. The
+question spectrum Q[b] is a dense sketch-DFT of one row on CUDA cores, chunk by chunk, in
+the same program (O(d K) per program, ~1% of its tensor work at the model's sizes).
+
+What runs (one read layer, the model's --read 3-1-3):
+  * once per forward, shared by every hop (prepare): the memory spectra X (one launch of
+    kernels.cbp's dense spectra kernel: C*m rows, ~0.03 GFLOP at the model's sizes) and
+    G for the read layer (a few small torch ops on the weights: one batched matmul);
+  * per hop: ONE launch, _read_fwd_kernel, per (question, output channel, BLOCK_I slots):
+    Q chunk, P chunk, the spectral GEMM, bias, ReLU, unit norm, and the flash-decoding
+    softmax partials of kernels/attention.py; a few tiny torch ops merge the partials.
+Backward (recompute): the CBP forward again (kernels.cbp, Mq materialised once: it is the
+A operand of the weight gradient and its rows are recomputed by the conv-attention
+backward, both of which need them in time order), then the existing conv-attention,
+memory_conv and CBP backward kernels: dL/dMq is materialised once ([B, C, m, d], 5.8 MB
+fp32 at the model's sizes), cheaper than forming dL/dP and dL/dG in the spectral domain,
+which would need a second dense GEMM family for the weight gradient.
+
+With several read layers, every layer but the last is materialised (the issue's allowance)
+and so is Mq: the CBP (spectra + product launches), one memory_conv per layer but the last,
+and the conv-attention launch. See kernels/README.md.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op
 
-from kernels.attention import conv_attention_read
-from kernels.cbp import cbp
-from kernels.memconv import memory_conv
+from kernels import reference
+from kernels._common import (
+    FUSED_DTYPES,
+    UNIT_NORM_EPS,
+    LaunchConfig,
+    cast,
+    compute_dtype,
+    dot_precision,
+    launch,
+    pow2_at_least,
+)
+from kernels.attention import (
+    BLOCK_I_SMALL,
+    BLOCK_I_WGMMA,
+    MAX_FUSED_D,
+    _merge_blocks,
+    _partials,
+    _softmax_block,
+    _zeros_if_none,
+    conv_attention_read,
+)
+from kernels.cbp import (
+    DENSE_BLOCK_K,
+    DENSE_BLOCK_N,
+    DENSE_BLOCK_R,
+    FACTORISED_MIN_DIM,
+    _twiddle,
+    cached_twiddles,
+    cbp,
+    cbp_with_vjp,
+    check_hash,
+    half_spectrum,
+)
+from kernels.memconv import conv_input_grads, memory_conv
+from kernels.reference import same_padding
+
+#: Spectrum bins per step of the spectral GEMM, whose K is twice that (Re and Im): bf16/fp16
+#: 32, fp32 (ieee, both operands in registers) 16.
+BLOCK_BINS_HALF = 16
+BLOCK_BINS_FP32 = 16
+#: Question elements per step of the question spectrum ([BLOCK_N, bins] twiddle tiles).
+BLOCK_N = 32
+NUM_WARPS = 8
 
 
-def _cbp_rows(memory, u, h1, s1, h2, s2, d):
+# --------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _question_spectrum(
+    u_ptr,
+    h_ptr,
+    s_ptr,
+    tab_ptr,
+    b,
+    ks,
+    D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Re and Im of Q_k = sum_i s2(i) u[b, i] e^{-2 pi i h2(i) k / D} at the bins ks: one
+    row, too thin for a tensor-core tile, so CUDA-core products and a reduction."""
+    re = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    im = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for n0 in range(0, D, BLOCK_N):
+        ns = n0 + tl.arange(0, BLOCK_N)
+        nm = ns < D
+        v = tl.load(u_ptr + b * D + ns, mask=nm, other=0.0).to(tl.float32)
+        v *= tl.load(s_ptr + ns, mask=nm, other=0.0).to(tl.float32)
+        h = tl.load(h_ptr + ns, mask=nm, other=0).to(tl.int32)
+        cos, sin = _twiddle(h, ks, tab_ptr, D)
+        re += tl.sum(v[:, None] * cos, axis=0)
+        im -= tl.sum(v[:, None] * sin, axis=0)
+    return re, im
+
+
+@triton.jit
+def _spectral_conv_rows(
+    xs_ptr,
+    g_ptr,
+    bias_ptr,
+    u_ptr,
+    h2_ptr,
+    s2_ptr,
+    tab_ptr,
+    b,
+    o,
+    offs_i,
+    offs_d,
+    C_IN,
+    N_ROWS,
+    M_ROWS,
+    KH,
+    STRIDE,
+    PAD_TOP,
+    D: tl.constexpr,
+    K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Pre-activation rows y[b, o, offs_i, :] of the read layer over Mq = CBP(M, u[b]),
+    from the memory spectra xs [C*n, 2K] and the spectral weights g [c_out, C, k, 2K, D]
+    (module docstring); fp32, zero outside the tensor."""
+    d_ok = offs_d < D
+    acc = tl.zeros((BLOCK_I, BLOCK_D), dtype=tl.float32)
+    g_out = g_ptr + o.to(tl.int64) * C_IN * KH * (2 * K * D)
+    # One GEMM step per chunk of BLOCK_K bins, K = 2 BLOCK_K: A = [Re P | Im P] of the
+    # chunk, B = the matching rows of G. (Two products into one accumulator per step, one
+    # for Re and one for Im, spilled ~4.7 KB per thread on sm_90a: two wgmma in flight.)
+    # Column c < BLOCK_K is Re of bin k0 + c, column BLOCK_K + c its Im; with X = [xr | xi]
+    # read at col and X' = [xi | xr] at swap, [Re P | Im P] = X [Qr | Qr] + X' [-Qi | Qi].
+    cols = tl.arange(0, 2 * BLOCK_K)
+    is_im = cols >= BLOCK_K
+    for k0 in range(0, K, BLOCK_K):
+        # Bins outermost: the question's spectrum chunk is formed once per chunk and serves
+        # every (channel, tap).
+        ks = k0 + cols % BLOCK_K
+        k_ok = ks < K
+        col = tl.where(is_im, K + ks, ks)
+        swap = tl.where(is_im, ks, K + ks)
+        qr, qi = _question_spectrum(u_ptr, h2_ptr, s2_ptr, tab_ptr, b, ks, D, 2 * BLOCK_K,
+                                    BLOCK_N)  # fmt: skip
+        qi = tl.where(is_im, qi, -qi)
+        g_off = col[:, None] * D + offs_d[None, :]
+        g_ok = k_ok[:, None] & d_ok[None, :]
+        for ca in range(0, C_IN * KH):
+            c = ca // KH
+            a = ca % KH
+            rows = offs_i * STRIDE + a - PAD_TOP
+            row_ok = (offs_i < M_ROWS) & (rows >= 0) & (rows < N_ROWS)
+            spec = xs_ptr + (c * N_ROWS + rows).to(tl.int64)[:, None] * (2 * K)
+            x_ok = row_ok[:, None] & k_ok[None, :]
+            x = tl.load(spec + col[None, :], mask=x_ok, other=0.0)
+            x_swap = tl.load(spec + swap[None, :], mask=x_ok, other=0.0)
+            gt = tl.load(g_out + ca * (2 * K * D) + g_off, mask=g_ok, other=0.0)
+            # P = X Q, formed in fp32 and rounded once to the operand dtype of the GEMM.
+            p = x * qr[None, :] + x_swap * qi[None, :]
+            acc = tl.dot(p.to(gt.dtype), gt, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + o).to(tl.float32)
+    # Padding rows/columns would otherwise carry the bias into the softmax.
+    valid = (offs_i < M_ROWS)[:, None] & d_ok[None, :]
+    return tl.where(valid, acc, 0.0)
+
+
+@triton.jit
+def _read_fwd_kernel(
+    xs_ptr,
+    g_ptr,
+    bias_ptr,
+    u_ptr,
+    h2_ptr,
+    s2_ptr,
+    tab_ptr,
+    z_ptr,
+    pm_ptr,
+    pl_ptr,
+    pacc_ptr,
+    C_IN,
+    C_OUT,
+    N_ROWS,
+    M_ROWS,
+    KH,
+    STRIDE,
+    PAD_TOP,
+    N_I_BLOCKS,
+    sharp,
+    eps,
+    D: tl.constexpr,
+    K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One read layer and the attention readout for question b, output channel o and
+    BLOCK_I slots: the spectral GEMM (module docstring), bias, ReLU, unit norm, and the
+    softmax partials of kernels/attention.py (z, block max, block sum, block readout)."""
+    b = tl.program_id(0)
+    blk = tl.program_id(1)
+    o = blk // N_I_BLOCKS
+    offs_i = (blk % N_I_BLOCKS) * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_d = tl.arange(0, BLOCK_D)
+    i_ok = offs_i < M_ROWS
+    d_ok = offs_d < D
+    y = _spectral_conv_rows(
+        xs_ptr, g_ptr, bias_ptr, u_ptr, h2_ptr, s2_ptr, tab_ptr, b, o, offs_i, offs_d,
+        C_IN, N_ROWS, M_ROWS, KH, STRIDE, PAD_TOP,
+        D, K, HAS_BIAS, PRECISION, BLOCK_I, BLOCK_D, BLOCK_K, BLOCK_N,
+    )  # fmt: skip
+    tile = tl.maximum(y, 0.0)
+    rn = tl.rsqrt(eps + tl.sum(tile * tile, axis=1))
+    u = tl.load(u_ptr + b * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    part = b * (C_OUT * N_I_BLOCKS) + blk
+    _softmax_block(
+        tile,
+        u,
+        rn,
+        i_ok,
+        z_ptr + (b * C_OUT + o) * M_ROWS + offs_i,
+        pm_ptr + part,
+        pl_ptr + part,
+        pacc_ptr + part.to(tl.int64) * D + offs_d,
+        d_ok,
+        sharp,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------
+
+
+def read_config(
+    n_batch: int, c_out: int, m: int, d: int, dtype: torch.dtype, has_bias: bool
+) -> LaunchConfig:
+    """Launch configuration of _read_fwd_kernel: one program per (question, output channel,
+    BLOCK_I slots), each tile spanning the whole width pow2(d). bf16/fp16: 64 slots, the M
+    of a wgmma tile; fp32 (ieee on CUDA cores): 16 (the conv-attention kernel's tiles)."""
+    half = dtype != torch.float32
+    block_i = BLOCK_I_WGMMA if half else BLOCK_I_SMALL
+    return LaunchConfig(
+        grid=(n_batch, c_out * triton.cdiv(m, block_i)),
+        constexprs=dict(
+            D=d,
+            K=half_spectrum(d),
+            HAS_BIAS=has_bias,
+            PRECISION=dot_precision(dtype),
+            BLOCK_I=block_i,
+            BLOCK_D=pow2_at_least(d),
+            BLOCK_K=BLOCK_BINS_HALF if half else BLOCK_BINS_FP32,
+            BLOCK_N=BLOCK_N,
+        ),
+        num_warps=NUM_WARPS,
+        num_stages=1,
+    )
+
+
+def executed_macs(
+    n_batch: int,
+    c_in: int,
+    n_rows: int,
+    c_out: int,
+    kh: int,
+    stride: int,
+    d: int,
+    dtype: torch.dtype,
+) -> int:
+    """Multiply-adds the one-launch read forward executes, tile padding included, from the
+    launches' own tiles: the memory spectra (dense sketch-DFT, two [16, 32] x [32, 32]
+    products per row block, bin chunk and input chunk), the question spectrum (CUDA cores,
+    cos and sin per input and bin, recomputed by every program) and the spectral GEMM
+    ([BLOCK_I, 2 BLOCK_K] x [2 BLOCK_K, pow2(d)] per program, bin chunk and tap)."""
+    k = half_spectrum(d)
+    rows = c_in * n_rows
+    spectra = (
+        2
+        * triton.cdiv(rows, DENSE_BLOCK_R) * DENSE_BLOCK_R
+        * triton.cdiv(k, DENSE_BLOCK_K) * DENSE_BLOCK_K
+        * triton.cdiv(d, DENSE_BLOCK_N) * DENSE_BLOCK_N
+    )  # fmt: skip
+    m = same_padding(n_rows, kh, stride)[0]
+    c = read_config(n_batch, c_out, m, d, dtype, True).constexprs
+    programs = n_batch * c_out * triton.cdiv(m, c["BLOCK_I"])
+    chunks = triton.cdiv(k, c["BLOCK_K"])
+    question = 2 * chunks * 2 * c["BLOCK_K"] * triton.cdiv(d, BLOCK_N) * BLOCK_N
+    gemm = chunks * c_in * kh * c["BLOCK_I"] * 2 * c["BLOCK_K"] * c["BLOCK_D"]
+    return spectra + programs * (question + gemm)
+
+
+def _check_contiguous(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype) -> None:
+    if tuple(t.shape) != shape or t.dtype != dtype or not t.is_contiguous():
+        raise ValueError(
+            f"read_network: {name} of shape {tuple(t.shape)} and dtype {t.dtype} must be a "
+            f"contiguous {dtype} tensor of shape {list(shape)}"
+        )
+
+
+def read_forward(spectra, g, bias, u, h2, s2, twiddles, n_rows: int, stride: int, sharp: float):
+    """(o [B, d], p [B, c_out * m], lse [B] fp32) of the read layer and readout, one launch.
+
+    spectra [C * n_rows, 2K] fp32: the memory's half spectra (cbp_dense_spectra_launch);
+    g [c_out, C, k, 2K, d] = spectral_weights(weight) in u's dtype; bias [c_out] or None;
+    u [B, d] (contiguous); h2, s2 the question's hash and signs; twiddles =
+    kernels.cbp.twiddle_table(d)."""
+    n_batch, d = u.shape
+    c_out, c_in, kh, two_k = g.shape[0], g.shape[1], g.shape[2], 2 * half_spectrum(d)
+    _check_contiguous("u", u, (n_batch, d), u.dtype)
+    _check_contiguous("spectral weights", g, (c_out, c_in, kh, two_k, d), u.dtype)
+    _check_contiguous("memory spectra", spectra, (c_in * n_rows, two_k), torch.float32)
+    _check_contiguous("twiddles", twiddles, (2 * d,), torch.float32)
+    if bias is not None:
+        _check_contiguous("bias", bias, (c_out,), u.dtype)
+    if h2.shape != (d,) or s2.shape != (d,):
+        raise ValueError(f"read_network: the question hash and signs must be [{d}]")
+    m, top, _ = same_padding(n_rows, kh, stride)
+    config = read_config(n_batch, c_out, m, d, u.dtype, bias is not None)
+    n_blocks = config.grid[1]
+    z, pm, pl, pacc = _partials(n_batch, n_blocks, c_out * m, d, u.device)
+    launch(
+        _read_fwd_kernel, config,
+        spectra, g, bias if bias is not None else g, u, h2, s2, twiddles, z, pm, pl, pacc,
+        c_in, c_out, n_rows, m, kh, stride, top, n_blocks // c_out, float(sharp),
+        UNIT_NORM_EPS,
+    )  # fmt: skip
+    return _merge_blocks(z, pm, pl, pacc, u.dtype)
+
+
+def inverse_dft_matrix(d: int, device) -> torch.Tensor:
+    """Finv [2K, d] fp32 with irfft(P, d) = [Re P | Im P] @ Finv (module docstring): the
+    phases reduced mod d in integers and evaluated in float64, so entries are correctly
+    rounded."""
+    k = half_spectrum(d)
+    bins = torch.arange(k, device=device)
+    t = torch.arange(d, device=device)
+    angle = ((bins[:, None] * t[None, :]) % d).to(torch.float64) * (2 * math.pi / d)
+    scale = torch.where((bins == 0) | (2 * bins == d), 1.0, 2.0).to(torch.float64)[:, None] / d
+    return torch.cat((scale * torch.cos(angle), -scale * torch.sin(angle))).to(torch.float32)
+
+
+def spectral_weights(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """G [c_out, c_in, k, 2K, d] = Finv T_{o,c,a} in ``dtype`` for a read layer's weight
+    [c_out, c_in, k, d]: computed in fp32 from the (master) weight, outside autocast, with
+    no gradient (the fused op returns the weight's gradient itself)."""
+    d = weight.shape[-1]
+    with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+        finv = inverse_dft_matrix(d, weight.device)
+        # x[::-1] @ reversed_toeplitz = the SAME correlation along the width, x @ T.
+        toeplitz = reference.reversed_toeplitz(weight.float(), same_padding(d, d, 1)[1])
+        g = torch.matmul(finv.flip(-1), toeplitz)
+    return g.to(dtype).contiguous()
+
+
+# --------------------------------------------------------------------------------------
+# Custom op and autograd
+# --------------------------------------------------------------------------------------
+
+
+@triton_op("rwmn::read_conv_attention", mutates_args=())
+def _read_conv_attention_op(
+    memory: torch.Tensor,
+    spectra: torch.Tensor,
+    u: torch.Tensor,
+    weight: torch.Tensor,
+    g: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: int,
+    h1: torch.Tensor,
+    s1: torch.Tensor,
+    h2: torch.Tensor,
+    s2: torch.Tensor,
+    twiddles: torch.Tensor,
+    sharp: float,
+    factorised_min_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(o, p, lse) of the one-layer read network. spectra and g must be the memory's spectra
+    and spectral_weights(weight) (prepare): the forward reads only them, the backward
+    recomputes from memory and weight and returns their gradients (none for spectra, g)."""
+    return read_forward(spectra, g, bias, u, h2, s2, twiddles, memory.shape[1], stride, sharp)
+
+
+@_read_conv_attention_op.register_fake
+def _read_conv_attention_fake(
+    memory, spectra, u, weight, g, bias, stride, h1, s1, h2, s2, twiddles, sharp, min_dim
+):
+    # Explicit, as for kernels.cbp's ops: under TRITON_INTERPRET=1 the body cannot run on
+    # fake tensors.
+    n_batch, d = u.shape
+    m = same_padding(memory.shape[1], weight.shape[2], stride)[0]
+    return (
+        u.new_empty((n_batch, d)),
+        u.new_empty((n_batch, weight.shape[0] * m)),
+        u.new_empty((n_batch,), dtype=torch.float32),
+    )
+
+
+def _read_setup(ctx, inputs, output):
+    memory, _, u, weight, _, bias, stride, h1, s1, h2, s2, _, sharp, min_dim = inputs
+    o, p, lse = output
+    ctx.save_for_backward(memory, u, weight, bias, h1, s1, h2, s2, o, p, lse)
+    ctx.stride, ctx.sharp, ctx.min_dim = stride, sharp, min_dim
+
+
+def _read_backward(ctx, go, gp, _glse):
+    memory, u, weight, bias, h1, s1, h2, s2, o, p, lse = ctx.saved_tensors
+    go, gp = _zeros_if_none(go, o), _zeros_if_none(gp, p)
+    d = u.shape[-1]
+    mq, cbp_vjp = cbp_with_vjp(
+        memory.unsqueeze(0), u[:, None, None, :], h1, s1, h2, s2, d,
+        factorised_min_dim=ctx.min_dim,
+    )  # fmt: skip
+    gy, du = torch.ops.rwmn.conv_attention_read_backward(
+        go, gp, mq, weight, bias, ctx.stride, u, ctx.sharp, o, p, lse
+    )
+    dmq, dw, db = conv_input_grads(gy, mq, weight, bias is not None, ctx.stride)
+    dmemory, du_cbp = cbp_vjp(dmq)
+    du = du + du_cbp.view_as(u)
+    return dmemory.view_as(memory), None, du, dw, None, db, *(None,) * 8
+
+
+_read_conv_attention_op.register_autograd(_read_backward, setup_context=_read_setup)
+
+
+# --------------------------------------------------------------------------------------
+# Public entry points (the signatures rwmn.ops dispatches to)
+# --------------------------------------------------------------------------------------
+
+
+class ReadMemory(NamedTuple):
+    """The question-independent part of the one-launch read (see prepare), reused by every
+    hop: the memory in the kernels' dtype, its CBP spectra, the read layer's spectral
+    weights, the twiddle table."""
+
+    memory: torch.Tensor
+    spectra: torch.Tensor
+    spectral_weight: torch.Tensor
+    twiddles: torch.Tensor
+
+
+def _one_launch_dtype(memory, weights, biases, u=None) -> torch.dtype | None:
+    """The kernels' dtype when the one-launch read applies (one read layer, a row width the
+    tile holds, a fused dtype), else None."""
+    dtype = compute_dtype(memory, u, *weights, *biases)
+    if len(weights) != 1 or memory.shape[-1] > MAX_FUSED_D or dtype not in FUSED_DTYPES:
+        return None
+    return dtype
+
+
+def _prepare(memory, hashes, weight, dtype) -> ReadMemory:
+    c, m, d = memory.shape
+    h1, s1, _, _ = hashes
+    check_hash("h1", h1, s1, d, d)
+    memory = cast(memory, dtype)
+    twiddles = cached_twiddles(d, memory.device)
+    spectra = torch.ops.rwmn.cbp_dense_spectra(memory.detach().view(c * m, d), h1, s1, twiddles)
+    return ReadMemory(memory, spectra, spectral_weights(weight, dtype), twiddles)
+
+
+def prepare(
+    memory: torch.Tensor,
+    hashes: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None],
+) -> ReadMemory | None:
+    """What every hop's read shares (one launch for the memory spectra, the spectral
+    weights), or None where the one-launch read does not apply (several read layers, rows
+    wider than MAX_FUSED_D, an unfused dtype)."""
+    dtype = _one_launch_dtype(memory, weights, biases)
+    return None if dtype is None else _prepare(memory, hashes, weights[0], dtype)
+
+
+def _check_read_inputs(memory, u, weights):
+    if not weights:
+        raise ValueError("read_network needs at least one read layer")
+    if memory.dim() != 3 or u.dim() != 2 or memory.shape[-1] != u.shape[-1]:
+        raise ValueError(
+            f"read_network: memory {tuple(memory.shape)} must be [C, m, d] and u "
+            f"{tuple(u.shape)} must be [B, d] with the same d"
+        )
+    c_out, c_in, _, d = weights[0].shape
+    if c_in != memory.shape[0] or d != memory.shape[-1]:
+        raise ValueError(
+            f"read_network: the first read kernel {tuple(weights[0].shape)} does not match "
+            f"memory {tuple(memory.shape)} (expected [c_out, {memory.shape[0]}, k, "
+            f"{memory.shape[-1]}])"
+        )
+
+
+def _cbp_rows(memory, u, h1, s1, h2, s2, d, factorised_min_dim):
     """Mq [B, C, m, d] = CBP of every memory row with every question vector."""
-    return cbp(memory.unsqueeze(0), u[:, None, None, :], h1, s1, h2, s2, d)
+    return cbp(
+        memory.unsqueeze(0), u[:, None, None, :], h1, s1, h2, s2, d,
+        factorised_min_dim=factorised_min_dim,
+    )  # fmt: skip
 
 
 def read_network(
@@ -38,20 +543,52 @@ def read_network(
     biases: Sequence[torch.Tensor | None],
     strides: Sequence[int],
     sharp: float,
+    prepared: ReadMemory | None = None,
+    *,
+    factorised_min_dim: int = FACTORISED_MIN_DIM,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused kernels.reference.read_network: memory [C, m, d], u [B, d] -> (o [B, d], p [B, R])."""
-    if not weights:
-        raise ValueError("read_network needs at least one read layer")
-    if memory.dim() != 3 or u.dim() != 2 or memory.shape[-1] != u.shape[-1]:
-        raise ValueError(
-            f"read_network: memory {tuple(memory.shape)} must be [C, m, d] and u "
-            f"{tuple(u.shape)} must be [B, d] with the same d"
-        )
+    """Fused kernels.reference.read_network: memory [C, m, d], u [B, d] -> (o [B, d], p [B, R]).
+
+    prepared: prepare(memory, ...) of this memory, computed once for several hops (else
+    computed here). factorised_min_dim: the CBP's FFT threshold (kernels.cbp.cbp), for the
+    backward's recompute and the several-layer path; tests lower it."""
+    _check_read_inputs(memory, u, weights)
     h1, s1, h2, s2 = hashes
     d = memory.shape[-1]
-    mq = _cbp_rows(memory, u, h1, s1, h2, s2, d)
-    layers = list(zip(weights, biases, strides, strict=True))
-    for w, b, s in layers[:-1]:
-        mq = memory_conv(mq, w, b, s)
-    w, b, s = layers[-1]
-    return conv_attention_read(mq, w, b, s, u, sharp)
+    dtype = _one_launch_dtype(memory, weights, biases, u)
+    if dtype is None:
+        mq = _cbp_rows(memory, u, h1, s1, h2, s2, d, factorised_min_dim)
+        layers = list(zip(weights, biases, strides, strict=True))
+        for w, b, s in layers[:-1]:
+            mq = memory_conv(mq, w, b, s)
+        w, b, s = layers[-1]
+        return conv_attention_read(mq, w, b, s, u, sharp)
+    if prepared is not None and prepared.memory.shape != memory.shape:
+        raise ValueError(
+            f"read_network: prepared for a memory of shape {tuple(prepared.memory.shape)}, "
+            f"called with {tuple(memory.shape)}"
+        )
+    if prepared is None or prepared.spectral_weight.dtype != dtype:
+        prepared = _prepare(memory, hashes, weights[0], dtype)
+    check_hash("h2", h2, s2, d, d)
+    (weight,), (bias,), (stride,) = weights, biases, strides
+    if stride < 1:
+        raise ValueError(f"read_network: stride must be >= 1, got {stride}")
+    o, p, _ = torch.ops.rwmn.read_conv_attention(
+        prepared.memory, prepared.spectra, cast(u, dtype), cast(weight, dtype),
+        prepared.spectral_weight, cast(bias, dtype), stride, h1, s1, h2, s2,
+        prepared.twiddles, float(sharp), factorised_min_dim,
+    )  # fmt: skip
+    return o, p
+
+
+__all__ = [
+    "ReadMemory",
+    "executed_macs",
+    "inverse_dft_matrix",
+    "prepare",
+    "read_config",
+    "read_forward",
+    "read_network",
+    "spectral_weights",
+]

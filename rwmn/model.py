@@ -109,9 +109,11 @@ class RWMN(nn.Module):
         with nvtx_range("write"):
             memory = self.write(memory.unsqueeze(0))  # [C, m, d]
         attention = []
+        # The question-independent part of the read (the fused path's memory spectra), once.
+        prepared = self.read.prepare(memory)
         for hop in range(self.cfg.num_hop):
             with nvtx_range(f"read/hop{hop}"):
-                o, p = self.read(memory, u)
+                o, p = self.read(memory, u, prepared)
                 attention.append(p)
                 if self.cfg.legacy:
                     u = unit_norm(unit_norm(o) + u)

@@ -227,6 +227,20 @@ def conv_attention_read(
     return reference.conv_attention_read(x, weight, bias, stride, u, sharp)
 
 
+def prepare_read(
+    memory: torch.Tensor,
+    hashes: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None],
+):
+    """What every hop's :func:`read_network` over this memory shares, computed once: under
+    the triton backend the memory's CBP spectra and the read layer's spectral weights
+    (``kernels.read_network.prepare``); None where nothing is shared (the reference)."""
+    if resolve_backend("read_network", memory, *weights) == "triton":
+        return _fused("read_network", "prepare")(memory, hashes, weights, biases)
+    return None
+
+
 def read_network(
     memory: torch.Tensor,
     u: torch.Tensor,
@@ -235,11 +249,13 @@ def read_network(
     biases: Sequence[torch.Tensor | None],
     strides: Sequence[int],
     sharp: float,
+    prepared=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The paper's whole read network; see :func:`rwmn.reference.read_network`."""
+    """The paper's whole read network; see :func:`rwmn.reference.read_network`.
+    ``prepared``: :func:`prepare_read` of this memory (optional; hops reuse it)."""
     if resolve_backend("read_network", memory, u, *weights) == "triton":
         fused = _fused("read_network", "read_network")
-        return fused(memory, u, hashes, weights, biases, strides, sharp)
+        return fused(memory, u, hashes, weights, biases, strides, sharp, prepared)
     return reference.read_network(memory, u, hashes, weights, biases, strides, sharp)
 
 

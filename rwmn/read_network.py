@@ -46,8 +46,22 @@ class ReadNetwork(MemoryConvStack):
             CompactBilinearPooling(width, width, width, cbp_hash) if layers and not legacy else None
         )
 
-    def forward(self, memory: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """memory [C, m, d], u [B, d] -> o [B, d], attention p [B, R]."""
+    def prepare(self, memory: torch.Tensor):
+        """What every hop's read of ``memory`` shares (rwmn.ops.prepare_read), or None."""
+        if self.legacy or not len(self):
+            return None
+        return ops.prepare_read(
+            memory,
+            self.cbp.hashes,
+            [conv.weight for conv in self.convs],
+            [conv.bias for conv in self.convs],
+        )
+
+    def forward(
+        self, memory: torch.Tensor, u: torch.Tensor, prepared=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """memory [C, m, d], u [B, d] -> o [B, d], attention p [B, R]. ``prepared``:
+        self.prepare(memory), computed once for several hops (optional)."""
         if self.legacy:
             rows = legacy_rows(memory)
             if not len(self):
@@ -64,4 +78,5 @@ class ReadNetwork(MemoryConvStack):
             [conv.bias for conv in self.convs],
             [conv.stride for conv in self.convs],
             self.sharp,
+            prepared,
         )

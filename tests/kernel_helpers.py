@@ -33,6 +33,16 @@ def poisoned(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan_fill(empty_like(*a, **k)))
 
 
+def autocast(fn, dtype, device="cuda"):
+    """fn run under torch.autocast(device, dtype)."""
+
+    def run(*args):
+        with torch.autocast(device, dtype=dtype):
+            return fn(*args)
+
+    return run
+
+
 def leaves(tensors, dtype, device="cpu"):
     """Fresh differentiable copies (None stays None)."""
     return [None if t is None else t.detach().to(device, dtype).requires_grad_() for t in tensors]

@@ -28,7 +28,8 @@ REPORT_TIMEOUT_S = 1500
 CBP_DIMS = {97, 300, 600, 4096, 16000}
 KERNELS = {
     "_cbp_fwd_kernel", "_cbp_spectra_kernel", "_cbp_product_kernel", "_cbp_bwd_kernel",
-    "_cbp_dense_fwd_kernel", "_cbp_dense_bwd_kernel",
+    "_cbp_dense_fwd_kernel", "_cbp_dense_bwd_kernel", "_cbp_dense_spectra_kernel",
+    "_read_fwd_kernel",
     "_memconv_fwd_kernel", "_memconv_dx_kernel", "_memconv_dw_kernel",
     "_attn_fwd_kernel", "_attn_bwd_kernel", "_conv_attn_fwd_kernel", "_conv_attn_bwd_kernel",
 }  # fmt: skip
@@ -122,6 +123,7 @@ def _violations(*rows, arch="sm_90a"):
         (_row(shared=cr.SHARED_LIMIT["sm_90a"] + 1), "shared memory"),
         (_row(HGMMA=0), "wgmma"),
         (_row(kernel="_cbp_product_kernel", constexprs={"D": 4096, "R1": 16}, HGMMA=0), "wgmma"),
+        (_row(kernel="_read_fwd_kernel", constexprs={"D": 300, "K": 151}, HGMMA=0), "wgmma"),
     ],
 )
 def test_rules_flag_bad_rows(row, match):

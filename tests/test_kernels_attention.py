@@ -10,6 +10,7 @@ from kernel_helpers import (
     ERROR_RATIO,
     LOW_PRECISION_RATIO,
     LOW_PRECISION_REL_ATOL,
+    autocast,
     check_against_float64,
     cuda,
     poisoned,  # noqa: F401  (fixture)
@@ -153,25 +154,17 @@ def test_bad_shapes_raise():
 # ----------------------------------------------------------------------------- GPU
 
 
-def _autocast(fn, dtype):
-    def run(*args):
-        with torch.autocast("cuda", dtype=dtype):
-            return fn(*args)
-
-    return run
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.cuda
 @cuda[1]
-def test_low_precision_autocast(dtype):
+def test_low_precisionautocast(dtype):
     tol = dict(ratio=LOW_PRECISION_RATIO, rel_atol=LOW_PRECISION_REL_ATOL[dtype])
     fused, ref = _attn_fns(True)
     rows, u = torch.randn(32, 150, 300), torch.randn(32, 300)
-    check_against_float64(_autocast(fused, dtype), _autocast(ref, dtype), [rows, u],
+    check_against_float64(autocast(fused, dtype), autocast(ref, dtype), [rows, u],
                           device="cuda", **tol)  # fmt: skip
     fused, ref = _conv_fns(1)
-    check_against_float64(_autocast(fused, dtype), _autocast(ref, dtype),
+    check_against_float64(autocast(fused, dtype), autocast(ref, dtype),
                           _conv_inputs(32, 3, 3, 50, 300, 3), device="cuda", **tol)  # fmt: skip
 
 

@@ -9,6 +9,9 @@ import pytest
 import torch
 from kernel_helpers import (
     ERROR_RATIO,
+    LOW_PRECISION_RATIO,
+    LOW_PRECISION_REL_ATOL,
+    autocast,
     check_against_float64,
     cuda,
     poisoned,  # noqa: F401  (fixture)
@@ -51,15 +54,7 @@ def _layers(channels, spec, d):
     return weights, biases, strides
 
 
-# (C, m, d, batch, read layers)
-CASES = [
-    (3, 10, 13, 2, [(3, 1, 3)]),
-    (2, 9, 12, 3, [(3, 2, 2), (2, 1, 3)]),
-    (1, 7, 7, 2, [(4, 3, 2)]),
-]
-
-
-def check_read_network_against_float64(case):
+def check_read_network_against_float64(case, fused=fused_read.read_network):
     """Fused vs reference vs float64 read network: the output, p and every gradient."""
     c, m, d, batch, spec = case
     hashes = _hashes(d, d)
@@ -77,9 +72,18 @@ def check_read_network_against_float64(case):
     # Three fused stages (CBP, conv, conv-attention) each stay within ERROR_RATIO of their
     # reference stage (their own tests); composed, their errors add, so the end-to-end
     # gradients get twice the headroom (a 4x bound failed 1 run in about 15 here).
-    check_against_float64(
-        call(fused_read.read_network), call(reference.read_network), inputs, ratio=2 * ERROR_RATIO
-    )
+    check_against_float64(call(fused), call(reference.read_network), inputs, ratio=2 * ERROR_RATIO)
+
+
+# (C, m, d, batch, read layers). One read layer takes the one-launch path; d = 45 and 97
+# run several bin chunks, m = 20 two slot blocks of the fp32 tile.
+CASES = [
+    (3, 10, 13, 2, [(3, 1, 3)]),
+    (2, 20, 45, 3, [(3, 1, 2)]),
+    (1, 7, 7, 2, [(4, 3, 2)]),
+    (2, 9, 12, 3, [(3, 2, 2), (2, 1, 3)]),
+    (2, 5, 97, 2, [(2, 2, 3)]),
+]
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -87,51 +91,217 @@ def test_matches_float64(case):
     check_read_network_against_float64(case)
 
 
-# (C, m, d, batch, read layers): one, two and three read layers on the FFT-path CBP.
+# (C, m, d, batch, read layers): one, two and three read layers with the CBP (the backward's
+# recompute, and the several-layer path) on the FFT path.
 FFT_CASES = [
     (2, 9, 12, 2, [(3, 1, 3)]),
     (2, 9, 15, 3, [(3, 2, 2), (2, 1, 3)]),
     (1, 8, 16, 2, [(3, 1, 2), (2, 2, 2), (3, 1, 1)]),
 ]
-
-
-@pytest.fixture
-def fft_cbp(monkeypatch):
-    """The read network's CBP on the FFT path at these tiny d (below FACTORISED_MIN_DIM)."""
-    monkeypatch.setattr(fused_read, "cbp", functools.partial(kcbp.cbp, factorised_min_dim=1))
+fft_read_network = functools.partial(fused_read.read_network, factorised_min_dim=1)
 
 
 @pytest.mark.parametrize("case", FFT_CASES, ids=str)
-def test_fft_path_matches_float64(case, fft_cbp):
-    check_read_network_against_float64(case)
+def test_fft_path_matches_float64(case):
+    check_read_network_against_float64(case, fft_read_network)
 
 
-@pytest.mark.parametrize("case", FFT_CASES, ids=str)
-def test_launches_and_no_torch_fft(case, fft_cbp, monkeypatch):
-    """What the fused read path launches today: the CBP's spectra kernel (once for the
-    memory, once for the questions) and product kernel, one memory_conv per read layer but
-    the last, the conv-attention kernel (3 + L launches forward); the backward adds the CBP
-    backward. torch.fft is never called."""
+def _hops(read, prepare, memory, u, hashes, weights, biases, strides, hops=2):
+    """The model's hop loop (paper mode): u <- unit_norm(o / 2 + u / 2) after each read."""
+    prepared = prepare(memory, hashes, weights, biases)
+    outputs = []
+    for _ in range(hops):
+        o, p = read(memory, u, hashes, weights, biases, strides, SHARP, prepared)
+        outputs += [o, p]
+        u = reference.unit_norm(0.5 * reference.unit_norm(o) + 0.5 * u)
+    return (*outputs, u)
+
+
+@pytest.mark.parametrize("read", [fused_read.read_network, fft_read_network], ids=["dense", "fft"])
+@pytest.mark.parametrize("case", [(2, 11, 12, 3, [(3, 1, 2)]), (2, 9, 15, 2, [(3, 2, 2)])], ids=str)
+def test_two_hops_match_float64(case, read):
+    """Two hops sharing one prepare (the memory spectra and spectral weights): every output
+    and every gradient, the memory's summed over both hops."""
+    c, m, d, batch, spec = case
+    hashes = _hashes(d, d)
+    weights, biases, strides = _layers(c, spec, d)
+
+    def ref_read(memory, u, hashes, weights, biases, strides, sharp, _prepared):
+        return reference.read_network(memory, u, hashes, weights, biases, strides, sharp)
+
+    def run(read_fn, prepare_fn):
+        def fn(memory, u, w, b):
+            return _hops(read_fn, prepare_fn, memory, u, hashes, [w], [b], strides)
+
+        return fn
+
+    inputs = [torch.randn(c, m, d), torch.randn(batch, d), weights[0], biases[0]]
+    check_against_float64(
+        run(read, fused_read.prepare), run(ref_read, lambda *a: None), inputs,
+        ratio=2 * ERROR_RATIO,
+    )  # fmt: skip
+
+
+def _ban_torch_fft(monkeypatch):
     for name in ("fft", "ifft", "rfft", "irfft", "fftn", "ifftn", "rfftn", "irfftn"):
 
         def banned(*args, _name=name, **kwargs):
             raise AssertionError(f"torch.fft.{_name} called by the fused read path")
 
         monkeypatch.setattr(torch.fft, name, banned)
+
+
+@pytest.mark.parametrize("case", FFT_CASES, ids=str)
+def test_launches_and_no_torch_fft(case, monkeypatch):
+    """What the fused read path launches forward. One read layer: the memory spectra, then
+    ONE launch (_read_fwd_kernel). Several: the CBP's spectra (memory, questions) and
+    product kernels, one memory_conv per layer but the last, the conv-attention kernel.
+    The backward runs too. torch.fft is never called."""
+    _ban_torch_fft(monkeypatch)
     c, m, d, batch, spec = case
     hashes = _hashes(d, d)
     weights, biases, strides = _layers(c, spec, d)
     memory = torch.randn(c, m, d, requires_grad=True)
     u = torch.randn(batch, d)
     with record_launches() as launches:
-        o, p = fused_read.read_network(memory, u, hashes, weights, biases, strides, SHARP)
-    expected = ["_cbp_spectra_kernel", "_cbp_spectra_kernel", "_cbp_product_kernel"]
-    expected += ["_memconv_fwd_kernel"] * (len(spec) - 1) + ["_conv_attn_fwd_kernel"]
+        fft_read_network(memory, u, hashes, weights, biases, strides, SHARP)
+    if len(spec) == 1:
+        expected = ["_cbp_dense_spectra_kernel", "_read_fwd_kernel"]
+    else:
+        expected = ["_cbp_spectra_kernel", "_cbp_spectra_kernel", "_cbp_product_kernel"]
+        expected += ["_memconv_fwd_kernel"] * (len(spec) - 1) + ["_conv_attn_fwd_kernel"]
     assert [launch.name for launch in launches] == expected
     # The same path run for real (interpreter): outputs and a backward, still no torch.fft.
-    o, p = fused_read.read_network(memory, u, hashes, weights, biases, strides, SHARP)
+    o, p = fft_read_network(memory, u, hashes, weights, biases, strides, SHARP)
     (o.sum() + p.sum()).backward()
     assert torch.isfinite(memory.grad).all()
+
+
+def test_hops_share_the_memory_spectra(monkeypatch):
+    """Three hops: one memory-spectra launch, then one launch per hop."""
+    _ban_torch_fft(monkeypatch)
+    c, m, d, batch, spec = FFT_CASES[0]
+    hashes = _hashes(d, d)
+    weights, biases, strides = _layers(c, spec, d)
+    memory, u = torch.randn(c, m, d), torch.randn(batch, d)
+    with record_launches() as launches:
+        _hops(fused_read.read_network, fused_read.prepare, memory, u, hashes, weights, biases,
+              strides, hops=3)  # fmt: skip
+    assert [launch.name for launch in launches] == ["_cbp_dense_spectra_kernel"] + [
+        "_read_fwd_kernel"
+    ] * 3
+
+
+def test_prepare_declines_what_one_launch_does_not_cover():
+    c, m, d, batch, spec = FFT_CASES[1]
+    hashes = _hashes(d, d)
+    weights, biases, _ = _layers(c, spec, d)
+    assert fused_read.prepare(torch.randn(c, m, d), hashes, weights, biases) is None
+    w64 = [w.double() for w in weights[:1]]
+    assert fused_read.prepare(torch.randn(c, m, d), hashes, w64, biases[:1]) is None
+
+
+def test_dynamo_fullgraph_two_hops():
+    """Dynamo captures prepare and two one-launch reads in one graph; values and gradients
+    match eager. (backend="eager": the interpreter cannot be lowered by Inductor; the
+    Inductor path is test_compile_fullgraph_read_path, CUDA.)"""
+    torch._dynamo.reset()
+    c, m, d, batch, spec = FFT_CASES[0]
+    hashes = _hashes(d, d)
+    weights, biases, strides = _layers(c, spec, d)
+
+    def net(memory, u, w, b):
+        return _hops(fused_read.read_network, fused_read.prepare, memory, u, hashes, [w], [b],
+                     strides)  # fmt: skip
+
+    inputs = [torch.randn(c, m, d), torch.randn(batch, d), weights[0], biases[0]]
+    compiled_leaves = [t.clone().requires_grad_() for t in inputs]
+    eager_leaves = [t.clone().requires_grad_() for t in inputs]
+    got = torch.compile(net, backend="eager", fullgraph=True)(*compiled_leaves)
+    want = net(*eager_leaves)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    sum(t.square().sum() for t in got).backward()
+    sum(t.square().sum() for t in want).backward()
+    for g, w in zip(compiled_leaves, eager_leaves, strict=True):
+        torch.testing.assert_close(g.grad, w.grad, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+@pytest.mark.parametrize("d", [7, 12, 45, 97, 300])
+def test_inverse_dft_matrix_is_irfft(d):
+    spectrum = torch.randn(5, d // 2 + 1, dtype=torch.complex128)
+    finv = fused_read.inverse_dft_matrix(d, "cpu").double()
+    got = torch.cat((spectrum.real, spectrum.imag), dim=-1) @ finv
+    torch.testing.assert_close(got, torch.fft.irfft(spectrum, n=d), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("d", [7, 12, 45])
+def test_spectral_weights_fold_the_inverse_dft_into_the_conv(d):
+    """[Re P | Im P] @ G = memory_conv(irfft(P)) before bias and ReLU, in float64."""
+    weight = torch.randn(2, 3, 3, d)
+    g = fused_read.spectral_weights(weight, torch.float32).double()
+    spectrum = torch.randn(3, 4, d // 2 + 1, dtype=torch.complex128)  # [c_in, rows, K]
+    ri = torch.cat((spectrum.real, spectrum.imag), dim=-1)
+    mq = torch.fft.irfft(spectrum, n=d)
+    want = reference.memory_conv(mq, weight.double(), None, 1, relu=False)  # [2, 4, d]
+    # Tap a of output row i reads input row i + a - 1 (k = 3, stride 1, SAME).
+    rows = torch.arange(4)
+    got = torch.zeros(2, 4, d, dtype=torch.float64)
+    for a in range(3):
+        src = rows + a - 1
+        ok = (src >= 0) & (src < 4)
+        contrib = torch.einsum("crk,ockj->orj", ri[:, src.clamp(0, 3)], g[:, :, a])
+        got += contrib * ok[None, :, None]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows,n,d", [(1, 7, 7), (17, 40, 12), (5, 300, 300), (3, 33, 97)])
+def test_dense_spectra_match_numpy(rows, n, d):
+    """The memory spectra kernel vs numpy's float64 rfft of the sketches; 17 rows run two
+    row blocks, n = 40 and 300 several input chunks, d = 97 and 300 several bin chunks."""
+    x = torch.randn(rows, n)
+    h1, s1, _, _ = _hashes(n, d)
+    spec = kcbp.cbp_dense_spectra(x, h1, s1, kcbp.twiddle_table(d, "cpu"))
+    sketch = np.zeros((rows, d))
+    np.add.at(sketch.T, h1.numpy(), (x.double() * s1.double()).numpy().T)
+    want = np.fft.rfft(sketch, axis=-1)
+    k = d // 2 + 1
+    np.testing.assert_allclose(spec[:, :k].numpy(), want.real, rtol=0, atol=2e-5 * np.sqrt(n))
+    np.testing.assert_allclose(spec[:, k:].numpy(), want.imag, rtol=0, atol=2e-5 * np.sqrt(n))
+
+
+def test_executed_macs_at_the_model_size():
+    """The one-launch read's cost model at B = 32, C = 3, m = 50, d = 300, 3-1-3, bf16: its
+    GEMM is exactly the Toeplitz conv-attention tile's (96 programs x 9 taps x 10 steps of
+    [64, 32] x [32, 512]), plus the memory spectra and the per-program question spectra."""
+    gemm = 96 * 9 * 10 * 64 * 32 * 512
+    spectra = 2 * 160 * 160 * 320  # 150 rows, 151 bins, 300 inputs padded to the tiles
+    question = 96 * 2 * 10 * 32 * 320
+    got = fused_read.executed_macs(32, 3, 50, 3, 3, 1, 300, torch.bfloat16)
+    assert got == gemm + spectra + question
+    assert 2 * got < 18.3e9
+
+
+def test_read_ops_pass_opcheck():
+    c, m, d, batch, spec = CASES[1]
+    hashes = _hashes(d, d)
+    weights, biases, strides = _layers(c, spec, d)
+    memory, u = torch.randn(c, m, d, requires_grad=True), torch.randn(batch, d, requires_grad=True)
+    prepared = fused_read.prepare(memory, hashes, weights, biases)
+    h1, s1, h2, s2 = hashes
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(
+        torch.ops.rwmn.cbp_dense_spectra.default,
+        (memory.detach().view(-1, d), h1, s1, prepared.twiddles),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    args = (prepared.memory, prepared.spectra, u, weights[0].requires_grad_(),
+            prepared.spectral_weight, biases[0].requires_grad_(), strides[0], h1, s1, h2, s2,
+            prepared.twiddles, SHARP, kcbp.FACTORISED_MIN_DIM)  # fmt: skip
+    torch.library.opcheck(torch.ops.rwmn.read_conv_attention.default, args, test_utils=tests)
 
 
 def test_dispatch_runs_the_kernels(monkeypatch):
@@ -157,6 +327,48 @@ def test_no_read_layer_raises():
 
 
 # ----------------------------------------------------------------------------- GPU
+
+
+def _model_size_read():
+    """fn(memory, u, weight, bias) of the model's read (C = 3, m = 50, d = 300, 3-1-3), two
+    hops, for fused and reference, and its inputs."""
+    c, m, d, batch = 3, 50, 300, 32
+    hashes = [t.cuda() for t in _hashes(d, d)]
+    weights, biases, strides = _layers(c, [(3, 1, 3)], d)
+
+    def run(read, prepare):
+        def fn(memory, u, w, b):
+            return _hops(read, prepare, memory, u, hashes, [w], [b], strides)
+
+        return fn
+
+    def ref_read(memory, u, hashes, weights, biases, strides, sharp, _prepared):
+        return reference.read_network(memory, u, hashes, weights, biases, strides, sharp)
+
+    fused = run(fused_read.read_network, fused_read.prepare)
+    ref = run(ref_read, lambda *a: None)
+    return fused, ref, [torch.randn(c, m, d), torch.randn(batch, d), weights[0], biases[0]]
+
+
+@pytest.mark.cuda
+@cuda[1]
+def test_model_size_fp32_cuda():
+    fused, ref, inputs = _model_size_read()
+    check_against_float64(fused, ref, inputs, device="cuda", ratio=2 * ERROR_RATIO)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.cuda
+@cuda[1]
+def test_model_size_low_precision_autocast(dtype):
+    """bf16/fp16 autocast at the model's size, two hops: within LOW_PRECISION_RATIO of the
+    reference's own error against float64 (the spectral GEMM rounds P = X Q and G once each
+    to the autocast dtype, the reference rounds Mq and T)."""
+    fused, ref, inputs = _model_size_read()
+    check_against_float64(
+        autocast(fused, dtype), autocast(ref, dtype), inputs, device="cuda",
+        ratio=LOW_PRECISION_RATIO, rel_atol=LOW_PRECISION_REL_ATOL[dtype],
+    )  # fmt: skip
 
 
 class _ReadPath(torch.nn.Module):
