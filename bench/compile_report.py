@@ -67,8 +67,8 @@ EXTRA_CBP_DIMS = (97, 600, 16000)
 #: (forward, dx, dw).
 WGMMA_KERNELS = (
     "_cbp_fwd_kernel", "_cbp_spectra_kernel", "_cbp_product_kernel", "_cbp_bwd_kernel",
-    "_read_fwd_kernel", "_conv_attn_fwd_kernel", "_memconv_fwd_kernel", "_memconv_dx_kernel",
-    "_memconv_dw_kernel",
+    "_read_fwd_kernel", "_read_conv_fwd_kernel", "_conv_attn_fwd_kernel", "_memconv_fwd_kernel",
+    "_memconv_dx_kernel", "_memconv_dw_kernel",
 )  # fmt: skip
 #: CBP sizes whose bf16 kernels are held to WGMMA_KERNELS (the story size).
 WGMMA_CBP_DIM = 4096

@@ -35,9 +35,11 @@ memory_conv and CBP backward kernels: dL/dMq is materialised once ([B, C, m, d],
 fp32 at the model's sizes), cheaper than forming dL/dP and dL/dG in the spectral domain,
 which would need a second dense GEMM family for the weight gradient.
 
-With several read layers, every layer but the last is materialised (the issue's allowance)
-and so is Mq: the CBP (spectra + product launches), one memory_conv per layer but the last,
-and the conv-attention launch. See kernels/README.md.
+With several read layers the first runs from the spectra too (_read_conv_fwd_kernel: the
+same spectral GEMM, its ReLU output stored), then one memory_conv per further layer but
+the last and the conv-attention launch: the layers before the last are materialised, Mq
+is not. Backward as above (the first layer's ReLU mask from its saved output). See
+kernels/README.md.
 """
 
 from __future__ import annotations
@@ -87,10 +89,11 @@ from kernels.cbp import (
 from kernels.memconv import conv_input_grads, memory_conv
 from kernels.reference import same_padding
 
-#: Spectrum bins per step of the spectral GEMM, whose K is twice that (Re and Im): bf16/fp16
-#: 32, fp32 (ieee, both operands in registers) 16.
-BLOCK_BINS_HALF = 16
-BLOCK_BINS_FP32 = 16
+#: Spectrum bins per step of the spectral GEMM, whose K is twice that (Re and Im): 16 (K =
+#: 32). The stored-layer kernel in bf16/fp16 takes 8 (K = 16, the smallest wgmma step):
+#: with 16, triton 3.6's ptxas spilled 24 B on sm_80 next to its [64, 512] store tile.
+BLOCK_BINS = 16
+BLOCK_BINS_STORED_HALF = 8
 #: Question elements per step of the question spectrum ([BLOCK_N, bins] twiddle tiles).
 BLOCK_N = 32
 NUM_WARPS = 8
@@ -267,19 +270,75 @@ def _read_fwd_kernel(
     )
 
 
+@triton.jit
+def _read_conv_fwd_kernel(
+    xs_ptr,
+    g_ptr,
+    bias_ptr,
+    u_ptr,
+    h2_ptr,
+    s2_ptr,
+    tab_ptr,
+    out_ptr,
+    C_IN,
+    C_OUT,
+    N_ROWS,
+    M_ROWS,
+    KH,
+    STRIDE,
+    PAD_TOP,
+    N_I_BLOCKS,
+    D: tl.constexpr,
+    K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The first of several read layers over Mq = CBP(M, u[b]), from the spectra:
+    out[b, o, i, :] = relu(y[b, o, i, :]) (the same spectral GEMM as _read_fwd_kernel), for
+    question b, output channel o and BLOCK_I slots; the layer's output is stored."""
+    b = tl.program_id(0)
+    blk = tl.program_id(1)
+    o = blk // N_I_BLOCKS
+    offs_i = (blk % N_I_BLOCKS) * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_d = tl.arange(0, BLOCK_D)
+    y = _spectral_conv_rows(
+        xs_ptr, g_ptr, bias_ptr, u_ptr, h2_ptr, s2_ptr, tab_ptr, b, o, offs_i, offs_d,
+        C_IN, N_ROWS, M_ROWS, KH, STRIDE, PAD_TOP,
+        D, K, HAS_BIAS, PRECISION, BLOCK_I, BLOCK_D, BLOCK_K, BLOCK_N,
+    )  # fmt: skip
+    # A 64-bit base per (question, channel) and int32 offsets within it (at most m * d):
+    # 64-bit addresses for the whole [64, 512] tile cost registers the store can spare less.
+    first = out_ptr + ((b * C_OUT + o) * M_ROWS).to(tl.int64) * D
+    ok = (offs_i < M_ROWS)[:, None] & (offs_d < D)[None, :]
+    out = tl.maximum(y, 0.0).to(out_ptr.dtype.element_ty)
+    tl.store(first + offs_i[:, None] * D + offs_d[None, :], out, mask=ok)
+
+
 # --------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------
 
 
 def read_config(
-    n_batch: int, c_out: int, m: int, d: int, dtype: torch.dtype, has_bias: bool
+    n_batch: int,
+    c_out: int,
+    m: int,
+    d: int,
+    dtype: torch.dtype,
+    has_bias: bool,
+    stored: bool = False,
 ) -> LaunchConfig:
-    """Launch configuration of _read_fwd_kernel: one program per (question, output channel,
-    BLOCK_I slots), each tile spanning the whole width pow2(d). bf16/fp16: 64 slots, the M
-    of a wgmma tile; fp32 (ieee on CUDA cores): 16 (the conv-attention kernel's tiles)."""
+    """Launch configuration of _read_fwd_kernel (``stored``: _read_conv_fwd_kernel): one
+    program per (question, output channel, BLOCK_I slots), each tile spanning the whole
+    width pow2(d). bf16/fp16: 64 slots, the M of a wgmma tile; fp32 (ieee on CUDA cores):
+    16 (the conv-attention kernel's tiles)."""
     half = dtype != torch.float32
     block_i = BLOCK_I_WGMMA if half else BLOCK_I_SMALL
+    bins = BLOCK_BINS_STORED_HALF if stored and half else BLOCK_BINS
     return LaunchConfig(
         grid=(n_batch, c_out * triton.cdiv(m, block_i)),
         constexprs=dict(
@@ -289,7 +348,7 @@ def read_config(
             PRECISION=dot_precision(dtype),
             BLOCK_I=block_i,
             BLOCK_D=pow2_at_least(d),
-            BLOCK_K=BLOCK_BINS_HALF if half else BLOCK_BINS_FP32,
+            BLOCK_K=bins,
             BLOCK_N=BLOCK_N,
         ),
         num_warps=NUM_WARPS,
@@ -306,8 +365,10 @@ def executed_macs(
     stride: int,
     d: int,
     dtype: torch.dtype,
+    stored: bool = False,
 ) -> int:
-    """Multiply-adds the one-launch read forward executes, tile padding included, from the
+    """Multiply-adds the one-launch read forward (``stored``: the stored first layer of
+    several) executes, tile padding included, from the
     launches' own tiles: the memory spectra (dense sketch-DFT, two [16, 32] x [32, 32]
     products per row block, bin chunk and input chunk), the question spectrum (CUDA cores,
     cos and sin per input and bin, recomputed by every program) and the spectral GEMM
@@ -321,7 +382,7 @@ def executed_macs(
         * triton.cdiv(d, DENSE_BLOCK_N) * DENSE_BLOCK_N
     )  # fmt: skip
     m = same_padding(n_rows, kh, stride)[0]
-    c = read_config(n_batch, c_out, m, d, dtype, True).constexprs
+    c = read_config(n_batch, c_out, m, d, dtype, True, stored).constexprs
     programs = n_batch * c_out * triton.cdiv(m, c["BLOCK_I"])
     chunks = triton.cdiv(k, c["BLOCK_K"])
     question = 2 * chunks * 2 * c["BLOCK_K"] * triton.cdiv(d, BLOCK_N) * BLOCK_N
@@ -337,13 +398,8 @@ def _check_contiguous(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dty
         )
 
 
-def read_forward(spectra, g, bias, u, h2, s2, twiddles, n_rows: int, stride: int, sharp: float):
-    """(o [B, d], p [B, c_out * m], lse [B] fp32) of the read layer and readout, one launch.
-
-    spectra [C * n_rows, 2K] fp32: the memory's half spectra (cbp_dense_spectra_launch);
-    g [c_out, C, k, 2K, d] = spectral_weights(weight) in u's dtype; bias [c_out] or None;
-    u [B, d] (contiguous); h2, s2 the question's hash and signs; twiddles =
-    kernels.cbp.twiddle_table(d)."""
+def _read_geometry(spectra, g, bias, u, h2, s2, twiddles, n_rows: int, stride: int):
+    """Check the spectral read's operands; (c_in, c_out, kh, m, pad_top)."""
     n_batch, d = u.shape
     c_out, c_in, kh, two_k = g.shape[0], g.shape[1], g.shape[2], 2 * half_spectrum(d)
     _check_contiguous("u", u, (n_batch, d), u.dtype)
@@ -354,7 +410,21 @@ def read_forward(spectra, g, bias, u, h2, s2, twiddles, n_rows: int, stride: int
         _check_contiguous("bias", bias, (c_out,), u.dtype)
     if h2.shape != (d,) or s2.shape != (d,):
         raise ValueError(f"read_network: the question hash and signs must be [{d}]")
+    if stride < 1:
+        raise ValueError(f"read_network: stride must be >= 1, got {stride}")
     m, top, _ = same_padding(n_rows, kh, stride)
+    return c_in, c_out, kh, m, top
+
+
+def read_forward(spectra, g, bias, u, h2, s2, twiddles, n_rows: int, stride: int, sharp: float):
+    """(o [B, d], p [B, c_out * m], lse [B] fp32) of the read layer and readout, one launch.
+
+    spectra [C * n_rows, 2K] fp32: the memory's half spectra (cbp_dense_spectra_launch);
+    g [c_out, C, k, 2K, d] = spectral_weights(weight) in u's dtype; bias [c_out] or None;
+    u [B, d] (contiguous); h2, s2 the question's hash and signs; twiddles =
+    kernels.cbp.twiddle_table(d)."""
+    n_batch, d = u.shape
+    c_in, c_out, kh, m, top = _read_geometry(spectra, g, bias, u, h2, s2, twiddles, n_rows, stride)
     config = read_config(n_batch, c_out, m, d, u.dtype, bias is not None)
     n_blocks = config.grid[1]
     z, pm, pl, pacc = _partials(n_batch, n_blocks, c_out * m, d, u.device)
@@ -365,6 +435,21 @@ def read_forward(spectra, g, bias, u, h2, s2, twiddles, n_rows: int, stride: int
         UNIT_NORM_EPS,
     )  # fmt: skip
     return _merge_blocks(z, pm, pl, pacc, u.dtype)
+
+
+def read_conv_forward(spectra, g, bias, u, h2, s2, twiddles, n_rows: int, stride: int):
+    """relu(read layer) [B, c_out, m, d] over Mq = CBP(memory, u) from the same operands as
+    read_forward (the first of several read layers), one launch."""
+    n_batch, d = u.shape
+    c_in, c_out, kh, m, top = _read_geometry(spectra, g, bias, u, h2, s2, twiddles, n_rows, stride)
+    config = read_config(n_batch, c_out, m, d, u.dtype, bias is not None, stored=True)
+    out = torch.empty((n_batch, c_out, m, d), device=u.device, dtype=u.dtype)
+    launch(
+        _read_conv_fwd_kernel, config,
+        spectra, g, bias if bias is not None else g, u, h2, s2, twiddles, out,
+        c_in, c_out, n_rows, m, kh, stride, top, config.grid[1] // c_out,
+    )  # fmt: skip
+    return out
 
 
 def inverse_dft_matrix(d: int, device) -> torch.Tensor:
@@ -442,14 +527,18 @@ def _read_setup(ctx, inputs, output):
     ctx.stride, ctx.sharp, ctx.min_dim = stride, sharp, min_dim
 
 
+def _recompute_mq(memory, u, h1, s1, h2, s2, factorised_min_dim):
+    """Mq [B, C, m, d] again (the backward's recompute) and the CBP's vjp."""
+    return cbp_with_vjp(
+        memory.unsqueeze(0), u[:, None, None, :], h1, s1, h2, s2, u.shape[-1],
+        factorised_min_dim=factorised_min_dim,
+    )  # fmt: skip
+
+
 def _read_backward(ctx, go, gp, _glse):
     memory, u, weight, bias, h1, s1, h2, s2, o, p, lse = ctx.saved_tensors
     go, gp = _zeros_if_none(go, o), _zeros_if_none(gp, p)
-    d = u.shape[-1]
-    mq, cbp_vjp = cbp_with_vjp(
-        memory.unsqueeze(0), u[:, None, None, :], h1, s1, h2, s2, d,
-        factorised_min_dim=ctx.min_dim,
-    )  # fmt: skip
+    mq, cbp_vjp = _recompute_mq(memory, u, h1, s1, h2, s2, ctx.min_dim)
     gy, du = torch.ops.rwmn.conv_attention_read_backward(
         go, gp, mq, weight, bias, ctx.stride, u, ctx.sharp, o, p, lse
     )
@@ -460,6 +549,51 @@ def _read_backward(ctx, go, gp, _glse):
 
 
 _read_conv_attention_op.register_autograd(_read_backward, setup_context=_read_setup)
+
+
+@triton_op("rwmn::read_conv", mutates_args=())
+def _read_conv_op(
+    memory: torch.Tensor,
+    spectra: torch.Tensor,
+    u: torch.Tensor,
+    weight: torch.Tensor,
+    g: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: int,
+    h1: torch.Tensor,
+    s1: torch.Tensor,
+    h2: torch.Tensor,
+    s2: torch.Tensor,
+    twiddles: torch.Tensor,
+    factorised_min_dim: int,
+) -> torch.Tensor:
+    """relu(memory_conv(CBP(memory, u))) [B, c_out, m, d], the first of several read layers,
+    with the contract of rwmn::read_conv_attention (spectra and g from prepare)."""
+    return read_conv_forward(spectra, g, bias, u, h2, s2, twiddles, memory.shape[1], stride)
+
+
+@_read_conv_op.register_fake
+def _read_conv_fake(memory, spectra, u, weight, g, bias, stride, h1, s1, h2, s2, twiddles, min_dim):
+    m = same_padding(memory.shape[1], weight.shape[2], stride)[0]
+    return u.new_empty((u.shape[0], weight.shape[0], m, u.shape[1]))
+
+
+def _read_conv_setup(ctx, inputs, output):
+    memory, _, u, weight, _, bias, stride, h1, s1, h2, s2, _, min_dim = inputs
+    ctx.save_for_backward(memory, u, weight, bias, h1, s1, h2, s2, output)
+    ctx.stride, ctx.min_dim = stride, min_dim
+
+
+def _read_conv_backward(ctx, grad_out):
+    memory, u, weight, bias, h1, s1, h2, s2, out = ctx.saved_tensors
+    mq, cbp_vjp = _recompute_mq(memory, u, h1, s1, h2, s2, ctx.min_dim)
+    grad = torch.where(out > 0, grad_out, 0).to(mq.dtype)
+    dmq, dw, db = conv_input_grads(grad, mq, weight, bias is not None, ctx.stride)
+    dmemory, du = cbp_vjp(dmq)
+    return dmemory.view_as(memory), None, du.view_as(u), dw, None, db, *(None,) * 7
+
+
+_read_conv_op.register_autograd(_read_conv_backward, setup_context=_read_conv_setup)
 
 
 # --------------------------------------------------------------------------------------
@@ -478,11 +612,11 @@ class ReadMemory(NamedTuple):
     twiddles: torch.Tensor
 
 
-def _one_launch_dtype(memory, weights, biases, u=None) -> torch.dtype | None:
-    """The kernels' dtype when the one-launch read applies (one read layer, a row width the
+def _spectral_dtype(memory, weights, biases, u=None) -> torch.dtype | None:
+    """The kernels' dtype when the first read layer runs from the spectra (a row width the
     tile holds, a fused dtype), else None."""
     dtype = compute_dtype(memory, u, *weights, *biases)
-    if len(weights) != 1 or memory.shape[-1] > MAX_FUSED_D or dtype not in FUSED_DTYPES:
+    if memory.shape[-1] > MAX_FUSED_D or dtype not in FUSED_DTYPES:
         return None
     return dtype
 
@@ -503,10 +637,10 @@ def prepare(
     weights: Sequence[torch.Tensor],
     biases: Sequence[torch.Tensor | None],
 ) -> ReadMemory | None:
-    """What every hop's read shares (one launch for the memory spectra, the spectral
-    weights), or None where the one-launch read does not apply (several read layers, rows
+    """What every hop's read shares (one launch for the memory spectra, the first read
+    layer's spectral weights), or None where the read does not run from the spectra (rows
     wider than MAX_FUSED_D, an unfused dtype)."""
-    dtype = _one_launch_dtype(memory, weights, biases)
+    dtype = _spectral_dtype(memory, weights, biases)
     return None if dtype is None else _prepare(memory, hashes, weights[0], dtype)
 
 
@@ -555,10 +689,10 @@ def read_network(
     _check_read_inputs(memory, u, weights)
     h1, s1, h2, s2 = hashes
     d = memory.shape[-1]
-    dtype = _one_launch_dtype(memory, weights, biases, u)
+    dtype = _spectral_dtype(memory, weights, biases, u)
+    layers = list(zip(weights, biases, strides, strict=True))
     if dtype is None:
         mq = _cbp_rows(memory, u, h1, s1, h2, s2, d, factorised_min_dim)
-        layers = list(zip(weights, biases, strides, strict=True))
         for w, b, s in layers[:-1]:
             mq = memory_conv(mq, w, b, s)
         w, b, s = layers[-1]
@@ -571,15 +705,18 @@ def read_network(
     if prepared is None or prepared.spectral_weight.dtype != dtype:
         prepared = _prepare(memory, hashes, weights[0], dtype)
     check_hash("h2", h2, s2, d, d)
-    (weight,), (bias,), (stride,) = weights, biases, strides
-    if stride < 1:
-        raise ValueError(f"read_network: stride must be >= 1, got {stride}")
-    o, p, _ = torch.ops.rwmn.read_conv_attention(
-        prepared.memory, prepared.spectra, cast(u, dtype), cast(weight, dtype),
-        prepared.spectral_weight, cast(bias, dtype), stride, h1, s1, h2, s2,
-        prepared.twiddles, float(sharp), factorised_min_dim,
-    )  # fmt: skip
-    return o, p
+    u = cast(u, dtype)
+    w, b, s = layers[0]
+    spectral = (prepared.memory, prepared.spectra, u, cast(w, dtype), prepared.spectral_weight,
+                cast(b, dtype), s, h1, s1, h2, s2, prepared.twiddles)  # fmt: skip
+    if len(layers) == 1:
+        o, p, _ = torch.ops.rwmn.read_conv_attention(*spectral, float(sharp), factorised_min_dim)
+        return o, p
+    x = torch.ops.rwmn.read_conv(*spectral, factorised_min_dim)
+    for w, b, s in layers[1:-1]:
+        x = memory_conv(x, w, b, s)
+    w, b, s = layers[-1]
+    return conv_attention_read(x, w, b, s, u, sharp)
 
 
 __all__ = [
@@ -588,6 +725,7 @@ __all__ = [
     "inverse_dft_matrix",
     "prepare",
     "read_config",
+    "read_conv_forward",
     "read_forward",
     "read_network",
     "spectral_weights",

@@ -29,7 +29,7 @@ CBP_DIMS = {97, 300, 600, 4096, 16000}
 KERNELS = {
     "_cbp_fwd_kernel", "_cbp_spectra_kernel", "_cbp_product_kernel", "_cbp_bwd_kernel",
     "_cbp_dense_fwd_kernel", "_cbp_dense_bwd_kernel", "_cbp_dense_spectra_kernel",
-    "_read_fwd_kernel",
+    "_read_fwd_kernel", "_read_conv_fwd_kernel",
     "_memconv_fwd_kernel", "_memconv_dx_kernel", "_memconv_dw_kernel",
     "_attn_fwd_kernel", "_attn_bwd_kernel", "_conv_attn_fwd_kernel", "_conv_attn_bwd_kernel",
 }  # fmt: skip

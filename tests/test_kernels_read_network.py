@@ -117,8 +117,15 @@ def _hops(read, prepare, memory, u, hashes, weights, biases, strides, hops=2):
     return (*outputs, u)
 
 
+HOP_CASES = [
+    (2, 11, 12, 3, [(3, 1, 2)]),
+    (2, 9, 15, 2, [(3, 2, 2)]),
+    (2, 7, 13, 2, [(3, 1, 2), (2, 2, 2)]),
+]
+
+
 @pytest.mark.parametrize("read", [fused_read.read_network, fft_read_network], ids=["dense", "fft"])
-@pytest.mark.parametrize("case", [(2, 11, 12, 3, [(3, 1, 2)]), (2, 9, 15, 2, [(3, 2, 2)])], ids=str)
+@pytest.mark.parametrize("case", HOP_CASES, ids=str)
 def test_two_hops_match_float64(case, read):
     """Two hops sharing one prepare (the memory spectra and spectral weights): every output
     and every gradient, the memory's summed over both hops."""
@@ -129,13 +136,16 @@ def test_two_hops_match_float64(case, read):
     def ref_read(memory, u, hashes, weights, biases, strides, sharp, _prepared):
         return reference.read_network(memory, u, hashes, weights, biases, strides, sharp)
 
+    n_layers = len(spec)
+
     def run(read_fn, prepare_fn):
-        def fn(memory, u, w, b):
-            return _hops(read_fn, prepare_fn, memory, u, hashes, [w], [b], strides)
+        def fn(memory, u, *params):
+            ws, bs = list(params[:n_layers]), list(params[n_layers:])
+            return _hops(read_fn, prepare_fn, memory, u, hashes, ws, bs, strides)
 
         return fn
 
-    inputs = [torch.randn(c, m, d), torch.randn(batch, d), weights[0], biases[0]]
+    inputs = [torch.randn(c, m, d), torch.randn(batch, d), *weights, *biases]
     check_against_float64(
         run(read, fused_read.prepare), run(ref_read, lambda *a: None), inputs,
         ratio=2 * ERROR_RATIO,
@@ -153,10 +163,11 @@ def _ban_torch_fft(monkeypatch):
 
 @pytest.mark.parametrize("case", FFT_CASES, ids=str)
 def test_launches_and_no_torch_fft(case, monkeypatch):
-    """What the fused read path launches forward. One read layer: the memory spectra, then
-    ONE launch (_read_fwd_kernel). Several: the CBP's spectra (memory, questions) and
-    product kernels, one memory_conv per layer but the last, the conv-attention kernel.
-    The backward runs too. torch.fft is never called."""
+    """What the fused read path launches forward: the memory spectra, then with one read
+    layer ONE launch (_read_fwd_kernel); with several, the first layer from the spectra
+    (_read_conv_fwd_kernel, stored), one memory_conv per further layer but the last, the
+    conv-attention kernel. Mq is never materialised. The backward runs too. torch.fft is
+    never called."""
     _ban_torch_fft(monkeypatch)
     c, m, d, batch, spec = case
     hashes = _hashes(d, d)
@@ -168,8 +179,8 @@ def test_launches_and_no_torch_fft(case, monkeypatch):
     if len(spec) == 1:
         expected = ["_cbp_dense_spectra_kernel", "_read_fwd_kernel"]
     else:
-        expected = ["_cbp_spectra_kernel", "_cbp_spectra_kernel", "_cbp_product_kernel"]
-        expected += ["_memconv_fwd_kernel"] * (len(spec) - 1) + ["_conv_attn_fwd_kernel"]
+        expected = ["_cbp_dense_spectra_kernel", "_read_conv_fwd_kernel"]
+        expected += ["_memconv_fwd_kernel"] * (len(spec) - 2) + ["_conv_attn_fwd_kernel"]
     assert [launch.name for launch in launches] == expected
     # The same path run for real (interpreter): outputs and a backward, still no torch.fft.
     o, p = fft_read_network(memory, u, hashes, weights, biases, strides, SHARP)
@@ -192,13 +203,23 @@ def test_hops_share_the_memory_spectra(monkeypatch):
     ] * 3
 
 
-def test_prepare_declines_what_one_launch_does_not_cover():
+def test_prepare_declines_an_unfused_dtype():
     c, m, d, batch, spec = FFT_CASES[1]
     hashes = _hashes(d, d)
     weights, biases, _ = _layers(c, spec, d)
-    assert fused_read.prepare(torch.randn(c, m, d), hashes, weights, biases) is None
-    w64 = [w.double() for w in weights[:1]]
-    assert fused_read.prepare(torch.randn(c, m, d), hashes, w64, biases[:1]) is None
+    assert fused_read.prepare(torch.randn(c, m, d), hashes, weights, biases) is not None
+    w64 = [w.double() for w in weights]
+    assert fused_read.prepare(torch.randn(c, m, d), hashes, w64, biases) is None
+
+
+def test_prepared_for_another_memory_raises():
+    c, m, d, batch, spec = CASES[0]
+    hashes = _hashes(d, d)
+    weights, biases, strides = _layers(c, spec, d)
+    prepared = fused_read.prepare(torch.randn(c, m, d), hashes, weights, biases)
+    with pytest.raises(ValueError, match="prepared for a memory of shape"):
+        fused_read.read_network(torch.randn(c, m + 1, d), torch.randn(batch, d), hashes,
+                                weights, biases, strides, SHARP, prepared)  # fmt: skip
 
 
 def test_dynamo_fullgraph_two_hops():
