@@ -15,10 +15,9 @@ Counting conventions (they are models, stated so the roofline can be read):
   padding taps included (as cuDNN and fvcore do). Backward is counted as twice the forward
   (one product per input gradient, the usual convention); forward+backward as three times.
 * Executed FLOPs (:func:`executed_flops`, the ``executed_flops`` column): what the fused
-  kernels' products execute, tile padding included, from the kernels' cost models
-  (``kernels.cbp.executed_macs`` for CBP, whose FFTs run as dense radix-16 DFT tiles on
-  tensor cores and execute more than the butterfly count; ``kernels.read_network.
-  executed_macs`` for the one-launch read); the algorithmic count elsewhere.
+  kernels' products execute, tile padding included: the op's launches recorded on the CPU
+  and priced by ``kernels.work``, the one cost model of the kernels (bench.census uses it
+  for the whole training step).
 * Bytes: the compulsory traffic of a perfectly fused kernel. Forward reads every input once
   and writes every output once. Backward reads the output gradients and every input again
   (nothing saved beyond the inputs) and writes a gradient per differentiable input.
@@ -28,14 +27,12 @@ Counting conventions (they are models, stated so the roofline can be read):
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-
-import kernels.cbp as kcbp
-import kernels.read_network as kread
 
 OPS = ("cbp", "memory_conv", "attention_read", "conv_attention_read", "read_network")
 BACKENDS = ("reference", "fused", "compiled")
@@ -126,19 +123,6 @@ def cbp_flops(p) -> float:
     return sketch + ffts + product
 
 
-def _cbp_executed(p, pass_: str, dtype: torch.dtype) -> float:
-    """FLOPs the fused CBP kernels' products execute (2 per multiply-add, tile padding
-    included), from the kernels' own cost model: the radix plan and tiles the launches use,
-    each distinct x and y row transformed once."""
-    rx, ry, ro = _cbp_rows(p)
-    precision = "ieee" if dtype == torch.float32 else "tf32"
-    args = (p["D"], ro, p["x"][-1], p["y"][-1], precision)
-    fwd = kcbp.executed_macs(*args, backward=False, x_rows=rx, y_rows=ry)
-    bwd = kcbp.executed_macs(*args, backward=True, x_rows=rx, y_rows=ry)
-    macs = {"forward": fwd, "backward": bwd}.get(pass_, fwd + bwd)
-    return FMA_FLOPS * macs
-
-
 def _cbp_io(p, esize):
     rx, ry, ro = _cbp_rows(p)
     n1, n2 = p["x"][-1], p["y"][-1]
@@ -211,26 +195,6 @@ def read_network_flops(p) -> float:
     layers, r = _read_layers(p)
     convs = sum(_conv_flops(x, w, s) for x, w, s in layers)
     return cbp + convs + _attention_flops(b, r, d, b * r)
-
-
-def _read_network_executed(p, pass_: str, dtype: torch.dtype) -> float:
-    """What the fused read network executes. Forward: the first read layer from the spectra
-    (kernels.read_network.executed_macs: memory spectra, question spectra, the spectral
-    GEMM, tile padding included), the further layers and the readout at their algorithmic
-    count. Backward: the CBP recomputed (kernels.cbp.executed_macs, forward and backward)
-    and the convolutions' and readout's backward (algorithmic)."""
-    b, c, m, d = p["B"], p["C"], p["m"], p["d"]
-    cbp = {"x": (1, c, m, d), "y": (b, 1, 1, d), "D": d}
-    layers, r = _read_layers(p)
-    convs = [_conv_flops(x, w, s) for x, w, s in layers]
-    readout = _attention_flops(b, r, d, b * r)
-    (_, (c_out, _, k, _), stride) = layers[0]
-    stored = len(layers) > 1
-    first = FMA_FLOPS * kread.executed_macs(b, c, m, c_out, k, stride, d, dtype, stored)
-    fwd = first + sum(convs[1:]) + readout
-    bwd = BACKWARD_FLOP_FACTOR * (sum(convs) + readout)
-    bwd += _cbp_executed(cbp, "forward+backward", dtype)
-    return {"forward": fwd, "backward": bwd}.get(pass_, fwd + bwd)
 
 
 def _read_network_io(p, esize):
@@ -321,9 +285,6 @@ class OpSpec:
     flops: Callable[[dict], float]
     io: Callable  # (params, element size) -> (input bytes, hash bytes, output bytes)
     describe: Callable[[dict], str]
-    #: (params, pass, dtype) -> FLOPs the fused kernels execute, where that differs from
-    #: the algorithmic count (the FFT-path CBP); None: the algorithmic count.
-    executed: Callable | None = None
 
 
 def _fmt(shape) -> str:
@@ -337,7 +298,6 @@ SPECS = {
         cbp_flops,
         _cbp_io,
         lambda p: f"x {_fmt(p['x'])}, y {_fmt(p['y'])}, D {p['D']}",
-        _cbp_executed,
     ),
     "memory_conv": OpSpec(
         "memory_conv",
@@ -371,7 +331,6 @@ SPECS = {
             f"memory {p['C']}x{p['m']}x{p['d']}, u {p['B']}x{p['d']}, read "
             + "/".join("-".join(map(str, layer)) for layer in p["read"])
         ),
-        _read_network_executed,
     ),
 }
 
@@ -394,14 +353,34 @@ def flops(case: Case, pass_: str) -> float:
     return fwd * factor.get(pass_, 1 + BACKWARD_FLOP_FACTOR)
 
 
+def executed_work(case: Case, dtype: torch.dtype) -> dict:
+    """What the fused kernels of one call execute, per pass ("forward", "backward",
+    "forward+backward"): the call's launches recorded on the CPU (nothing runs) and priced
+    by kernels.work, the one cost model (tile padding included)."""
+    return _executed_work(case, dtype)
+
+
+@functools.cache
+def _executed_work(case: Case, dtype: torch.dtype) -> dict:
+    from kernels._common import record_launches
+    from kernels.work import Work, launch_work, total
+    from rwmn import ops
+
+    kwargs, diff = make_inputs(case, "cpu", dtype)
+    with ops.use_backend("triton"), record_launches() as forward:
+        out = getattr(ops, case.op)(**kwargs)
+    outs = [o for o in (out if isinstance(out, tuple) else (out,)) if o.requires_grad]
+    with record_launches() as backward:
+        torch.autograd.backward(outs, [torch.zeros_like(o) for o in outs], inputs=diff)
+    fwd = total(launch_work(x) for x in forward)
+    bwd = total(launch_work(x) for x in backward)
+    return {"forward": fwd, "backward": bwd, "forward+backward": fwd + bwd, "none": Work()}
+
+
 def executed_flops(case: Case, pass_: str, dtype: torch.dtype) -> float:
-    """FLOPs the fused kernels execute in one call of the given pass: the kernels' cost
-    model where the algorithm they run differs from the counted one (CBP: mixed-radix FFTs
-    as tensor-core tiles, not split-radix butterflies), else the algorithmic count."""
-    spec = SPECS[case.op]
-    if spec.executed is None:
-        return flops(case, pass_)
-    return spec.executed(case.params, pass_, dtype)
+    """FLOPs the fused kernels execute in one call of the given pass (2 per multiply-add,
+    tile padding included; kernels.work)."""
+    return float(executed_work(case, dtype)[pass_].flops)
 
 
 def bytes_moved(case: Case, pass_: str, dtype: torch.dtype) -> float:

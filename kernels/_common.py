@@ -15,6 +15,7 @@ import contextvars
 import functools
 import os
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,6 +111,48 @@ def launch(kernel, config: LaunchConfig, *args) -> None:
     wrap_triton(kernel)[config.grid](
         *args, **config.constexprs, num_warps=config.num_warps, num_stages=config.num_stages
     )
+
+
+class _Derived:
+    """Values derived from buffers (a CBP hash and its signs), computed once per version.
+
+    A training step must not rebuild what depends only on buffers: the hash's range check,
+    its inverse (CSR) and the like are computed at the first call and reused while the
+    buffers keep their storage and version counter (an in-place change, such as
+    ``load_state_dict`` copying new hashes in, bumps it and the value is rebuilt). Under
+    torch.compile the value is computed in the graph instead.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict = {}
+
+    def get(self, tensors: tuple[torch.Tensor, ...], key: tuple, make):
+        if torch.compiler.is_compiling():
+            return make()
+        slot = (tuple(id(t) for t in tensors), key)
+        stamp = tuple((t._version, t.data_ptr(), t.device) for t in tensors)
+        entry = self._entries.get(slot)
+        if (
+            entry is not None
+            and entry[1] == stamp
+            and all(ref() is t for ref, t in zip(entry[0], tensors, strict=True))
+        ):
+            return entry[2]
+        value = make()
+        # Forget entries whose buffers are gone (their ids may be reused).
+        dead = [k for k, (refs, _, _) in self._entries.items() if any(r() is None for r in refs)]
+        for k in dead:
+            del self._entries[k]
+        self._entries[slot] = (tuple(weakref.ref(t) for t in tensors), stamp, value)
+        return value
+
+
+_DERIVED = _Derived()
+
+
+def derived(tensors: tuple[torch.Tensor, ...], key: tuple, make):
+    """``make()``, computed once per version of ``tensors`` (see :class:`_Derived`)."""
+    return _DERIVED.get(tensors, key, make)
 
 
 @functools.cache

@@ -366,15 +366,70 @@ def _conv_attn_bwd_kernel(
 # --------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _merge_kernel(
+    z_ptr, pm_ptr, pl_ptr, pacc_ptr, o_ptr, p_ptr, lse_ptr, R, D, N_BLOCKS,
+    BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """The block merge of one question (module docstring): M = max m_blk, L = sum
+    e^(m_blk - M) l_blk, o = sum e^(m_blk - M) acc_blk / L, lse = M + log L,
+    p = exp(z - lse)."""
+    b = tl.program_id(0)
+    blks = tl.arange(0, BLOCK_B)
+    b_ok = blks < N_BLOCKS
+    pm = tl.load(pm_ptr + b * N_BLOCKS + blks, mask=b_ok, other=float("-inf"))
+    pl = tl.load(pl_ptr + b * N_BLOCKS + blks, mask=b_ok, other=0.0)
+    big = tl.max(pm, axis=0)
+    scale = tl.where(b_ok, tl.exp(pm - big), 0.0)
+    total = tl.sum(scale * pl, axis=0)
+    cols = tl.arange(0, BLOCK_D)
+    d_ok = cols < D
+    acc = tl.load(
+        pacc_ptr + (b * N_BLOCKS + blks).to(tl.int64)[:, None] * D + cols[None, :],
+        mask=b_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    o = tl.sum(scale[:, None] * acc, axis=0) / total
+    tl.store(o_ptr + b * D + cols, o.to(o_ptr.dtype.element_ty), mask=d_ok)
+    lse = big + tl.log(total)
+    tl.store(lse_ptr + b, lse)
+    for r0 in range(0, R, BLOCK_R):
+        rs = r0 + tl.arange(0, BLOCK_R)
+        r_ok = rs < R
+        z = tl.load(z_ptr + b.to(tl.int64) * R + rs, mask=r_ok, other=0.0)
+        tl.store(p_ptr + b.to(tl.int64) * R + rs, tl.exp(z - lse).to(p_ptr.dtype.element_ty),
+                 mask=r_ok)  # fmt: skip
+
+
+#: Rows of the attention weights per step of the merge.
+MERGE_BLOCK_R = 256
+
+
+def merge_config(n_batch: int, n_blocks: int, d: int) -> LaunchConfig:
+    """Launch configuration of _merge_kernel: one program per question."""
+    return LaunchConfig(
+        grid=(n_batch,),
+        constexprs=dict(
+            BLOCK_B=pow2_at_least(n_blocks, 1), BLOCK_R=MERGE_BLOCK_R, BLOCK_D=pow2_at_least(d)
+        ),
+        num_warps=4,
+        num_stages=1,
+    )
+
+
 def _merge_blocks(z, pm, pl, pacc, dtype):
-    """Merge per-block softmax partials: (o, p, lse) as in the module docstring."""
-    big = pm.amax(dim=1, keepdim=True)
-    scale = torch.exp(pm - big)
-    total = (scale * pl).sum(dim=1, keepdim=True)
-    o = (scale[..., None] * pacc).sum(dim=1) / total
-    lse = big + torch.log(total)
-    p = torch.exp(z - lse)
-    return o.to(dtype), p.to(dtype), lse.squeeze(1)
+    """Merge per-block softmax partials in one launch: (o, p, lse) as in the module
+    docstring."""
+    n_batch, r = z.shape
+    n_blocks, d = pacc.shape[1], pacc.shape[2]
+    o = torch.empty((n_batch, d), device=z.device, dtype=dtype)
+    p = torch.empty((n_batch, r), device=z.device, dtype=dtype)
+    lse = torch.empty((n_batch,), device=z.device, dtype=torch.float32)
+    launch(
+        _merge_kernel, merge_config(n_batch, n_blocks, d),
+        z, pm, pl, pacc, o, p, lse, r, d, n_blocks,
+    )  # fmt: skip
+    return o, p, lse
 
 
 def _partials(n_batch: int, n_blocks: int, r: int, d: int, device):

@@ -77,7 +77,7 @@ import triton.language as tl
 from torch.library import triton_op
 
 from kernels import reference
-from kernels._common import LaunchConfig, launch
+from kernels._common import LaunchConfig, derived, launch
 
 #: Largest output size that is fused. The dense sketch-DFT costs O(D) per input element
 #: and the phase product h * k must stay below 2^31 in int32; larger D use the reference.
@@ -1093,52 +1093,6 @@ def cbp_config(
     )
 
 
-def executed_macs(
-    out_dim: int,
-    rows: int,
-    n1: int,
-    n2: int,
-    precision: str,
-    backward: bool,
-    *,
-    x_rows: int | None = None,
-    y_rows: int | None = None,
-    min_dim: int = FACTORISED_MIN_DIM,
-) -> int:
-    """Multiply-adds the kernels' products execute for one pass (forward or backward) over
-    ``rows`` output rows of distinct x and y rows (default: rows each, the unbroadcast
-    story form), tile padding included (tensor cores for half inputs, CUDA-core FMA for
-    fp32), from the plan and tiles the launches use: the "executed" column of bench.cases
-    beside the algorithmic FLOPs.
-
-    FFT path: T = one complex FFT (_transform_macs). Forward: ceil(x_rows / 2) + ceil(y_rows
-    / 2) transforms for the spectra and ceil(rows / 2) inverses; backward: 3 ceil(rows / 2)
-    (an FFT of two gradient rows and one inverse per row). The sketches, gathers and
-    spectrum products are not products.
-    Dense path, per row: the sketch-DFT of every input (2 products per (bin chunk, input
-    chunk)) and the inverse (2 per (output chunk, bin chunk)).
-    """
-    x_rows = rows if x_rows is None else x_rows
-    y_rows = rows if y_rows is None else y_rows
-    radices = fft_plan(out_dim, min_dim)
-    if radices is None:
-        kind = "dense_backward" if backward else "dense_forward"
-        c = cbp_config(kind, out_dim, precision, rows).constexprs
-        bk, bn = c["BLOCK_K"], c["BLOCK_N"]
-        kc = triton.cdiv(c["K"], bk)
-        chunks = triton.cdiv(n1, bn) + triton.cdiv(n2, bn)
-        if backward:
-            per_row = 2 * bk * bn * kc * (triton.cdiv(out_dim, bn) + 2 * chunks)
-        else:
-            per_row = 2 * bk * bn * kc * (chunks + triton.cdiv(out_dim, c["BLOCK_J"]))
-        return rows * per_row
-    transform = _transform_macs(out_dim, radices, _plan(out_dim)[1])
-    pairs = triton.cdiv(rows, 2)
-    if backward:
-        return 3 * pairs * transform
-    return (triton.cdiv(x_rows, 2) + triton.cdiv(y_rows, 2) + pairs) * transform
-
-
 def _precision(*tensors: torch.Tensor) -> str:
     # fp32 inputs multiply in exact fp32 on CUDA cores ("ieee"): 3-pass tf32 ("tf32x3"),
     # the tensor-core alternative, spilled registers at every tile size the compile gate
@@ -1192,7 +1146,7 @@ def cbp_spectra_launch(x, y, h1, s1, h2, s2, twiddles, xs, ys, workspace, radice
         config = cbp_config("spectra", out_dim, precision, rows, radices=radices)
         launch(
             _cbp_spectra_kernel, config,
-            v, *inverse_hash(h, s, out_dim), twiddles, spec, workspace, rows, v.shape[1],
+            v, *cached_inverse_hash(h, s, out_dim), twiddles, spec, workspace, rows, v.shape[1],
             pairs_per_program(triton.cdiv(rows, 2), out_dim, "spectra"),
         )  # fmt: skip
 
@@ -1214,7 +1168,8 @@ def cbp_forward_launch(x, y, h1, s1, h2, s2, twiddles, out, workspace, radices) 
     config = cbp_config("forward", out_dim, _precision(x, y), rows, radices=radices)
     launch(
         _cbp_fwd_kernel, config,
-        x, y, *inverse_hash(h1, s1, out_dim), *inverse_hash(h2, s2, out_dim), twiddles, out,
+        x, y, *cached_inverse_hash(h1, s1, out_dim), *cached_inverse_hash(h2, s2, out_dim),
+        twiddles, out,
         workspace, rows, x.shape[1], y.shape[1],
         pairs_per_program(triton.cdiv(rows, 2), out_dim, "forward"),
     )  # fmt: skip
@@ -1368,6 +1323,13 @@ def inverse_hash(
     bins = torch.arange(out_dim + 1, device=h.device, dtype=sorted_h.dtype)
     start = torch.searchsorted(sorted_h, bins).to(torch.int32)
     return order.to(torch.int32), start, s[order].to(torch.float32)
+
+
+def cached_inverse_hash(
+    h: torch.Tensor, s: torch.Tensor, out_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """inverse_hash(h, s, out_dim), built once per version of the hash buffers."""
+    return derived((h, s), ("csr", out_dim), lambda: inverse_hash(h, s, out_dim))
 
 
 def _check_workspace(workspace: torch.Tensor, need: int) -> None:
@@ -1661,16 +1623,22 @@ def check_hash(name: str, h: torch.Tensor, s: torch.Tensor, n: int, out_dim: int
         raise ValueError(f"cbp: hash {name} must be integer and its signs floating point")
     if not (h.is_contiguous() and s.is_contiguous()):
         raise ValueError(f"cbp: hash {name} and its signs must be contiguous")
-    if torch.compiler.is_compiling() or not n:
-        return
+    if n and not torch.compiler.is_compiling():
+        derived((h,), ("range", out_dim), lambda: _check_range(name, h, out_dim))
+
+
+def _check_range(name: str, h: torch.Tensor, out_dim: int) -> bool:
+    """Raise unless every hash value is in [0, out_dim): once per version of the hash
+    (kernels._common.derived), not per call."""
     message = f"cbp: hash {name} has values outside [0, {out_dim})"
     if h.is_cuda:
-        # A device-side assert: reading h.min()/h.max() back would synchronise the GPU on
-        # every call. Stream order runs the assert before the CBP kernel that would read it,
-        # and a failed device assert stops the CUDA context (untested here: no GPU).
+        # A device-side assert: reading h.min()/h.max() back would synchronise the GPU. Stream
+        # order runs it before the first CBP kernel that reads the hash, and a failed device
+        # assert stops the CUDA context (untested here: no GPU).
         torch._assert_async(((h >= 0) & (h < out_dim)).all(), message)
     elif int(h.min()) < 0 or int(h.max()) >= out_dim:
         raise ValueError(message)
+    return True
 
 
 def _fallback_reason(x: torch.Tensor, y: torch.Tensor, out_dim: int) -> str | None:
@@ -1694,10 +1662,31 @@ def cached_twiddles(out_dim: int, device: torch.device) -> torch.Tensor:
 
 def _row_indices(x: torch.Tensor, y: torch.Tensor, lead: torch.Size):
     """The x row and y row of every output row of the broadcast shape ``lead`` (int64): the
-    FFT path transforms each distinct row once and indexes it, never copies it."""
+    FFT path transforms each distinct row once and indexes it, never copies it. A function
+    of shapes and strides only: built once per geometry (traced under torch.compile)."""
+    if torch.compiler.is_compiling():
+        return _row_index_pair(x, y, lead)
+    key = (tuple(lead), tuple(x.shape), x.stride(), tuple(y.shape), y.stride(), x.device)
+    return _cached_row_indices(key, lambda: _row_index_pair(x, y, lead))
+
+
+def _row_index_pair(x: torch.Tensor, y: torch.Tensor, lead: torch.Size):
     xidx = torch.div(row_offsets(x, lead), x.shape[-1], rounding_mode="floor")
     yidx = torch.div(row_offsets(y, lead), y.shape[-1], rounding_mode="floor")
     return xidx, yidx
+
+
+_ROW_INDICES: dict = {}
+#: Geometries kept (a model has a handful; tests make many).
+_ROW_INDICES_KEPT = 64
+
+
+def _cached_row_indices(key, make):
+    if key not in _ROW_INDICES:
+        if len(_ROW_INDICES) >= _ROW_INDICES_KEPT:
+            _ROW_INDICES.pop(next(iter(_ROW_INDICES)))
+        _ROW_INDICES[key] = make()
+    return _ROW_INDICES[key]
 
 
 def cbp_with_vjp(
@@ -1825,7 +1814,6 @@ __all__ = [
     "MAX_FUSED_DIM",
     "cbp",
     "cbp_backward_launch",
-    "executed_macs",
     "half_spectrum",
     "row_offsets",
     "inverse_hash",

@@ -44,6 +44,7 @@ kernels/README.md.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -75,9 +76,6 @@ from kernels.attention import (
     conv_attention_read,
 )
 from kernels.cbp import (
-    DENSE_BLOCK_K,
-    DENSE_BLOCK_N,
-    DENSE_BLOCK_R,
     FACTORISED_MIN_DIM,
     _twiddle,
     cached_twiddles,
@@ -356,40 +354,6 @@ def read_config(
     )
 
 
-def executed_macs(
-    n_batch: int,
-    c_in: int,
-    n_rows: int,
-    c_out: int,
-    kh: int,
-    stride: int,
-    d: int,
-    dtype: torch.dtype,
-    stored: bool = False,
-) -> int:
-    """Multiply-adds the one-launch read forward (``stored``: the stored first layer of
-    several) executes, tile padding included, from the
-    launches' own tiles: the memory spectra (dense sketch-DFT, two [16, 32] x [32, 32]
-    products per row block, bin chunk and input chunk), the question spectrum (CUDA cores,
-    cos and sin per input and bin, recomputed by every program) and the spectral GEMM
-    ([BLOCK_I, 2 BLOCK_K] x [2 BLOCK_K, pow2(d)] per program, bin chunk and tap)."""
-    k = half_spectrum(d)
-    rows = c_in * n_rows
-    spectra = (
-        2
-        * triton.cdiv(rows, DENSE_BLOCK_R) * DENSE_BLOCK_R
-        * triton.cdiv(k, DENSE_BLOCK_K) * DENSE_BLOCK_K
-        * triton.cdiv(d, DENSE_BLOCK_N) * DENSE_BLOCK_N
-    )  # fmt: skip
-    m = same_padding(n_rows, kh, stride)[0]
-    c = read_config(n_batch, c_out, m, d, dtype, True, stored).constexprs
-    programs = n_batch * c_out * triton.cdiv(m, c["BLOCK_I"])
-    chunks = triton.cdiv(k, c["BLOCK_K"])
-    question = 2 * chunks * 2 * c["BLOCK_K"] * triton.cdiv(d, BLOCK_N) * BLOCK_N
-    gemm = chunks * c_in * kh * c["BLOCK_I"] * 2 * c["BLOCK_K"] * c["BLOCK_D"]
-    return spectra + programs * (question + gemm)
-
-
 def _check_contiguous(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype) -> None:
     if tuple(t.shape) != shape or t.dtype != dtype or not t.is_contiguous():
         raise ValueError(
@@ -464,16 +428,28 @@ def inverse_dft_matrix(d: int, device) -> torch.Tensor:
     return torch.cat((scale * torch.cos(angle), -scale * torch.sin(angle))).to(torch.float32)
 
 
+def _reversed_inverse_dft(d: int, device) -> torch.Tensor:
+    """inverse_dft_matrix(d) with its columns reversed: a constant of d, built once (traced
+    under torch.compile)."""
+    if torch.compiler.is_compiling():
+        return inverse_dft_matrix(d, device).flip(-1)
+    return _cached_reversed_inverse_dft(d, torch.device(device))
+
+
+@functools.cache
+def _cached_reversed_inverse_dft(d: int, device: torch.device) -> torch.Tensor:
+    return inverse_dft_matrix(d, device).flip(-1).contiguous()
+
+
 def spectral_weights(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """G [c_out, c_in, k, 2K, d] = Finv T_{o,c,a} in ``dtype`` for a read layer's weight
     [c_out, c_in, k, d]: computed in fp32 from the (master) weight, outside autocast, with
     no gradient (the fused op returns the weight's gradient itself)."""
     d = weight.shape[-1]
     with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
-        finv = inverse_dft_matrix(d, weight.device)
         # x[::-1] @ reversed_toeplitz = the SAME correlation along the width, x @ T.
         toeplitz = reference.reversed_toeplitz(weight.float(), same_padding(d, d, 1)[1])
-        g = torch.matmul(finv.flip(-1), toeplitz)
+        g = torch.matmul(_reversed_inverse_dft(d, weight.device), toeplitz)
     return g.to(dtype).contiguous()
 
 
@@ -721,7 +697,6 @@ def read_network(
 
 __all__ = [
     "ReadMemory",
-    "executed_macs",
     "inverse_dft_matrix",
     "prepare",
     "read_config",

@@ -14,7 +14,6 @@ from rwmn.config import RWMNConfig
 from rwmn.memconv import MemoryConvStack
 from rwmn.profiling import nvtx_range
 from rwmn.read_network import ReadNetwork
-from rwmn.reference import unit_norm
 
 Story = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -90,9 +89,9 @@ class RWMN(nn.Module):
         """E' = unit_norm(E W_e + b_e), [n, d]."""
         if self.cfg.video:
             rgb, sub = story
-            elements = self.story_cbp(unit_norm(rgb), unit_norm(sub))
-            return unit_norm(self.story_embed(elements))
-        return unit_norm(self.embed(unit_norm(story)))
+            elements = self.story_cbp(ops.unit_norm(rgb), ops.unit_norm(sub))
+            return ops.unit_norm(self.story_embed(elements))
+        return ops.unit_norm(self.embed(ops.unit_norm(story)))
 
     def forward(
         self,
@@ -104,22 +103,23 @@ class RWMN(nn.Module):
         self._check_inputs(story, query, answers)
         with nvtx_range("embedding"):
             memory = self.embed_story(story)
-            u = unit_norm(self.embed(unit_norm(query)))
-            g = unit_norm(self.embed(unit_norm(answers)))
+            u = ops.unit_norm(self.embed(ops.unit_norm(query)))
+            g = ops.unit_norm(self.embed(ops.unit_norm(answers)))
         with nvtx_range("write"):
             memory = self.write(memory.unsqueeze(0))  # [C, m, d]
         attention = []
         # The question-independent part of the read (the fused path's memory spectra), once.
-        prepared = self.read.prepare(memory)
+        with nvtx_range("read/prepare"):
+            prepared = self.read.prepare(memory)
         for hop in range(self.cfg.num_hop):
             with nvtx_range(f"read/hop{hop}"):
                 o, p = self.read(memory, u, prepared)
                 attention.append(p)
                 if self.cfg.legacy:
-                    u = unit_norm(unit_norm(o) + u)
+                    u = ops.unit_norm(ops.unit_norm(o) + u)
                 else:
                     alpha = self.cfg.alpha
-                    u = unit_norm(alpha * unit_norm(o) + (1.0 - alpha) * u)
+                    u = ops.unit_norm(alpha * ops.unit_norm(o) + (1.0 - alpha) * u)
         with nvtx_range("answer"):
             logits = torch.einsum("bad,bd->ba", g, u)
         if return_attention:

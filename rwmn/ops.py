@@ -144,7 +144,7 @@ def check_device(device: torch.device, backend: str | None = None) -> None:
         )
 
 
-KERNEL_MODULES = ("cbp", "memconv", "attention", "read_network")
+KERNEL_MODULES = ("cbp", "memconv", "attention", "read_network", "unit_norm")
 
 
 def preload_kernels() -> None:
@@ -259,4 +259,8 @@ def read_network(
     return reference.read_network(memory, u, hashes, weights, biases, strides, sharp)
 
 
-unit_norm = reference.unit_norm
+def unit_norm(x: torch.Tensor) -> torch.Tensor:
+    """x / sqrt(eps + sum(x^2)) along the last axis; see :func:`rwmn.reference.unit_norm`."""
+    if resolve_backend("unit_norm", x) == "triton":
+        return _fused("unit_norm", "unit_norm")(x)
+    return reference.unit_norm(x)

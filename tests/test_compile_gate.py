@@ -32,6 +32,7 @@ KERNELS = {
     "_read_fwd_kernel", "_read_conv_fwd_kernel",
     "_memconv_fwd_kernel", "_memconv_dx_kernel", "_memconv_dw_kernel",
     "_attn_fwd_kernel", "_attn_bwd_kernel", "_conv_attn_fwd_kernel", "_conv_attn_bwd_kernel",
+    "_merge_kernel", "_unit_norm_fwd_kernel", "_unit_norm_bwd_kernel",
 }  # fmt: skip
 
 pytest.importorskip("triton")

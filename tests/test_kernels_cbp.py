@@ -19,6 +19,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import kernels.cbp as kcbp  # noqa: E402
+from kernels.work import executed_work  # noqa: E402
 from rwmn import ops, reference  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -692,26 +693,53 @@ def test_compile_fullgraph(entry):
     torch.testing.assert_close(gx, eager_gx, rtol=1e-5, atol=1e-5)
 
 
-def test_executed_macs_at_the_story_size():
-    """The cost model of the kernels' products at the story size (1500 rows, 2048 x 300 ->
-    4096 = 16 x 16 x 16), pinned: 5.31 GFLOP forward+backward executed (2 per MAC), within
-    the issue's 6, down from 37.7 (two-factor 64 x 64 transforms per row), 76.6 (dense
-    sketch-DFT + factorised inverse) and 187.3 (dense). One complex 4096-point FFT is 3
-    stages x 256 tiles-rows x 16 x 16 x 3 real products = 589,824 MACs; the forward runs
-    750 (x spectra) + 750 (y spectra) + 750 (inverses) of them, the backward 3 x 750."""
+def _hashes_for(n1, n2, out_dim):
+    gen = torch.Generator().manual_seed(5)
+    return (*make_hashes(n1, out_dim, gen), *make_hashes(n2, out_dim, gen))
+
+
+def _story_cbp_work(dtype, grad: bool, min_dim: int = kcbp.FACTORISED_MIN_DIM):
+    x = torch.randn(1500, 2048, dtype=dtype, requires_grad=grad)
+    y = torch.randn(1500, 300, dtype=dtype, requires_grad=grad)
+    h1, s1, h2, s2 = _hashes_for(2048, 300, 4096)
+
+    def call():
+        out = kcbp.cbp(x, y, h1, s1, h2, s2, 4096, factorised_min_dim=min_dim)
+        if grad:
+            out.backward(torch.zeros_like(out))
+
+    return executed_work(call)
+
+
+def test_executed_work_at_the_story_size():
+    """What the kernels execute at the story size (1500 rows, 2048 x 300 -> 4096 = 16 x 16 x
+    16), priced by kernels.work from the recorded launches, pinned. One complex 4096-point
+    FFT is 3 stages x 256 tile rows x 16 x 16 x 3 real products = 589,824 MACs. The model's
+    forward (no gradient: one launch) runs 3 per pair of rows: 2250 in all, 2.65 GFLOP;
+    with a gradient, spectra (750 + 750) and inverses (750) forward and 3 x 750 backward:
+    5.31 GFLOP."""
     transform = 3 * 256 * 16 * 16 * 3
-    for precision in ("tf32", "ieee"):
-        fwd = kcbp.executed_macs(4096, 1500, 2048, 300, precision, backward=False)
-        bwd = kcbp.executed_macs(4096, 1500, 2048, 300, precision, backward=True)
-        assert fwd == bwd == 2250 * transform
-        assert 2 * (fwd + bwd) / 1e9 == pytest.approx(5.308, abs=0.001)
-        assert 2 * (fwd + bwd) <= 6e9
-    dense = kcbp.executed_macs(4096, 1500, 2048, 300, "tf32", False, min_dim=10**9)
-    assert dense > 25 * kcbp.executed_macs(4096, 1500, 2048, 300, "tf32", False)
+    for dtype in (torch.bfloat16, torch.float32):
+        work, launches = _story_cbp_work(dtype, grad=False)
+        assert [x.name for x in launches] == ["_cbp_fwd_kernel"]
+        assert work.macs == 2250 * transform
+        work, _ = _story_cbp_work(dtype, grad=True)
+        assert work.macs == 4500 * transform
+        assert work.flops / 1e9 == pytest.approx(5.308, abs=0.001)
+    dense, _ = _story_cbp_work(torch.bfloat16, grad=False, min_dim=10**9)
+    assert dense.macs > 25 * 2250 * transform
     # Broadcast operands are transformed once per distinct row (the read network's memory).
-    read = kcbp.executed_macs(300, 4800, 300, 300, "ieee", False, x_rows=150, y_rows=32)
-    per_row = kcbp.executed_macs(300, 4800, 300, 300, "ieee", False)
-    assert read < 0.6 * per_row
+    h1, s1, h2, s2 = _hashes_for(300, 300, 300)
+    memory, u = torch.randn(3, 50, 300, requires_grad=True), torch.randn(32, 300)
+
+    def read():
+        kcbp.cbp(memory.unsqueeze(0), u[:, None, None, :], h1, s1, h2, s2, 300)
+
+    def per_row():
+        x = memory.unsqueeze(0).expand(32, 3, 50, 300).contiguous()
+        kcbp.cbp(x, u[:, None, None, :].expand(32, 3, 50, 300).contiguous(), h1, s1, h2, s2, 300)
+
+    assert executed_work(read)[0].macs < 0.6 * executed_work(per_row)[0].macs
 
 
 def test_inverse_hash_is_the_csr_of_the_sketch():

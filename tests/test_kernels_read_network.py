@@ -21,6 +21,7 @@ import kernels.cbp as kcbp
 import rwmn.ops
 from kernels import read_network as fused_read
 from kernels._common import record_launches
+from kernels.work import executed_work
 from rwmn import reference
 
 # Every kernel output buffer starts NaN-filled (see kernel_helpers.poisoned).
@@ -166,8 +167,8 @@ def test_launches_and_no_torch_fft(case, monkeypatch):
     """What the fused read path launches forward: the memory spectra, then with one read
     layer ONE launch (_read_fwd_kernel); with several, the first layer from the spectra
     (_read_conv_fwd_kernel, stored), one memory_conv per further layer but the last, the
-    conv-attention kernel. Mq is never materialised. The backward runs too. torch.fft is
-    never called."""
+    conv-attention kernel; then the merge of the blocks' softmax partials. Mq is never
+    materialised. The backward runs too. torch.fft is never called."""
     _ban_torch_fft(monkeypatch)
     c, m, d, batch, spec = case
     hashes = _hashes(d, d)
@@ -181,6 +182,7 @@ def test_launches_and_no_torch_fft(case, monkeypatch):
     else:
         expected = ["_cbp_dense_spectra_kernel", "_read_conv_fwd_kernel"]
         expected += ["_memconv_fwd_kernel"] * (len(spec) - 2) + ["_conv_attn_fwd_kernel"]
+    expected.append("_merge_kernel")  # the softmax partials of the blocks, one launch
     assert [launch.name for launch in launches] == expected
     # The same path run for real (interpreter): outputs and a backward, still no torch.fft.
     o, p = fft_read_network(memory, u, hashes, weights, biases, strides, SHARP)
@@ -189,7 +191,7 @@ def test_launches_and_no_torch_fft(case, monkeypatch):
 
 
 def test_hops_share_the_memory_spectra(monkeypatch):
-    """Three hops: one memory-spectra launch, then one launch per hop."""
+    """Three hops: one memory-spectra launch, then per hop the read and its merge."""
     _ban_torch_fft(monkeypatch)
     c, m, d, batch, spec = FFT_CASES[0]
     hashes = _hashes(d, d)
@@ -199,7 +201,8 @@ def test_hops_share_the_memory_spectra(monkeypatch):
         _hops(fused_read.read_network, fused_read.prepare, memory, u, hashes, weights, biases,
               strides, hops=3)  # fmt: skip
     assert [launch.name for launch in launches] == ["_cbp_dense_spectra_kernel"] + [
-        "_read_fwd_kernel"
+        "_read_fwd_kernel",
+        "_merge_kernel",
     ] * 3
 
 
@@ -294,16 +297,27 @@ def test_dense_spectra_match_numpy(rows, n, d):
     np.testing.assert_allclose(spec[:, k:].numpy(), want.imag, rtol=0, atol=2e-5 * np.sqrt(n))
 
 
-def test_executed_macs_at_the_model_size():
-    """The one-launch read's cost model at B = 32, C = 3, m = 50, d = 300, 3-1-3, bf16: its
-    GEMM is exactly the Toeplitz conv-attention tile's (96 programs x 9 taps x 10 steps of
-    [64, 32] x [32, 512]), plus the memory spectra and the per-program question spectra."""
+def test_executed_work_at_the_model_size():
+    """The one-launch read at B = 32, C = 3, m = 50, d = 300, 3-1-3, bf16, priced by
+    kernels.work from its recorded launches: its GEMM is exactly the Toeplitz conv-attention
+    tile's (96 programs x 9 taps x 10 steps of [64, 32] x [32, 512]), plus the memory
+    spectra and the per-program question spectra."""
     gemm = 96 * 9 * 10 * 64 * 32 * 512
     spectra = 2 * 160 * 160 * 320  # 150 rows, 151 bins, 300 inputs padded to the tiles
     question = 96 * 2 * 10 * 32 * 320
-    got = fused_read.executed_macs(32, 3, 50, 3, 3, 1, 300, torch.bfloat16)
-    assert got == gemm + spectra + question
-    assert 2 * got < 18.3e9
+    hashes = _hashes(300, 300)
+    weights, biases, strides = _layers(3, [(3, 1, 3)], 300)
+    memory, u = torch.randn(3, 50, 300), torch.randn(32, 300)
+
+    def read():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fused_read.read_network(memory, u, hashes, weights, biases, strides, SHARP)
+
+    work, launches = executed_work(read)
+    names = [x.name for x in launches]
+    assert names == ["_cbp_dense_spectra_kernel", "_read_fwd_kernel", "_merge_kernel"]
+    assert work.macs == gemm + spectra + question
+    assert work.flops < 18.3e9
 
 
 def test_read_ops_pass_opcheck():

@@ -1,0 +1,139 @@
+"""Row-wise unit normalisation in one launch forward and one backward.
+
+Math (kernels.reference.unit_norm is the ground truth), along the last axis, eps = 1e-12:
+    n = (eps + sum_j x_j^2)^(-1/2),   y = n x;
+    dx = n (g - y <y, g>)              for g = dL/dy.
+The reference takes five to seven launches each way (casts, square, sum, rsqrt, product),
+and the model normalises every input, every embedding and every hop's update: one launch
+per call here. Rows are read in their dtype and normalised in fp32 (a 300-wide sum of
+squares overflows fp16, and eps underflows in it); y is stored in x's dtype. The backward
+recomputes n and y from x (fp32) rather than reading back a rounded y.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op
+
+from kernels import reference
+from kernels._common import FUSED_DTYPES, UNIT_NORM_EPS, LaunchConfig, launch, warn_once
+
+#: Elements of one program's tile (rows x pow2(d)): 4096 fp32 per tile, two tiles live in
+#: the backward, 32 or 64 registers a thread at 4 warps.
+TILE = 4096
+NUM_WARPS = 4
+
+
+@triton.jit
+def _unit_norm_fwd_kernel(
+    x_ptr, y_ptr, R, D, eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    ok = (rows < R)[:, None] & (cols < D)[None, :]
+    x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    n = tl.rsqrt(eps + tl.sum(x * x, axis=1))
+    tl.store(y_ptr + offs, (x * n[:, None]).to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _unit_norm_bwd_kernel(
+    x_ptr, g_ptr, dx_ptr, R, D, eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    ok = (rows < R)[:, None] & (cols < D)[None, :]
+    x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    n = tl.rsqrt(eps + tl.sum(x * x, axis=1))
+    y = x * n[:, None]
+    dx = n[:, None] * (g - y * tl.sum(y * g, axis=1)[:, None])
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+
+
+def unit_norm_config(rows: int, d: int) -> LaunchConfig:
+    """One program per block of rows, each tile spanning the whole width pow2(d)."""
+    block_d = triton.next_power_of_2(max(d, 1))
+    block_r = max(1, min(TILE // block_d, triton.next_power_of_2(max(rows, 1))))
+    return LaunchConfig(
+        grid=(triton.cdiv(rows, block_r),),
+        constexprs=dict(BLOCK_R=block_r, BLOCK_D=block_d),
+        num_warps=NUM_WARPS,
+        num_stages=1,
+    )
+
+
+def unit_norm_forward(x: torch.Tensor) -> torch.Tensor:
+    """y [R, d] = unit_norm(x) for a contiguous x [R, d] (in x's dtype)."""
+    rows, d = x.shape
+    y = torch.empty_like(x)
+    if rows:
+        launch(_unit_norm_fwd_kernel, unit_norm_config(rows, d), x, y, rows, d, UNIT_NORM_EPS)
+    return y
+
+
+def unit_norm_backward(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """dx [R, d] of unit_norm at x for the gradient grad (both contiguous [R, d])."""
+    rows, d = x.shape
+    dx = torch.empty_like(x)
+    if rows:
+        config = unit_norm_config(rows, d)
+        launch(_unit_norm_bwd_kernel, config, x, grad, dx, rows, d, UNIT_NORM_EPS)
+    return dx
+
+
+@triton_op("rwmn::unit_norm", mutates_args=())
+def _unit_norm_op(x: torch.Tensor) -> torch.Tensor:
+    return unit_norm_forward(x)
+
+
+@triton_op("rwmn::unit_norm_backward", mutates_args=())
+def _unit_norm_backward_op(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    return unit_norm_backward(x, grad)
+
+
+# Explicit fakes: under TRITON_INTERPRET=1 the bodies cannot run on fake tensors.
+@_unit_norm_op.register_fake
+def _unit_norm_fake(x):
+    return torch.empty_like(x)
+
+
+@_unit_norm_backward_op.register_fake
+def _unit_norm_backward_fake(x, grad):
+    return torch.empty_like(x)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    return torch.ops.rwmn.unit_norm_backward(x, grad.to(x.dtype).contiguous())
+
+
+_unit_norm_op.register_autograd(_backward, setup_context=_setup)
+
+
+def unit_norm(x: torch.Tensor) -> torch.Tensor:
+    """Fused kernels.reference.unit_norm (default eps) along the last axis of x."""
+    if x.dtype not in FUSED_DTYPES:
+        warn_once(
+            f"kernels: unit_norm runs the reference for {x.dtype} inputs: the fused kernels "
+            f"support {', '.join(str(t) for t in FUSED_DTYPES)}"
+        )
+        return reference.unit_norm(x)
+    if x.dim() == 0:
+        raise ValueError("unit_norm: the input needs a last axis")
+    d = x.shape[-1]
+    rows = x.reshape(-1, d)
+    if not rows.is_contiguous():
+        rows = rows.contiguous()
+    return torch.ops.rwmn.unit_norm(rows).view(x.shape)
+
+
+__all__ = ["unit_norm", "unit_norm_backward", "unit_norm_config", "unit_norm_forward"]

@@ -1,0 +1,80 @@
+"""kernels/unit_norm.py: row-wise unit normalisation, one launch each way."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_helpers import (
+    LOW_PRECISION_RATIO,
+    LOW_PRECISION_REL_ATOL,
+    check_against_float64,
+    poisoned,  # noqa: F401  (fixture)
+)
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import rwmn.ops
+from kernels import unit_norm
+from kernels._common import record_launches
+from rwmn import reference
+
+pytestmark = pytest.mark.usefixtures("poisoned")
+
+# Odd widths, several row blocks ending in a partial one, 1-D to 3-D inputs, a width past
+# one tile's rows (2048: one row a program).
+SHAPES = [(7, 13), (33, 300), (2, 5, 12), (17,), (3, 2048)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_float64(shape):
+    check_against_float64(unit_norm.unit_norm, reference.unit_norm, [torch.randn(shape) * 3.0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16])
+def test_half_matches_float64(dtype):
+    """fp16 in and out, the norm in fp32."""
+    check_against_float64(
+        unit_norm.unit_norm, reference.unit_norm, [torch.randn(9, 45)], dtype=dtype,
+        ratio=LOW_PRECISION_RATIO, rel_atol=LOW_PRECISION_REL_ATOL[dtype],
+    )  # fmt: skip
+
+
+def test_zero_rows_stay_finite():
+    """A dead (all-zero) row gives 0 and a zero gradient, as the reference does (eps)."""
+    x = torch.zeros(3, 10, requires_grad=True)
+    y = unit_norm.unit_norm(x)
+    y.backward(torch.ones_like(y))
+    assert torch.equal(y, torch.zeros_like(y)) and torch.isfinite(x.grad).all()
+
+
+def test_non_contiguous_input():
+    x = torch.randn(12, 8).t()
+    torch.testing.assert_close(unit_norm.unit_norm(x), reference.unit_norm(x))
+
+
+def test_one_launch_each_way():
+    x = torch.randn(40, 300, requires_grad=True)
+    with record_launches() as forward:
+        y = unit_norm.unit_norm(x)
+    with record_launches() as backward:
+        y.backward(torch.randn_like(y))
+    assert [k.name for k in forward] == ["_unit_norm_fwd_kernel"]
+    assert [k.name for k in backward] == ["_unit_norm_bwd_kernel"]
+
+
+def test_dispatch_and_fake():
+    x = torch.randn(4, 6)
+    with rwmn.ops.use_backend("triton"), record_launches() as launches:
+        rwmn.ops.unit_norm(x)
+    assert [k.name for k in launches] == ["_unit_norm_fwd_kernel"]
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(torch.randn(5, 7))
+        assert torch.ops.rwmn.unit_norm(fake).shape == (5, 7)
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor")
+    x = torch.randn(5, 7, requires_grad=True)
+    torch.library.opcheck(torch.ops.rwmn.unit_norm.default, (x,), test_utils=tests)
+
+
+def test_float64_runs_the_reference():
+    x = torch.randn(3, 5, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="unit_norm runs the reference"):
+        torch.testing.assert_close(unit_norm.unit_norm(x), reference.unit_norm(x))
