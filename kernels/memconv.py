@@ -21,8 +21,12 @@ the kernel walks rows of one phase r mod s at a time and visits exactly those ta
     dw[o, c, a, t] = sum_b sum_i sum_j x[b, c, i*s + a - p, j + t - q] g[b, o, i, j]
 (the diagonal sums of dT = X^T g: T's entry (j', j) is w[j' - j + q], so dw[t] collects
 the diagonal j' - j = t - q). Rather than form dT, the kernel computes it as one implicit
-GEMM producing [c_out, c_in*k*d] directly: M = o, N = f = (c, a, t), K = (b, i, j), with
-B-operand H[(b,i,j), f] = x[b, c, i*s + a - p, j + t - q] gathered (a Hankel tile).
+GEMM whose long axis (c, a, t) is M and whose reduction K = (b, i, j) gathers a Hankel
+tile H[(b,i,j), (c,a,t)] = x[b, c, i*s + a - p, j + t - q] from x's rows. Its N would be
+c_out alone (3 in the model), padded to the 16 tl.dot needs: 5x wasted work. Instead, a
+shift of the tap is a shift of g: dw[o, c, a, t0 + delta] = sum_{b,i,j} H[(b,i,j),
+(c,a,t0)] g[b, o, i, j - delta], so the N columns are (delta, o) for SHIFTS = 16 // c_out
+shifts (15 of 16 columns used at c_out = 3) and M only needs the taps t0 = u * SHIFTS.
 K is split across programs and the fp32 partials summed afterwards (deterministic).
     dbias[o] = sum_{b, i, j} g[b, o, i, j]
 """
@@ -55,8 +59,8 @@ BLOCK_I_FP32 = 32
 #: Output columns of a forward/dx tile and the reduction chunk of the width.
 BLOCK_J = 64
 BLOCK_K = 32
-#: dw: flat (c, a, t) columns (the M of its product, 64 for wgmma), output channels (the
-#: N, padded to the 16 tl.dot needs), width chunk of the reduction.
+#: dw: (c, a, u) rows of its product (the M, 64 for wgmma), (shift, output channel)
+#: columns (the N: 16, the least tl.dot takes), width chunk of the reduction.
 BLOCK_F = 64
 BLOCK_O_MIN = 16
 BLOCK_JW = 32
@@ -269,25 +273,31 @@ def _memconv_dw_kernel(
     PAD_LEFT,
     ROWS_PER_PROGRAM,
     PRECISION: tl.constexpr,
+    SHIFTS: tl.constexpr,
     BLOCK_O: tl.constexpr,
     BLOCK_F: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
-    pid_o = tl.program_id(0)
     pid_f = tl.program_id(1)
     pid_s = tl.program_id(2)
-    F = C_IN * K * D
-    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    # Rows of the product: (c, a, u) for the taps t = u * SHIFTS + delta; U of them per
+    # kernel row. Columns: (delta, o), SHIFTS shifts of every output channel (module doc).
+    U = tl.cdiv(D, SHIFTS)
+    F = C_IN * K * U
     offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     f_ok = offs_f < F
-    ca = offs_f // D
-    t = offs_f % D
+    ca = offs_f // U
+    t0 = (offs_f % U) * SHIFTS
     c = ca // K
     a = ca % K
-    o_ok = offs_o < C_OUT
-    # The product runs transposed, dw^T[f, o] = sum_K H^T[f, K] g^T[K, o], so that its M is
-    # the wide flat (c, a, t) axis (BLOCK_F = 64, a wgmma tile) rather than c_out (3 in the
-    # model, padded to 16, which only mma.sync takes).
+    n = tl.arange(0, BLOCK_O)
+    o = n % C_OUT
+    delta = n // C_OUT
+    n_ok = delta < SHIFTS
+    # dw^T[(c, a, u), (delta, o)] = sum_{b, i, j} x[b, c, i*s + a - p, j + t0 - q]
+    #                                             g[b, o, i, j - delta]
+    # (with j' = j + delta the tap t0 + delta's correlation): the long (c, a, u) axis in M,
+    # and SHIFTS x c_out columns in the N of 16 that tl.dot needs instead of c_out alone.
     acc = tl.zeros((BLOCK_F, BLOCK_O), dtype=tl.float32)
     bi_lo = pid_s * ROWS_PER_PROGRAM
     bi_hi = tl.minimum(bi_lo + ROWS_PER_PROGRAM, N_BATCH * M_ROWS)
@@ -296,24 +306,27 @@ def _memconv_dw_kernel(
         i = bi % M_ROWS
         x_row = i * STRIDE + a - PAD_TOP
         x_ok = f_ok & (x_row >= 0) & (x_row < N_ROWS)
-        x_cols = x_ptr + ((b * C_IN + c) * N_ROWS + x_row).to(tl.int64) * D + t - PAD_LEFT
-        g_row = g_ptr + ((b * C_OUT + offs_o) * M_ROWS + i).to(tl.int64) * D
-        for j0 in range(0, D, BLOCK_J):
+        x_cols = x_ptr + ((b * C_IN + c) * N_ROWS + x_row).to(tl.int64) * D + t0 - PAD_LEFT
+        g_row = g_ptr + ((b * C_OUT + o) * M_ROWS + i).to(tl.int64) * D - delta
+        for j0 in range(0, D + SHIFTS - 1, BLOCK_J):
             offs_j = j0 + tl.arange(0, BLOCK_J)
+            gj = offs_j[:, None] - delta[None, :]
             gt = tl.load(
                 g_row[None, :] + offs_j[:, None],
-                mask=o_ok[None, :] & (offs_j < D)[:, None],
+                mask=n_ok[None, :] & (gj >= 0) & (gj < D),
                 other=0.0,
             )
-            col = offs_j[None, :] + t[:, None] - PAD_LEFT
+            col = offs_j[None, :] + t0[:, None] - PAD_LEFT
             ht = tl.load(
                 x_cols[:, None] + offs_j[None, :],
-                mask=x_ok[:, None] & (col >= 0) & (col < D) & (offs_j < D)[None, :],
+                mask=x_ok[:, None] & (col >= 0) & (col < D),
                 other=0.0,
             )
             acc = tl.dot(ht, gt, acc, input_precision=PRECISION)
-    part = dw_part_ptr + (pid_s * C_OUT + offs_o).to(tl.int64)[None, :] * F + offs_f[:, None]
-    tl.store(part, acc, mask=o_ok[None, :] & f_ok[:, None])
+    t = t0[:, None] + delta[None, :]
+    part = dw_part_ptr + (pid_s * C_OUT + o).to(tl.int64)[None, :] * (C_IN * K * D)
+    part += (ca * D)[:, None] + t
+    tl.store(part, acc, mask=f_ok[:, None] & n_ok[None, :] & (t < D))
 
 
 # --------------------------------------------------------------------------------------
@@ -415,18 +428,29 @@ def memconv_backward_input(grad: torch.Tensor, weight: torch.Tensor, n: int, str
     return dx
 
 
+def dw_shifts(c_out: int) -> int:
+    """Shifts of the output channels that fill the dw product's N (module docstring)."""
+    return max(1, pow2_at_least(c_out, BLOCK_O_MIN) // c_out)
+
+
 def memconv_dw_config(
     n_batch: int, c_in: int, c_out: int, m: int, d: int, k: int, dtype: torch.dtype
 ) -> LaunchConfig:
-    """Launch configuration of _memconv_dw_kernel: [c_out, c_in * k * d] in BLOCK_O x
-    BLOCK_F tiles, the reduction over (b, i) split into grid[2] parts."""
+    """Launch configuration of _memconv_dw_kernel: rows (c, a, u) in BLOCK_F tiles (taps t =
+    u * SHIFTS + delta), columns (delta, o) in one BLOCK_O tile, the reduction over (b, i)
+    split into grid[2] parts."""
     rows = n_batch * m
     splits = triton.cdiv(rows, ROWS_PER_SPLIT)
     block_o = pow2_at_least(c_out, BLOCK_O_MIN)
+    shifts = dw_shifts(c_out)
     return LaunchConfig(
-        grid=(triton.cdiv(c_out, block_o), triton.cdiv(c_in * k * d, BLOCK_F), splits),
+        grid=(1, triton.cdiv(c_in * k * triton.cdiv(d, shifts), BLOCK_F), splits),
         constexprs=dict(
-            PRECISION=dot_precision(dtype), BLOCK_O=block_o, BLOCK_F=BLOCK_F, BLOCK_J=BLOCK_JW
+            PRECISION=dot_precision(dtype),
+            SHIFTS=shifts,
+            BLOCK_O=block_o,
+            BLOCK_F=BLOCK_F,
+            BLOCK_J=BLOCK_JW,
         ),
         num_warps=NUM_WARPS,
         num_stages=_stages(dtype),

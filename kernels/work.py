@@ -174,9 +174,10 @@ def _memconv_dx(a, grid) -> Work:
 
 @_formula("_memconv_dw_kernel")
 def _memconv_dw(a, grid) -> Work:
-    n_o, n_f, splits = grid
+    _, n_f, splits = grid
     bo, bf, bj, d = a["BLOCK_O"], a["BLOCK_F"], a["BLOCK_J"], a["D"]
-    f = a["C_IN"] * a["K"] * d
+    shifts, c_out = a["SHIFTS"], a["C_OUT"]
+    f = a["C_IN"] * a["K"] * -(-d // shifts)
     rows_total = a["N_BATCH"] * a["M_ROWS"]
     per_program = a["ROWS_PER_PROGRAM"]
     esize = _esize(a["x_ptr"])
@@ -185,12 +186,14 @@ def _memconv_dw(a, grid) -> Work:
         rows = _valid(s * per_program, per_program, rows_total)
         for pf in range(n_f):
             cols = _valid(pf * bf, bf, f)
-            for j0 in range(0, d, bj):
-                jv = _valid(j0, bj, d)
-                macs += rows * n_o * bf * bj * bo
-                # g tile [BJ, c_out] and the Hankel tile gathered from x's rows.
-                bytes_ += rows * n_o * (jv * min(bo, a["C_OUT"]) + min(cols + jv - 1, d)) * esize
-            bytes_ += n_o * cols * min(bo, a["C_OUT"]) * F32
+            for j0 in range(0, d + shifts - 1, bj):
+                jv = _valid(j0, bj, d + shifts - 1)
+                macs += rows * bf * bj * bo
+                # g rows of every channel over the shifted window, and the Hankel tile
+                # gathered from x's rows (taps SHIFTS apart).
+                g_bytes = c_out * min(jv + shifts - 1, d) * esize
+                bytes_ += rows * (g_bytes + min(cols * shifts + jv - 1, d) * esize)
+            bytes_ += cols * min(bo, shifts * c_out) * F32
     return Work(macs, bytes_)
 
 
