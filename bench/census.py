@@ -38,6 +38,7 @@ import collections
 import contextlib
 import datetime
 import json
+import math
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -103,6 +104,8 @@ class Launch:
     name: str
     macs: int
     bytes: int
+    #: Programs (CTAs) of a Triton launch; 0 where not known (library kernels).
+    programs: int = 0
 
 
 @dataclass
@@ -242,8 +245,9 @@ class _CensusMode(TorchDispatchMode):
 
         for launch in self.recorded[self.seen :]:
             work = launch_work(launch)
+            programs = math.prod(launch.config.grid)
             self.census.launches.append(
-                Launch(self.stages.now(), "triton", launch.name, work.macs, work.bytes)
+                Launch(self.stages.now(), "triton", launch.name, work.macs, work.bytes, programs)
             )
         self.seen = len(self.recorded)
 
@@ -387,10 +391,10 @@ def markdown(censuses: list[Census], meta: dict) -> str:
             lines.append(f"| {stage} | {row['launches']} | {_g(2 * row['macs'])} | "
                          f"{_mb(row['bytes'])} |")  # fmt: skip
         if c.config.backend == "fused":
-            lines += ["", "| Triton kernel | launches | GFLOP | MB |", "|---|---:|---:|---:|"]
+            lines += ["", "| Triton kernel | programs | GFLOP | MB |", "|---|---:|---:|---:|"]
             for x in c.launches:
                 if x.kind == "triton":
-                    lines.append(f"| {x.stage}: `{x.name}` | 1 | {_g(2 * x.macs)} | "
+                    lines.append(f"| {x.stage}: `{x.name}` | {x.programs} | {_g(2 * x.macs)} | "
                                  f"{_mb(x.bytes)} |")  # fmt: skip
         if c.syncs:
             counts = collections.Counter(f"{s}: {op}" for s, op in c.syncs)
