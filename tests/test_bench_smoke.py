@@ -7,7 +7,6 @@ checks the FLOP and byte models of bench/cases.py against torch's own counts.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from user_env import user_env
 
 from bench import cases as C
 from bench import timing
@@ -32,7 +32,8 @@ ROOFLINE_KEYS = {"achieved_GBps", "achieved_TFLOPs", "bw_fraction", "flop_fracti
 
 
 def _run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    # As a user types it (--smoke sets TRITON_INTERPRET itself); no PYTHONPATH in cwd=REPO.
+    env = user_env() if cwd == REPO else user_env(PYTHONPATH=str(REPO))
     return subprocess.run(
         [sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
         timeout=300,
@@ -159,3 +160,18 @@ def test_quantiles():
     t = timing._summarise([5.0, 1.0, 3.0, 2.0, 4.0], "t")
     assert (t.min_ms, t.median_ms, t.reps) == (1.0, 3.0, 5)
     assert 1.0 < t.p20_ms < t.median_ms < t.p80_ms < 5.0
+
+
+def test_census_command(tmp_path):
+    """``python -m bench.census`` as a user types it, on a tiny step: both backends, one
+    file of each kind, fused launches recorded (no interpreter needed)."""
+    proc = _run(
+        "bench.census", "--configs", "sub", "--precisions", "fp32", "--n", "40",
+        "--batch", "2", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads((tmp_path / "census-cpu.json").read_text())
+    steps = {s["config"]["backend"]: s for s in data["steps"]}
+    assert set(steps) == {"reference", "fused"}
+    assert steps["fused"]["totals"]["triton"] > 0 and steps["reference"]["totals"]["triton"] == 0
+    assert "sub-fp32-fused" in (tmp_path / "census-cpu.md").read_text()

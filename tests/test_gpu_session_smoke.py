@@ -10,7 +10,6 @@ timeout, a failing CUDA test, a missing matplotlib) are tested directly.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from user_env import user_env
 
 from bench import cases as C
 from bench import checks, gpu_session, session_procs, session_report, timing
@@ -50,9 +50,9 @@ PIPELINE_ROWS_PER_SOURCE = 1 + 2 * len(LOADERS)
 
 
 def _session(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # As a user types it in the checkout: no TRITON_INTERPRET, no PYTHONPATH.
     return subprocess.run(
-        [sys.executable, "-m", "bench.gpu_session", *args], cwd=REPO, env=env,
+        [sys.executable, "-m", "bench.gpu_session", *args], cwd=REPO, env=user_env(),
         capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
 
