@@ -30,6 +30,9 @@ setup(
             "ruff>=0.6",
             "matplotlib>=3.7",
             "tensorboard>=2.14",
+            # Writes the hickle 5 story files of tests/test_release.py (the reader itself
+            # never imports hickle); 5.0.3 is the version tested.
+            "hickle==5.0.3",
         ],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
         "tensorboard": ["tensorboard>=2.14"],
