@@ -51,6 +51,10 @@ def write_hickle_by_hand(path: Path, value: dict, version: int) -> None:
     Hickle 2 names a key group by the key and types nodes 'dict'; hickle 3 by repr(key)
     and str(type(obj))."""
 
+    if version == 4:
+        write_hickle4_by_hand(path, value)
+        return
+
     def dump(obj, group: h5py.Group) -> None:
         if isinstance(obj, dict):
             sub = group.create_group("data_0")
@@ -73,6 +77,30 @@ def write_hickle_by_hand(path: Path, value: dict, version: int) -> None:
         f.attrs["VERSION"] = 3 if version == 2 else b"3.4.2"
         f.attrs["type"] = np.array([b"hickle"])
         dump(value, f)
+
+
+def write_hickle4_by_hand(path: Path, value: dict) -> None:
+    """``value`` as hickle 4 wrote it: /data the dict, 'key' dict_item groups holding
+    data, kinds in base_type attributes, the Python class pickled in a type attribute."""
+
+    def dump(obj, group: h5py.Group, name: str) -> None:
+        if isinstance(obj, dict):
+            sub = group.create_group(name)
+            sub.attrs["base_type"] = b"dict"
+            sub.attrs["type"] = np.void(pickle.dumps(dict))
+            for key, item in obj.items():
+                entry = sub.create_group(repr(key))
+                entry.attrs["base_type"] = b"dict_item"
+                entry.attrs["key_base_type"] = b"str"
+                dump(item, entry, "data")
+        else:
+            dataset = group.create_dataset(name, data=obj)
+            dataset.attrs["base_type"] = b"ndarray"
+            dataset.attrs["type"] = np.void(pickle.dumps(np.ndarray))
+
+    with h5py.File(path, "w") as f:
+        f.attrs["HICKLE_VERSION"] = "4.0.1"
+        dump(value, f, "data")
 
 
 def write_release(root: Path, story_format: str = "hickle2", seed: int = 0) -> Path:
@@ -121,7 +149,7 @@ def _one_line_error(capsys, *needles: str) -> str:
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("story_format", ["hickle2", "hickle3", "hickle5"])
+@pytest.mark.parametrize("story_format", ["hickle2", "hickle3", "hickle4", "hickle5"])
 def test_hickle_stories_read_as_written(tmp_path, story_format):
     root = write_release(tmp_path, story_format)
     expected = stories()

@@ -9,9 +9,10 @@ with hickle, an HDF5 layout for Python objects: ``{movie_key: {"rgb": array, "su
 * hickle 2 and 3 (Python 2 era): ``/data_0`` is the dict, a group whose ``type`` attribute
   says ``dict``; each key is a ``dict_item`` group (named ``key``, ``'key'`` or ``u'key'``)
   holding its value as ``data_0``: an ``ndarray`` dataset or another dict;
-* hickle 4 and 5: ``/data`` is the dict; keys are named ``"key"``; each node's kind is the
-  name of a dataset of ``/hickle_types_table`` reached through HDF5 object references
-  (or a ``base_type`` attribute), which is read as a name, never unpickled.
+* hickle 4 and 5: ``/data`` is the dict; keys are named ``'key'`` (4, as ``dict_item``
+  groups holding ``data``) or ``"key"`` (5); a node's kind is its ``base_type`` attribute
+  (4) or the name of a dataset of ``/hickle_types_table`` reached through HDF5 object
+  references (5). Both also store the Python class as a pickle: it is never unpickled.
 
 A data file is untrusted input. Hickle stores what it cannot map to HDF5 as a pickle and
 its loader unpickles it, running whatever the pickle says. This reader never unpickles,
@@ -211,11 +212,12 @@ class StoryFile:
                 return {k: self._resolve(node, k, f"{where}/{k}") for k in node}
             return node
         kind = self.kind(node)
-        if kind == "dict_item":  # hickle 2/3: the value is the item's data_0
-            if not isinstance(node, h5py.Group) or "data_0" not in node:
-                raise DataError(f"{where}: a hickle dict item without its data_0")
-            node = check_node(node, "data_0", f"{where}/data_0", self.data_dir)
-            kind = self.kind(node)
+        if kind == "dict_item":  # hickle 2/3 (data_0) and 4 (data): the item's value
+            inner = next((n for n in ("data_0", "data") if isinstance(node, h5py.Group)
+                          and n in node), None)  # fmt: skip
+            if inner is None:
+                raise DataError(f"{where}: a hickle dict item without its value (data_0)")
+            node = check_node(node, inner, f"{where}/{inner}", self.data_dir)
         if isinstance(node, h5py.Group):
             self._expect(node, "dict", where, self.format)
             return {_key(k): self._resolve(node, k, f"{where}/{_key(k)}") for k in node}
