@@ -36,6 +36,7 @@ setup(
         ],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
         "tensorboard": ["tensorboard>=2.14"],
+        "visualize": ["matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["rwmn-train=rwmn.training:main"]},
 )

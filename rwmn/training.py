@@ -98,7 +98,7 @@ UNUSED_RELEASE_FLAGS = (
 #: checkpoint's configuration on --resume.
 INVOCATION_FIELDS = frozenset({
     "out_dir", "name", "checkpoint_dir", "resume", "overwrite", "allow_resume_changes",
-    "eval_only", "split", "checkpoint_file",
+    "eval_only", "split", "checkpoint_file", "attention_out", "attention_limit",
 })  # fmt: skip
 #: Flags --resume accepts with a value other than the checkpoint's: where and how fast the
 #: run computes, and how long it goes on. Each change is logged.
@@ -154,6 +154,8 @@ class TrainConfig:
     nvtx: bool = False
     eval_only: bool = False
     split: str = "val"
+    attention_out: str | None = None
+    attention_limit: int = 0
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -190,6 +192,10 @@ class TrainConfig:
             raise ConfigError(f"--backend {self.backend!r}: expected one of {ops.BACKENDS}")
         if self.split not in ("val", "test"):
             raise ConfigError(f"--split {self.split!r}: expected val or test")
+        if self.attention_out is not None and not self.eval_only:
+            raise ConfigError("--attention_out applies with --eval_only")
+        if self.attention_limit < 0:
+            raise ConfigError(f"--attention_limit must be >= 0, got {self.attention_limit}")
         if self.eval_only and not self.checkpoint_file:
             raise ConfigError("--eval_only needs --checkpoint_file")
         if self.eval_only and (self.resume or self.overwrite):
@@ -461,6 +467,16 @@ def build_parser(quiet: bool = False) -> argparse.ArgumentParser:
     r.add_argument(
         "--split", default="val", choices=("val", "test"), help="the split --eval_only evaluates"
     )
+    r.add_argument(
+        "--attention_out", default=None, metavar="DIR",
+        help="with --eval_only: a PNG per question of what the model reads (attention per "
+        "hop over memory slots and story elements, candidate scores) and DIR/index.html "
+        "(default: none)",
+    )  # fmt: skip
+    r.add_argument(
+        "--attention_limit", type=int, default=0, metavar="N",
+        help="--attention_out: pictures of the first N questions only (0: every question)",
+    )  # fmt: skip
 
     u = parser.add_argument_group(
         "release flags its code never used",
@@ -1219,8 +1235,14 @@ class Trainer:
                 tl, ta = window["loss"] / q, window["acc"] / q
                 self.record("train", ta, tl, questions_per_second=round(q / elapsed, 1))
                 if self.is_main:  # one validation batch, on rank 0 (no collective)
-                    v = self.evaluate(iter([val.random_batch(self.val_sampler, cfg.batch_size)]))
+                    batch = val.random_batch(self.val_sampler, cfg.batch_size)
+                    v = self.evaluate(iter([batch]))
                     self.record("val_batch", v.acc, v.loss)
+                    if self.writer is not None:
+                        from rwmn.visualize import tensorboard_summaries
+
+                        tensorboard_summaries(self.writer, self.model, batch, self.step,
+                                              self.device)  # fmt: skip
                     self.log(
                         f"step {self.step:5d}/{cfg.max_steps} | loss {tl:.4f} | acc {ta:.3f} | "
                         f"val batch acc {v.acc:.3f} | {q / elapsed:7.1f} q/s | "
@@ -1265,12 +1287,28 @@ class Trainer:
         path = path or cfg.checkpoint_file
         state = state if state is not None else load_checkpoint(path, self.model_cfg)
         rundir.check_directory_flag(self.out_dir, "--out_dir")
+        if cfg.attention_out is not None:
+            from rwmn.visualize import check_can_draw
+
+            rundir.check_directory_flag(cfg.attention_out, "--attention_out")
+            check_can_draw()
         data = ReadPerBatch(self.data(cfg.split), self.data_dtype, check=False)
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as exc:
             raise CheckpointError(f"checkpoint {path!r}: cannot load ({one_line(exc)})") from exc
         result = self.evaluate(data.iter_batches(cfg.batch_size))
+        if cfg.attention_out is not None:
+            from rwmn import visualize
+
+            records = visualize.attention_records(
+                self.model, data.iter_batches(cfg.batch_size), self.device, self._autocast
+            )
+            pictures = visualize.write_attention_pictures(
+                records, self.model_cfg, cfg.attention_out, cfg.attention_limit
+            )
+            self.log(f"wrote {len(pictures)} attention pictures and index.html to "
+                     f"{cfg.attention_out}")  # fmt: skip
         out = os.path.join(self.out_dir, f"predictions_{cfg.split}.txt")
         atomic_write_text(out, "".join(f"{qid} {answer}\n" for qid, answer in result.predictions))
         acc = "n/a (no cor_idx)" if result.acc is None else f"{result.acc:.4f}"
