@@ -22,6 +22,8 @@ setup(
         "triton>=3.6; platform_system == 'Linux'",
         "numpy>=1.24",
         "h5py>=3.8",
+        # NVTX ranges (rwmn.profiling); tested with 0.2.17.
+        "nvtx>=0.2.17",
     ],
     extras_require={
         "test": [

@@ -74,7 +74,7 @@ from rwmn.loop import (
     make_adagrad,
 )
 from rwmn.model import RWMN
-from rwmn.profiling import nvtx_enabled
+from rwmn.profiling import nvtx_enabled, nvtx_range
 from rwmn.rundir import RunDirError, RunLock
 
 __all__ = [
@@ -457,7 +457,10 @@ def build_parser(quiet: bool = False) -> argparse.ArgumentParser:
         action="store_true",
         help="also write tensorboard events to <out_dir>/tensorboard",
     )
-    r.add_argument("--nvtx", action="store_true", help="NVTX ranges for nsys (CUDA only)")
+    r.add_argument(
+        "--nvtx", action="store_true",
+        help="NVTX ranges (domain rwmn: model stages, data/step/validation/checkpoint) for nsys",
+    )  # fmt: skip
     r.add_argument(
         "--eval_only", action="store_true",
         help="evaluate --checkpoint_file on --split and write "
@@ -905,6 +908,7 @@ class Trainer:
             group["lr"] = self.cfg.init_lr * lr_at(self.scheduler.last_epoch)
         self.scheduler.base_lrs = [self.cfg.init_lr] * len(self.optimizer.param_groups)
 
+    @nvtx_range("checkpoint", "train")
     def save(self, name: str) -> str:
         """Write checkpoints/``name`` atomically (rank 0; every rank must call it)."""
         path = os.path.join(self.ckpt_dir, name)
@@ -1227,7 +1231,10 @@ class Trainer:
         stopped = "max_steps"
         while self.step < cfg.max_steps:
             ahead = self.step + 1 < cfg.max_steps
-            self.train_step([feed.next(draw_ahead=ahead) for feed in self.batches])
+            with nvtx_range("data", "train"):
+                batches = [feed.next(draw_ahead=ahead) for feed in self.batches]
+            with nvtx_range("step", "train"):
+                self.train_step(batches)
             if self.step % cfg.validation_step == 0:
                 window = self.window()  # the one synchronisation between progress lines
                 elapsed = time.perf_counter() - self.window_t
@@ -1236,7 +1243,8 @@ class Trainer:
                 self.record("train", ta, tl, questions_per_second=round(q / elapsed, 1))
                 if self.is_main:  # one validation batch, on rank 0 (no collective)
                     batch = val.random_batch(self.val_sampler, cfg.batch_size)
-                    v = self.evaluate(iter([batch]))
+                    with nvtx_range("validation", "train"):
+                        v = self.evaluate(iter([batch]))
                     self.record("val_batch", v.acc, v.loss)
                     if self.writer is not None:
                         from rwmn.visualize import tensorboard_summaries
@@ -1252,7 +1260,8 @@ class Trainer:
                 self.running.reset()
                 self.window_t = time.perf_counter()
             if self.step % cfg.full_validation_step == 0:
-                v = self.evaluate_split(val)  # sharded; the same result on every rank
+                with nvtx_range("validation", "train"):
+                    v = self.evaluate_split(val)  # sharded; the same result on every rank
                 self.record("val", v.acc, v.loss)
                 improved = v.acc > self.best_acc
                 self.log(
