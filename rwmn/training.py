@@ -65,6 +65,7 @@ from rwmn.data.cache import (
 )
 from rwmn.data.movieqa import DataError, MovieQAData, QABatch
 from rwmn.data.prefetch import NoPrefetch, Prefetcher
+from rwmn.data.progress import ReadProgress
 from rwmn.distributed import Comm, Launch, PeerError, slot_sampler
 from rwmn.loop import (
     COMPILE_MODES,
@@ -783,7 +784,10 @@ class Trainer:
         nbytes = sum(split_nbytes(d, self.data_dtype) for d in datas)
         plan = plan_cache(self.cfg.data_cache, nbytes, self.device)
         self.log(plan.line(self.cfg.data_dtype))
-        return [build_source(d, plan, self.data_dtype, self.device) for d in datas]
+        return [
+            build_source(d, plan, self.data_dtype, self.device, ReadProgress(d, self.log))
+            for d in datas
+        ]
 
     # -- state ---------------------------------------------------------------------------
     def window(self) -> dict:

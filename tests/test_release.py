@@ -325,3 +325,29 @@ def test_story_file_errors_are_data_errors(tmp_path):
     (root / "data" / "video_sub" / "story.hkl").unlink()
     with pytest.raises(DataError, match=r"story\.hkl' does not exist \(nor story\.h5\)"):
         read(root)
+
+
+def test_read_progress_lines(tmp_path):
+    """While a split is read: movies, MB, rate and time left, at most every interval."""
+    from types import SimpleNamespace
+
+    from rwmn.data.progress import ReadProgress, movie_nbytes
+
+    data = read(write_release(tmp_path))
+    assert movie_nbytes(data, 0) == 4 * (data.story_rows[0] * (RGB + DIM) + Q * DIM * (1 + A))
+    data.close()
+    # MovieQA-sized text movies: 300-wide stories of 10,000 to 30,000 elements.
+    big = SimpleNamespace(
+        video=False, dim_text=300, num_answer=5, story_rows=[10_000, 20_000, 30_000],
+        counts=[50, 50, 50], movies=["a", "b", "c"], split="train", source="sub",
+    )  # fmt: skip
+    now = [0.0]
+    lines: list[str] = []
+    progress = ReadProgress(big, lines.append, interval=10.0, clock=lambda: now[0])
+    for index, t in enumerate([4.0, 12.0, 30.0]):
+        now[0] = t
+        progress(index)
+    assert lines == [  # none at 4 s, within the interval
+        "reading train (sub): 2/3 movies, 37/73 MB, 3.1 MB/s, about 12 s left",
+        "reading train (sub): 3/3 movies, 73/73 MB, 2.4 MB/s, done",
+    ]
