@@ -311,7 +311,16 @@ def _bad_root(root: Path) -> str:
     return f"{path}:data_0: missing"
 
 
-@pytest.mark.parametrize("spoil", [_truncate, _list_node, _bad_root])
+def _link_cycle(root: Path) -> str:
+    path = root / "data" / "video_sub" / "story.hkl"
+    with h5py.File(path, "a") as f:
+        item = f[f"data_0/{MOVIES['train'][1]}/data_0/sub"]
+        del item["data_0"]
+        item["data_0"] = f[f"data_0/{MOVIES['train'][1]}/data_0"]  # a hard link to its parent
+    return f"{path}:{MOVIES['train'][1]}/sub/sub/sub"
+
+
+@pytest.mark.parametrize("spoil", [_truncate, _list_node, _bad_root, _link_cycle])
 def test_bad_story_files(tmp_path, capsys, spoil):
     root = write_release(tmp_path / "release")
     needle = spoil(root)

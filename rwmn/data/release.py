@@ -36,6 +36,8 @@ from rwmn.data.errors import DataError
 #: ``story.hkl`` for video_sub and ``story.h5`` for the text sources.
 STORY_NAMES = {"video_sub": ("story.hkl", "story.h5")}
 TEXT_STORY_NAMES = ("story.h5", "story.hkl")
+#: How deep a movie's value may nest (a video_sub story is a dict of two arrays).
+MAX_DEPTH = 3
 
 
 def story_names(source: str) -> tuple[str, ...]:
@@ -205,11 +207,13 @@ class StoryFile:
             raise DataError(f"{self.path}: no story for movie {movie!r}")
         return self._resolve(self._root, self._names[movie], where)
 
-    def _resolve(self, group: h5py.Group, name: str, where: str):
+    def _resolve(self, group: h5py.Group, name: str, where: str, depth: int = 0):
+        if depth > MAX_DEPTH:  # a story is a dict of arrays; a link cycle would not end
+            raise DataError(f"{where}: nested deeper than a story can be ({MAX_DEPTH} levels)")
         node = check_node(group, name, where, self.data_dir)
         if self.format == "hdf5":
             if isinstance(node, h5py.Group):
-                return {k: self._resolve(node, k, f"{where}/{k}") for k in node}
+                return {k: self._resolve(node, k, f"{where}/{k}", depth + 1) for k in node}
             return node
         kind = self.kind(node)
         if kind == "dict_item":  # hickle 2/3 (data_0) and 4 (data): the item's value
@@ -220,7 +224,7 @@ class StoryFile:
             node = check_node(node, inner, f"{where}/{inner}", self.data_dir)
         if isinstance(node, h5py.Group):
             self._expect(node, "dict", where, self.format)
-            return {_key(k): self._resolve(node, k, f"{where}/{_key(k)}") for k in node}
+            return {_key(k): self._resolve(node, k, f"{where}/{_key(k)}", depth + 1) for k in node}
         self._expect(node, "ndarray", where, self.format)
         return node
 
