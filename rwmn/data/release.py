@@ -190,7 +190,8 @@ class StoryFile:
                 else f"a node without a hickle type, as {version} stores a pickled Python object"
             )
             raise DataError(f"{where} holds {what}; refused: nothing in a data file is unpickled")
-        raise DataError(f"{where} is a {version} {found!r}, expected a {kind}")
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise DataError(f"{where} is a {version} {found!r}, expected {article} {kind}")
 
     # -- access ------------------------------------------------------------------------
     def __contains__(self, movie: str) -> bool:
