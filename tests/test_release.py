@@ -277,7 +277,20 @@ def _virtual_dataset(root: Path, outside: Path) -> str:
     return f"{story}:{MOVIES['train'][0]}/rgb/data_0 is a virtual dataset"
 
 
-@pytest.mark.parametrize("plant", [_external_link, _virtual_dataset])
+def _external_storage(root: Path, outside: Path) -> str:
+    values = np.zeros((Q, A, DIM), np.float32)
+    outside.write_bytes(values.tobytes())
+    qa = root / "data" / "video_sub" / "train" / f"{MOVIES['train'][0]}.h5"
+    with h5py.File(qa, "a") as f:
+        del f["answer_rep"]
+        f.create_dataset(
+            "answer_rep", shape=values.shape, dtype=np.float32,
+            external=[(str(outside), 0, values.nbytes)],
+        )  # fmt: skip
+    return f"{qa}:answer_rep stores its data in the external file"
+
+
+@pytest.mark.parametrize("plant", [_external_link, _virtual_dataset, _external_storage])
 def test_links_leaving_the_data_directory_refused(tmp_path, capsys, plant):
     root = write_release(tmp_path / "release")
     needle = plant(root, tmp_path / "elsewhere.h5")
