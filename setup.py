@@ -22,6 +22,8 @@ setup(
         "triton>=3.6; platform_system == 'Linux'",
         "numpy>=1.24",
         "h5py>=3.8",
+        # NVTX ranges (rwmn.profiling); tested with 0.2.17.
+        "nvtx>=0.2.17",
     ],
     extras_require={
         "test": [
@@ -30,9 +32,13 @@ setup(
             "ruff>=0.6",
             "matplotlib>=3.7",
             "tensorboard>=2.14",
+            # Writes the hickle 5 story files of tests/test_release.py (the reader itself
+            # never imports hickle); 5.0.3 is the version tested.
+            "hickle==5.0.3",
         ],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
         "tensorboard": ["tensorboard>=2.14"],
+        "visualize": ["matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["rwmn-train=rwmn.training:main"]},
 )

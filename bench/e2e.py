@@ -212,7 +212,7 @@ def measure_step(
         )  # fmt: skip
         cfg = step.cfg
         row["model"] = {"write": cfg.write, "read": cfg.read, "dim_memory": cfg.dim_memory}
-        ctx = nvtx_range(f"bench/e2e/{config}/{mode}/{precision}/{backend}")
+        ctx = nvtx_range(f"bench/e2e/{config}/{mode}/{precision}/{backend}", "bench")
         with ctx if nvtx else contextlib.nullcontext():
             t = timing.time_fn(
                 device, step, measure_s=measure_s or MEASURE_S[kind], **(budget or {})

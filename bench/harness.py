@@ -175,7 +175,7 @@ def prepare(
 
 def _with_range(name: str, fn):
     def wrapped():
-        with nvtx_range(name):
+        with nvtx_range(name, "bench"):
             return fn()
 
     return wrapped
@@ -195,7 +195,7 @@ def measure(
     """One result row: status, timing, peak memory, FLOPs, bytes and roofline columns."""
     row = base_row(case, backend, pass_, dtype)
     name = f"bench/{case.op}/{case.size}/{backend}/{pass_}/{dtype}"
-    ctx = nvtx_range(name) if nvtx else contextlib.nullcontext()
+    ctx = nvtx_range(name, "bench") if nvtx else contextlib.nullcontext()
     try:
         with ctx:
             prepared = prepare(case, backend, pass_, dtype, device, compiled)

@@ -65,6 +65,7 @@ from rwmn.data.cache import (
 )
 from rwmn.data.movieqa import DataError, MovieQAData, QABatch
 from rwmn.data.prefetch import NoPrefetch, Prefetcher
+from rwmn.data.progress import ReadProgress
 from rwmn.distributed import Comm, Launch, PeerError, slot_sampler
 from rwmn.loop import (
     COMPILE_MODES,
@@ -74,7 +75,7 @@ from rwmn.loop import (
     make_adagrad,
 )
 from rwmn.model import RWMN
-from rwmn.profiling import nvtx_enabled
+from rwmn.profiling import nvtx_enabled, nvtx_range
 from rwmn.rundir import RunDirError, RunLock
 
 __all__ = [
@@ -98,7 +99,7 @@ UNUSED_RELEASE_FLAGS = (
 #: checkpoint's configuration on --resume.
 INVOCATION_FIELDS = frozenset({
     "out_dir", "name", "checkpoint_dir", "resume", "overwrite", "allow_resume_changes",
-    "eval_only", "split", "checkpoint_file",
+    "eval_only", "split", "checkpoint_file", "attention_out", "attention_limit",
 })  # fmt: skip
 #: Flags --resume accepts with a value other than the checkpoint's: where and how fast the
 #: run computes, and how long it goes on. Each change is logged.
@@ -154,6 +155,8 @@ class TrainConfig:
     nvtx: bool = False
     eval_only: bool = False
     split: str = "val"
+    attention_out: str | None = None
+    attention_limit: int = 0
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -190,6 +193,10 @@ class TrainConfig:
             raise ConfigError(f"--backend {self.backend!r}: expected one of {ops.BACKENDS}")
         if self.split not in ("val", "test"):
             raise ConfigError(f"--split {self.split!r}: expected val or test")
+        if self.attention_out is not None and not self.eval_only:
+            raise ConfigError("--attention_out applies with --eval_only")
+        if self.attention_limit < 0:
+            raise ConfigError(f"--attention_limit must be >= 0, got {self.attention_limit}")
         if self.eval_only and not self.checkpoint_file:
             raise ConfigError("--eval_only needs --checkpoint_file")
         if self.eval_only and (self.resume or self.overwrite):
@@ -451,7 +458,10 @@ def build_parser(quiet: bool = False) -> argparse.ArgumentParser:
         action="store_true",
         help="also write tensorboard events to <out_dir>/tensorboard",
     )
-    r.add_argument("--nvtx", action="store_true", help="NVTX ranges for nsys (CUDA only)")
+    r.add_argument(
+        "--nvtx", action="store_true",
+        help="NVTX ranges (domain rwmn: model stages, data/step/validation/checkpoint) for nsys",
+    )  # fmt: skip
     r.add_argument(
         "--eval_only", action="store_true",
         help="evaluate --checkpoint_file on --split and write "
@@ -461,6 +471,16 @@ def build_parser(quiet: bool = False) -> argparse.ArgumentParser:
     r.add_argument(
         "--split", default="val", choices=("val", "test"), help="the split --eval_only evaluates"
     )
+    r.add_argument(
+        "--attention_out", default=None, metavar="DIR",
+        help="with --eval_only: a PNG per question of what the model reads (attention per "
+        "hop over memory slots and story elements, candidate scores) and DIR/index.html "
+        "(default: none)",
+    )  # fmt: skip
+    r.add_argument(
+        "--attention_limit", type=int, default=0, metavar="N",
+        help="--attention_out: pictures of the first N questions only (0: every question)",
+    )  # fmt: skip
 
     u = parser.add_argument_group(
         "release flags its code never used",
@@ -764,7 +784,10 @@ class Trainer:
         nbytes = sum(split_nbytes(d, self.data_dtype) for d in datas)
         plan = plan_cache(self.cfg.data_cache, nbytes, self.device)
         self.log(plan.line(self.cfg.data_dtype))
-        return [build_source(d, plan, self.data_dtype, self.device) for d in datas]
+        return [
+            build_source(d, plan, self.data_dtype, self.device, ReadProgress(d, self.log))
+            for d in datas
+        ]
 
     # -- state ---------------------------------------------------------------------------
     def window(self) -> dict:
@@ -889,6 +912,7 @@ class Trainer:
             group["lr"] = self.cfg.init_lr * lr_at(self.scheduler.last_epoch)
         self.scheduler.base_lrs = [self.cfg.init_lr] * len(self.optimizer.param_groups)
 
+    @nvtx_range("checkpoint", "train")
     def save(self, name: str) -> str:
         """Write checkpoints/``name`` atomically (rank 0; every rank must call it)."""
         path = os.path.join(self.ckpt_dir, name)
@@ -1211,7 +1235,10 @@ class Trainer:
         stopped = "max_steps"
         while self.step < cfg.max_steps:
             ahead = self.step + 1 < cfg.max_steps
-            self.train_step([feed.next(draw_ahead=ahead) for feed in self.batches])
+            with nvtx_range("data", "train"):
+                batches = [feed.next(draw_ahead=ahead) for feed in self.batches]
+            with nvtx_range("step", "train"):
+                self.train_step(batches)
             if self.step % cfg.validation_step == 0:
                 window = self.window()  # the one synchronisation between progress lines
                 elapsed = time.perf_counter() - self.window_t
@@ -1219,8 +1246,15 @@ class Trainer:
                 tl, ta = window["loss"] / q, window["acc"] / q
                 self.record("train", ta, tl, questions_per_second=round(q / elapsed, 1))
                 if self.is_main:  # one validation batch, on rank 0 (no collective)
-                    v = self.evaluate(iter([val.random_batch(self.val_sampler, cfg.batch_size)]))
+                    batch = val.random_batch(self.val_sampler, cfg.batch_size)
+                    with nvtx_range("validation", "train"):
+                        v = self.evaluate(iter([batch]))
                     self.record("val_batch", v.acc, v.loss)
+                    if self.writer is not None:
+                        from rwmn.visualize import tensorboard_summaries
+
+                        tensorboard_summaries(self.writer, self.model, batch, self.step,
+                                              self.device)  # fmt: skip
                     self.log(
                         f"step {self.step:5d}/{cfg.max_steps} | loss {tl:.4f} | acc {ta:.3f} | "
                         f"val batch acc {v.acc:.3f} | {q / elapsed:7.1f} q/s | "
@@ -1230,7 +1264,8 @@ class Trainer:
                 self.running.reset()
                 self.window_t = time.perf_counter()
             if self.step % cfg.full_validation_step == 0:
-                v = self.evaluate_split(val)  # sharded; the same result on every rank
+                with nvtx_range("validation", "train"):
+                    v = self.evaluate_split(val)  # sharded; the same result on every rank
                 self.record("val", v.acc, v.loss)
                 improved = v.acc > self.best_acc
                 self.log(
@@ -1265,12 +1300,28 @@ class Trainer:
         path = path or cfg.checkpoint_file
         state = state if state is not None else load_checkpoint(path, self.model_cfg)
         rundir.check_directory_flag(self.out_dir, "--out_dir")
+        if cfg.attention_out is not None:
+            from rwmn.visualize import check_can_draw
+
+            rundir.check_directory_flag(cfg.attention_out, "--attention_out")
+            check_can_draw()
         data = ReadPerBatch(self.data(cfg.split), self.data_dtype, check=False)
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as exc:
             raise CheckpointError(f"checkpoint {path!r}: cannot load ({one_line(exc)})") from exc
         result = self.evaluate(data.iter_batches(cfg.batch_size))
+        if cfg.attention_out is not None:
+            from rwmn import visualize
+
+            records = visualize.attention_records(
+                self.model, data.iter_batches(cfg.batch_size), self.device, self._autocast
+            )
+            pictures = visualize.write_attention_pictures(
+                records, self.model_cfg, cfg.attention_out, cfg.attention_limit
+            )
+            self.log(f"wrote {len(pictures)} attention pictures and index.html to "
+                     f"{cfg.attention_out}")  # fmt: skip
         out = os.path.join(self.out_dir, f"predictions_{cfg.split}.txt")
         atomic_write_text(out, "".join(f"{qid} {answer}\n" for qid, answer in result.predictions))
         acc = "n/a (no cor_idx)" if result.acc is None else f"{result.acc:.4f}"

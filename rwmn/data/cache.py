@@ -23,7 +23,7 @@ all modes give bit-identical batches.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -190,12 +190,20 @@ class ReadPerBatch:
     With ``check`` every movie is read once now, so a NaN anywhere stops the run before
     its first step rather than in the middle of training."""
 
-    def __init__(self, data: MovieQAData, dtype: torch.dtype, check: bool = True) -> None:
+    def __init__(
+        self,
+        data: MovieQAData,
+        dtype: torch.dtype,
+        check: bool = True,
+        on_movie: Callable[[int], None] | None = None,
+    ) -> None:
         self.data, self.dtype = data, dtype
         self.movies, self.counts = data.movies, data.counts
         if check:
             for index in range(len(data.movies)):
                 data.decode_movie(index)
+                if on_movie is not None:
+                    on_movie(index)
 
     @property
     def num_questions(self) -> int:
@@ -218,7 +226,12 @@ class CachedSplit:
     is a view."""
 
     def __init__(
-        self, data: MovieQAData, dtype: torch.dtype, device: torch.device, pinned: bool = False
+        self,
+        data: MovieQAData,
+        dtype: torch.dtype,
+        device: torch.device,
+        pinned: bool = False,
+        on_movie: Callable[[int], None] | None = None,
     ) -> None:
         self.movies, self.counts = data.movies, data.counts
         self.device, self.pinned, self.dtype = torch.device(device), pinned, dtype
@@ -247,6 +260,8 @@ class CachedSplit:
                 stories.append(stored)
             self.stories.append(tuple(stories))
             self.qids.append(arrays.qids)
+            if on_movie is not None:
+                on_movie(index)
         self.video = data.video
 
     def _empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
@@ -304,11 +319,16 @@ class CachedSplit:
 
 
 def build_source(
-    data: MovieQAData, plan: CachePlan, dtype: torch.dtype, device: torch.device
+    data: MovieQAData,
+    plan: CachePlan,
+    dtype: torch.dtype,
+    device: torch.device,
+    on_movie: Callable[[int], None] | None = None,
 ) -> BatchSource:
-    """The batch source ``plan`` names, every movie of ``data`` read and checked."""
+    """The batch source ``plan`` names, every movie of ``data`` read and checked;
+    ``on_movie(index)`` after each movie is read (progress)."""
     if plan.mode == "none":
-        return ReadPerBatch(data, dtype)
+        return ReadPerBatch(data, dtype, on_movie=on_movie)
     if plan.mode == "host":
-        return CachedSplit(data, dtype, torch.device("cpu"), pinned=plan.pinned)
-    return CachedSplit(data, dtype, device)
+        return CachedSplit(data, dtype, torch.device("cpu"), plan.pinned, on_movie)
+    return CachedSplit(data, dtype, device, on_movie=on_movie)

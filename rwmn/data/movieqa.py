@@ -2,6 +2,7 @@
 
     <data_dir>/<source>/story.h5               text: dataset per movie [n, dim_text]
                                                video_sub: group per movie, rgb and sub
+    <data_dir>/<source>/story.hkl              or the release's hickle file (rwmn.data.release)
     <data_dir>/<source>/<split>/<movie>.h5     query_rep, answer_rep, cor_idx, qid
 
 At construction every file is opened and checked: each dataset's shape and dtype, and every
@@ -24,15 +25,13 @@ import numpy as np
 import torch
 
 from rwmn.cli import one_line
+from rwmn.data.errors import DataError
+from rwmn.data.release import StoryFile, check_node, find_story_file, story_names
 
 SPLITS = ("train", "val", "test")
 QA_DATASETS = ("query_rep", "answer_rep", "cor_idx", "qid")
 # The release's QA files also hold per-question video/subtitle datasets that it ignored.
 IGNORED_MARKERS = ("video", "subtt")
-
-
-class DataError(ValueError):
-    """The data on disk does not match the layout or the configuration."""
 
 
 @contextlib.contextmanager
@@ -154,24 +153,35 @@ class MovieQAData:
             raise DataError(f"--data_dir {os.fspath(data_dir)!r} is a file, not a directory")
         if not os.path.isdir(os.fspath(data_dir)):
             raise DataError(f"--data_dir {os.fspath(data_dir)!r} does not exist")
+        unpacked = os.path.join(os.fspath(data_dir), "data", source)
+        if not os.path.isdir(root) and os.path.isdir(unpacked):
+            root = unpacked  # the directory the release's download.sh unpacked into
         if not os.path.isdir(root):
             raise DataError(
                 f"data source directory {root!r} does not exist (--data_source {source})"
             )
-        self.story_path = os.path.join(root, "story.h5")
-        if not os.path.isfile(self.story_path):
-            raise DataError(f"story file {self.story_path!r} does not exist")
+        story_path = find_story_file(root, source)
+        if story_path is None:
+            first, *others = story_names(source)
+            raise DataError(
+                f"story file {os.path.join(root, first)!r} does not exist "
+                f"(nor {' or '.join(others)})"
+            )
+        self.story_path = story_path
+        self.data_dir = os.fspath(data_dir)
         self.split_dir = os.path.join(root, split)
         if not os.path.isdir(self.split_dir):
             raise DataError(f"split directory {self.split_dir!r} does not exist")
         files = sorted(f for f in os.listdir(self.split_dir) if f.endswith(".h5"))
         if not files:
             raise DataError(f"split directory {self.split_dir!r} holds no <movie>.h5 files")
-        self._story_file: h5py.File | None = None
+        self._story_file: StoryFile | None = None
         self.movies: list[str] = []
         self.counts: list[int] = []
         self.story_rows: list[int] = []  # story elements per movie (sizes the caches)
-        with _open(self.story_path) as story:
+        with _reading(self.story_path):
+            story = StoryFile(self.story_path, self.data_dir)
+        try:
             for name in files:
                 movie = name[: -len(".h5")]
                 with _reading(f"{self.story_path}:{movie}"):
@@ -179,9 +189,11 @@ class MovieQAData:
                         raise DataError(
                             f"{self.story_path}: no story for movie {movie!r} of {split}"
                         )
-                    self.story_rows.append(self._check_story_shapes(story[movie], movie))
+                    self.story_rows.append(self._check_story_shapes(story.value(movie), movie))
                 self.movies.append(movie)
                 self.counts.append(self._check_qa_file(movie))
+        finally:
+            story.close()
 
     # ----------------------------------------------------------------------------------
     def _qa_path(self, movie: str) -> str:
@@ -190,7 +202,7 @@ class MovieQAData:
     def _check_story_shapes(self, node, movie: str) -> int:
         where = f"{self.story_path}:{movie}"
         if self.video:
-            if not isinstance(node, h5py.Group) or "rgb" not in node or "sub" not in node:
+            if not isinstance(node, dict) or "rgb" not in node or "sub" not in node:
                 raise DataError(f"{where}: a video_sub story must be a group with rgb and sub")
             rgb = _dataset(node["rgb"], f"{where}/rgb", expected="numbers (features)").shape
             sub = _dataset(node["sub"], f"{where}/sub", expected="numbers (features)").shape
@@ -227,6 +239,9 @@ class MovieQAData:
                 if key not in f:
                     raise DataError(f"{path}: missing dataset {key!r}")
             features = "numbers (features)"
+            for key in QA_DATASETS:  # links and storage outside the data directory: refused
+                if key in f:
+                    check_node(f, key, f"{path}:{key}", self.data_dir)
             q = _dataset(f["query_rep"], f"{path}:query_rep", expected=features).shape
             a = _dataset(f["answer_rep"], f"{path}:answer_rep", expected=features).shape
             if len(q) != 2 or q[1] != self.dim_text:
@@ -276,11 +291,11 @@ class MovieQAData:
 
     def story(self, movie: str) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The movie's story, read from disk now."""
-        if self._story_file is None:
-            self._story_file = _open(self.story_path)
         where = f"{self.story_path}:{movie}"
         with _reading(where):
-            node = self._story_file[movie]
+            if self._story_file is None:
+                self._story_file = StoryFile(self.story_path, self.data_dir)
+            node = self._story_file.value(movie)
             if self.video:
                 rgb = self._finite(np.asarray(node["rgb"], dtype=np.float32), f"{where}/rgb")
                 sub = self._finite(np.asarray(node["sub"], dtype=np.float32), f"{where}/sub")

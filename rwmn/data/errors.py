@@ -1,0 +1,5 @@
+"""The error every data reader raises: one line naming the file and dataset."""
+
+
+class DataError(ValueError):
+    """The data on disk does not match the layout or the configuration."""
