@@ -158,6 +158,7 @@ def _attn_bwd_kernel(
     eps,
     NORMALIZE: tl.constexpr,
     SHARED: tl.constexpr,
+    RELU: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -198,6 +199,9 @@ def _attn_bwd_kernel(
         tl.store(du_ptrs, tl.sum(dz[:, None] * rhat, axis=0), mask=d_ok)
     if NORMALIZE:
         drhat = rn[:, None] * (drhat - rhat * tl.sum(rhat * drhat, axis=1)[:, None])
+    if RELU:
+        # The rows are a ReLU's output r = max(y, 0): dL/dy = [r > 0] dL/dr.
+        drhat = tl.where(tile > 0, drhat, 0.0)
     tl.store(drows_ptr + tile_off, drhat.to(drows_ptr.dtype.element_ty), mask=tile_ok)
 
 
@@ -446,16 +450,22 @@ def _delta(go, gp, o, p):
 
 
 def attention_config(
-    n_batch: int, r: int, d: int, normalize: bool, shared: bool | None = None
+    n_batch: int,
+    r: int,
+    d: int,
+    normalize: bool,
+    shared: bool | None = None,
+    relu: bool = False,
 ) -> LaunchConfig:
     """Launch configuration of the attention kernels over R rows of width d: one program
     per (question, BLOCK_R rows). ``shared`` (backward only): rows [R, d] shared by every
-    question, one program per row block looping over the questions."""
+    question, one program per row block looping over the questions; ``relu`` (backward
+    only): the rows are a ReLU's output and the gradient is that of its input."""
     block_r = BLOCK_R_FWD if shared is None else BLOCK_R_BWD
     n_blocks = triton.cdiv(r, block_r)
     constexprs = dict(NORMALIZE=normalize, BLOCK_R=block_r, BLOCK_D=pow2_at_least(d))
     if shared is not None:
-        constexprs["SHARED"] = shared
+        constexprs.update(SHARED=shared, RELU=relu)
     return LaunchConfig(
         grid=(1 if shared else n_batch, n_blocks), constexprs=constexprs, num_warps=NUM_WARPS
     )
@@ -476,11 +486,14 @@ def attention_forward(rows: torch.Tensor, u: torch.Tensor, sharp: float, normali
     return _merge_blocks(z, pm, pl, pacc, rows.dtype)
 
 
-def attention_backward(go, gp, rows, u, o, p, lse, sharp: float, normalize: bool):
-    """(drows, du) of attention_forward."""
+def attention_backward(
+    go, gp, rows, u, o, p, lse, sharp: float, normalize: bool, relu: bool = False
+):
+    """(drows, du) of attention_forward; with ``relu`` the rows are r = max(y, 0) and drows
+    is dL/dy (zero where r is)."""
     n_batch, d = u.shape
     r = rows.shape[-2]
-    config = attention_config(n_batch, r, d, normalize, shared=rows.dim() == 2)
+    config = attention_config(n_batch, r, d, normalize, shared=rows.dim() == 2, relu=relu)
     n_blocks = config.grid[1]
     drows = torch.empty_like(rows)
     du_part = torch.empty((n_batch, n_blocks, d), device=u.device, dtype=torch.float32)
@@ -581,8 +594,9 @@ def _attention_read_backward_op(
     lse: torch.Tensor,
     sharp: float,
     normalize: bool,
+    relu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return attention_backward(go, gp, rows, u, o, p, lse, sharp, normalize)
+    return attention_backward(go, gp, rows, u, o, p, lse, sharp, normalize, relu)
 
 
 def _zeros_if_none(grad, like):
@@ -592,6 +606,8 @@ def _zeros_if_none(grad, like):
 def _attention_setup(ctx, inputs, output):
     rows, u, sharp, normalize = inputs
     o, p, lse = output
+    # Unused outputs' gradients stay None (no zero tensors filled for them).
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(rows, u, o, p, lse)
     ctx.sharp = sharp
     ctx.normalize = normalize
@@ -601,7 +617,7 @@ def _attention_backward(ctx, go, gp, _glse):
     rows, u, o, p, lse = ctx.saved_tensors
     go, gp = _zeros_if_none(go, o), _zeros_if_none(gp, p)
     drows, du = torch.ops.rwmn.attention_read_backward(
-        go, gp, rows, u, o, p, lse, ctx.sharp, ctx.normalize
+        go, gp, rows, u, o, p, lse, ctx.sharp, ctx.normalize, False
     )
     return drows, du, None, None
 
@@ -641,6 +657,7 @@ def _conv_attention_read_backward_op(
 def _conv_attention_setup(ctx, inputs, output):
     x, weight, bias, stride, u, sharp = inputs
     o, p, lse = output
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weight, bias, u, o, p, lse)
     ctx.stride = stride
     ctx.sharp = sharp

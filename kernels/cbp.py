@@ -1562,11 +1562,15 @@ def _fft_setup_context(ctx, inputs, output) -> None:
     x, y, xidx, yidx, h1, s1, h2, s2, twiddles, radices = inputs
     _, xs, ys = output
     ctx.mark_non_differentiable(xs, ys)
+    # The spectra's gradients stay None (no zero tensors filled for them).
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, y, xs, ys, xidx, yidx, h1, s1, h2, s2, twiddles)
     ctx.radices = radices
 
 
 def _fft_backward(ctx, grad, _grad_xs, _grad_ys):
+    if grad is None:
+        return (None,) * 10
     gx, gy = torch.ops.rwmn.cbp_fft_backward(grad, *ctx.saved_tensors, ctx.radices)
     return gx, gy, None, None, None, None, None, None, None, None
 

@@ -28,12 +28,14 @@ What runs (one read layer, the model's --read 3-1-3):
   * per hop: ONE launch, _read_fwd_kernel, per (question, output channel, BLOCK_I slots):
     Q chunk, P chunk, the spectral GEMM, bias, ReLU, unit norm, and the flash-decoding
     softmax partials of kernels/attention.py; a few tiny torch ops merge the partials.
-Backward (recompute): the CBP forward again (kernels.cbp, Mq materialised once: it is the
-A operand of the weight gradient and its rows are recomputed by the conv-attention
-backward, both of which need them in time order), then the existing conv-attention,
-memory_conv and CBP backward kernels: dL/dMq is materialised once ([B, C, m, d], 5.8 MB
-fp32 at the model's sizes), cheaper than forming dL/dP and dL/dG in the spectral domain,
-which would need a second dense GEMM family for the weight gradient.
+Backward. The forward stores the read memory Mr = relu(y) ([B, c_out, m, d], 2.9 MB in
+bf16 at the model's sizes): the readout's backward (kernels/attention.py, ReLU mask
+included) runs over it and gives dL/dy without recomputing the conv tile, which would
+cost the forward's whole GEMM again (18 GFLOP at the model's sizes). Then the CBP forward
+again (kernels.cbp, Mq materialised once: the A operand of the weight gradient, needed in
+time order), the memory_conv dx/dw kernels and the CBP backward: dL/dMq is materialised
+once ([B, C, m, d], 5.8 MB fp32), cheaper than forming dL/dP and dL/dG in the spectral
+domain, which would need a second dense GEMM family for the weight gradient.
 
 With several read layers the first runs from the spectra too (_read_conv_fwd_kernel: the
 same spectral GEMM, its ReLU output stored), then one memory_conv per further layer but
@@ -216,6 +218,7 @@ def _read_fwd_kernel(
     pm_ptr,
     pl_ptr,
     pacc_ptr,
+    mr_ptr,
     C_IN,
     C_OUT,
     N_ROWS,
@@ -236,8 +239,9 @@ def _read_fwd_kernel(
     BLOCK_N: tl.constexpr,
 ):
     """One read layer and the attention readout for question b, output channel o and
-    BLOCK_I slots: the spectral GEMM (module docstring), bias, ReLU, unit norm, and the
-    softmax partials of kernels/attention.py (z, block max, block sum, block readout)."""
+    BLOCK_I slots: the spectral GEMM (module docstring), bias, ReLU (its output, the read
+    memory Mr, stored for the backward), unit norm, and the softmax partials of
+    kernels/attention.py (z, block max, block sum, block readout)."""
     b = tl.program_id(0)
     blk = tl.program_id(1)
     o = blk // N_I_BLOCKS
@@ -251,6 +255,14 @@ def _read_fwd_kernel(
         D, K, HAS_BIAS, PRECISION, BLOCK_I, BLOCK_D, BLOCK_K, BLOCK_N,
     )  # fmt: skip
     tile = tl.maximum(y, 0.0)
+    # The read memory Mr (the ReLU rows) for the backward: storing it costs 2 bytes an
+    # element (bf16) where recomputing it costs the whole conv tile again.
+    first = mr_ptr + ((b * C_OUT + o) * M_ROWS).to(tl.int64) * D
+    tl.store(
+        first + offs_i[:, None] * D + offs_d[None, :],
+        tile.to(mr_ptr.dtype.element_ty),
+        mask=i_ok[:, None] & d_ok[None, :],
+    )
     rn = tl.rsqrt(eps + tl.sum(tile * tile, axis=1))
     u = tl.load(u_ptr + b * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
     part = b * (C_OUT * N_I_BLOCKS) + blk
@@ -381,7 +393,8 @@ def _read_geometry(spectra, g, bias, u, h2, s2, twiddles, n_rows: int, stride: i
 
 
 def read_forward(spectra, g, bias, u, h2, s2, twiddles, n_rows: int, stride: int, sharp: float):
-    """(o [B, d], p [B, c_out * m], lse [B] fp32) of the read layer and readout, one launch.
+    """(o [B, d], p [B, c_out * m], lse [B] fp32, Mr [B, c_out, m, d]) of the read layer and
+    readout, one launch; Mr = relu(read layer) in u's dtype, kept for the backward.
 
     spectra [C * n_rows, 2K] fp32: the memory's half spectra (cbp_dense_spectra_launch);
     g [c_out, C, k, 2K, d] = spectral_weights(weight) in u's dtype; bias [c_out] or None;
@@ -392,13 +405,14 @@ def read_forward(spectra, g, bias, u, h2, s2, twiddles, n_rows: int, stride: int
     config = read_config(n_batch, c_out, m, d, u.dtype, bias is not None)
     n_blocks = config.grid[1]
     z, pm, pl, pacc = _partials(n_batch, n_blocks, c_out * m, d, u.device)
+    mr = torch.empty((n_batch, c_out, m, d), device=u.device, dtype=u.dtype)
     launch(
         _read_fwd_kernel, config,
-        spectra, g, bias if bias is not None else g, u, h2, s2, twiddles, z, pm, pl, pacc,
+        spectra, g, bias if bias is not None else g, u, h2, s2, twiddles, z, pm, pl, pacc, mr,
         c_in, c_out, n_rows, m, kh, stride, top, n_blocks // c_out, float(sharp),
         UNIT_NORM_EPS,
     )  # fmt: skip
-    return _merge_blocks(z, pm, pl, pacc, u.dtype)
+    return (*_merge_blocks(z, pm, pl, pacc, u.dtype), mr)
 
 
 def read_conv_forward(spectra, g, bias, u, h2, s2, twiddles, n_rows: int, stride: int):
@@ -474,10 +488,12 @@ def _read_conv_attention_op(
     twiddles: torch.Tensor,
     sharp: float,
     factorised_min_dim: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(o, p, lse) of the one-layer read network. spectra and g must be the memory's spectra
-    and spectral_weights(weight) (prepare): the forward reads only them, the backward
-    recomputes from memory and weight and returns their gradients (none for spectra, g)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(o, p, lse, Mr) of the one-layer read network. spectra and g must be the memory's
+    spectra and spectral_weights(weight) (prepare): the forward reads only them; the
+    backward runs the readout's backward over the saved read memory Mr, recomputes Mq from
+    memory and u for the weight's gradient and returns the gradients of memory, u, weight
+    and bias (none for spectra, g; lse and Mr are not differentiable)."""
     return read_forward(spectra, g, bias, u, h2, s2, twiddles, memory.shape[1], stride, sharp)
 
 
@@ -493,13 +509,17 @@ def _read_conv_attention_fake(
         u.new_empty((n_batch, d)),
         u.new_empty((n_batch, weight.shape[0] * m)),
         u.new_empty((n_batch,), dtype=torch.float32),
+        u.new_empty((n_batch, weight.shape[0], m, d)),
     )
 
 
 def _read_setup(ctx, inputs, output):
     memory, _, u, weight, _, bias, stride, h1, s1, h2, s2, _, sharp, min_dim = inputs
-    o, p, lse = output
-    ctx.save_for_backward(memory, u, weight, bias, h1, s1, h2, s2, o, p, lse)
+    o, p, lse, mr = output
+    ctx.mark_non_differentiable(lse, mr)
+    # Unused outputs' gradients stay None (no zero tensors filled for lse and Mr).
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(memory, u, weight, bias, h1, s1, h2, s2, o, p, lse, mr)
     ctx.stride, ctx.sharp, ctx.min_dim = stride, sharp, min_dim
 
 
@@ -511,14 +531,16 @@ def _recompute_mq(memory, u, h1, s1, h2, s2, factorised_min_dim):
     )  # fmt: skip
 
 
-def _read_backward(ctx, go, gp, _glse):
-    memory, u, weight, bias, h1, s1, h2, s2, o, p, lse = ctx.saved_tensors
+def _read_backward(ctx, go, gp, _glse, _gmr):
+    memory, u, weight, bias, h1, s1, h2, s2, o, p, lse, mr = ctx.saved_tensors
     go, gp = _zeros_if_none(go, o), _zeros_if_none(gp, p)
-    mq, cbp_vjp = _recompute_mq(memory, u, h1, s1, h2, s2, ctx.min_dim)
-    gy, du = torch.ops.rwmn.conv_attention_read_backward(
-        go, gp, mq, weight, bias, ctx.stride, u, ctx.sharp, o, p, lse
+    # The readout's backward over the saved rows Mr (ReLU mask included): dL/dy.
+    n_batch, c_out, m, d = mr.shape
+    gy, du = torch.ops.rwmn.attention_read_backward(
+        go, gp, mr.view(n_batch, c_out * m, d), u, o, p, lse, ctx.sharp, True, True
     )
-    dmq, dw, db = conv_input_grads(gy, mq, weight, bias is not None, ctx.stride)
+    mq, cbp_vjp = _recompute_mq(memory, u, h1, s1, h2, s2, ctx.min_dim)
+    dmq, dw, db = conv_input_grads(gy.view_as(mr), mq, weight, bias is not None, ctx.stride)
     dmemory, du_cbp = cbp_vjp(dmq)
     du = du + du_cbp.view_as(u)
     return dmemory.view_as(memory), None, du, dw, None, db, *(None,) * 8
@@ -686,7 +708,7 @@ def read_network(
     spectral = (prepared.memory, prepared.spectra, u, cast(w, dtype), prepared.spectral_weight,
                 cast(b, dtype), s, h1, s1, h2, s2, prepared.twiddles)  # fmt: skip
     if len(layers) == 1:
-        o, p, _ = torch.ops.rwmn.read_conv_attention(*spectral, float(sharp), factorised_min_dim)
+        o, p, _, _ = torch.ops.rwmn.read_conv_attention(*spectral, float(sharp), factorised_min_dim)
         return o, p
     x = torch.ops.rwmn.read_conv(*spectral, factorised_min_dim)
     for w, b, s in layers[1:-1]:

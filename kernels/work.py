@@ -294,10 +294,13 @@ def _spectral_rows(a, rows: int) -> Work:
 def _read_fwd(a, grid) -> Work:
     n_b, n_blocks = grid
     n_i, bi, d = a["N_I_BLOCKS"], a["BLOCK_I"], a["D"]
+    esize = _esize(a["mr_ptr"])
     out = Work()
     for blk in range(n_i):
         rows = _valid(blk * bi, bi, a["M_ROWS"])
-        out = out + _spectral_rows(a, rows) + Work(0, _readout_epilogue(rows, d, 4))
+        # The readout's partials and the stored read memory Mr.
+        epilogue = _readout_epilogue(rows, d, 4) + rows * d * esize
+        out = out + _spectral_rows(a, rows) + Work(0, epilogue)
     return out * (n_b * (n_blocks // n_i))
 
 

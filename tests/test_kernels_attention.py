@@ -117,7 +117,9 @@ def test_fake_tensor_shapes():
     with FakeTensorMode():
         rows, u = torch.randn(3, 70, 13), torch.randn(3, 13)
         o, p, lse = torch.ops.rwmn.attention_read(rows, u, SHARP, True)
-        drows, du = torch.ops.rwmn.attention_read_backward(o, p, rows, u, o, p, lse, SHARP, True)
+        drows, du = torch.ops.rwmn.attention_read_backward(
+            o, p, rows, u, o, p, lse, SHARP, True, False
+        )
         x, w, b, cu = _conv_inputs(2, 3, 2, 11, 13, 3)
         co, cp, clse = torch.ops.rwmn.conv_attention_read(x, w, b, 2, cu, SHARP)
         gy, cdu = torch.ops.rwmn.conv_attention_read_backward(
