@@ -27,15 +27,21 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def _unit_norm_fwd_kernel(
-    x_ptr, y_ptr, R, D, eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+def _rows(x_ptr, R, D, eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's rows of x (fp32, zero outside), their offsets, mask and norms n."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
     ok = (rows < R)[:, None] & (cols < D)[None, :]
     x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    n = tl.rsqrt(eps + tl.sum(x * x, axis=1))
+    return x, offs, ok, tl.rsqrt(eps + tl.sum(x * x, axis=1))
+
+
+@triton.jit
+def _unit_norm_fwd_kernel(
+    x_ptr, y_ptr, R, D, eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    x, offs, ok, n = _rows(x_ptr, R, D, eps, BLOCK_R, BLOCK_D)
     tl.store(y_ptr + offs, (x * n[:, None]).to(y_ptr.dtype.element_ty), mask=ok)
 
 
@@ -43,13 +49,8 @@ def _unit_norm_fwd_kernel(
 def _unit_norm_bwd_kernel(
     x_ptr, g_ptr, dx_ptr, R, D, eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_D)
-    offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
-    ok = (rows < R)[:, None] & (cols < D)[None, :]
-    x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    x, offs, ok, n = _rows(x_ptr, R, D, eps, BLOCK_R, BLOCK_D)
     g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    n = tl.rsqrt(eps + tl.sum(x * x, axis=1))
     y = x * n[:, None]
     dx = n[:, None] * (g - y * tl.sum(y * g, axis=1)[:, None])
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=ok)

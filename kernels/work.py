@@ -290,30 +290,28 @@ def _spectral_rows(a, rows: int) -> Work:
     return Work(macs, bytes_)
 
 
-@_formula("_read_fwd_kernel")
-def _read_fwd(a, grid) -> Work:
+def _spectral_read(a, grid, epilogue: Callable[[int], int]) -> Work:
+    """The read kernels: per program the spectral rows and ``epilogue(rows)`` bytes."""
     n_b, n_blocks = grid
-    n_i, bi, d = a["N_I_BLOCKS"], a["BLOCK_I"], a["D"]
-    esize = _esize(a["mr_ptr"])
+    n_i, bi = a["N_I_BLOCKS"], a["BLOCK_I"]
     out = Work()
     for blk in range(n_i):
         rows = _valid(blk * bi, bi, a["M_ROWS"])
-        # The readout's partials and the stored read memory Mr.
-        epilogue = _readout_epilogue(rows, d, 4) + rows * d * esize
-        out = out + _spectral_rows(a, rows) + Work(0, epilogue)
+        out = out + _spectral_rows(a, rows) + Work(0, epilogue(rows))
     return out * (n_b * (n_blocks // n_i))
+
+
+@_formula("_read_fwd_kernel")
+def _read_fwd(a, grid) -> Work:
+    # The readout's partials and the stored read memory Mr.
+    d, esize = a["D"], _esize(a["mr_ptr"])
+    return _spectral_read(a, grid, lambda rows: _readout_epilogue(rows, d, 4) + rows * d * esize)
 
 
 @_formula("_read_conv_fwd_kernel")
 def _read_conv_fwd(a, grid) -> Work:
-    n_b, n_blocks = grid
-    n_i, bi, d = a["N_I_BLOCKS"], a["BLOCK_I"], a["D"]
-    esize = _esize(a["out_ptr"])
-    out = Work()
-    for blk in range(n_i):
-        rows = _valid(blk * bi, bi, a["M_ROWS"])
-        out = out + _spectral_rows(a, rows) + Work(0, rows * d * esize)
-    return out * (n_b * (n_blocks // n_i))
+    d, esize = a["D"], _esize(a["out_ptr"])
+    return _spectral_read(a, grid, lambda rows: rows * d * esize)
 
 
 # --------------------------------------------------------------------------------------
