@@ -433,6 +433,11 @@ def dw_shifts(c_out: int) -> int:
     return max(1, pow2_at_least(c_out, BLOCK_O_MIN) // c_out)
 
 
+#: dw warps: fp32 (ieee, both operand tiles in registers) spilled 4 B at 4 warps on sm_80
+#: under triton 3.6; bf16/fp16 (tensor cores) take one warpgroup.
+DW_WARPS = {torch.float32: 8}
+
+
 def memconv_dw_config(
     n_batch: int, c_in: int, c_out: int, m: int, d: int, k: int, dtype: torch.dtype
 ) -> LaunchConfig:
@@ -452,7 +457,7 @@ def memconv_dw_config(
             BLOCK_F=BLOCK_F,
             BLOCK_J=BLOCK_JW,
         ),
-        num_warps=NUM_WARPS,
+        num_warps=DW_WARPS.get(dtype, NUM_WARPS),
         num_stages=_stages(dtype),
     )
 

@@ -90,10 +90,10 @@ from kernels.memconv import conv_input_grads, memory_conv
 from kernels.reference import same_padding
 
 #: Spectrum bins per step of the spectral GEMM, whose K is twice that (Re and Im): 16 (K =
-#: 32). The stored-layer kernel in bf16/fp16 takes 8 (K = 16, the smallest wgmma step):
-#: with 16, triton 3.6's ptxas spilled 24 B on sm_80 next to its [64, 512] store tile.
+#: 32) in fp32; 8 (K = 16, the smallest wgmma step) in bf16/fp16, where both kernels store
+#: a [64, 512] tile and 16 spilled on sm_80 under triton 3.6.
 BLOCK_BINS = 16
-BLOCK_BINS_STORED_HALF = 8
+BLOCK_BINS_HALF = 8
 #: Question elements per step of the question spectrum ([BLOCK_N, bins] twiddle tiles).
 BLOCK_N = 32
 NUM_WARPS = 8
@@ -340,15 +340,14 @@ def read_config(
     d: int,
     dtype: torch.dtype,
     has_bias: bool,
-    stored: bool = False,
 ) -> LaunchConfig:
-    """Launch configuration of _read_fwd_kernel (``stored``: _read_conv_fwd_kernel): one
-    program per (question, output channel, BLOCK_I slots), each tile spanning the whole
-    width pow2(d). bf16/fp16: 64 slots, the M of a wgmma tile; fp32 (ieee on CUDA cores):
-    16 (the conv-attention kernel's tiles)."""
+    """Launch configuration of _read_fwd_kernel and _read_conv_fwd_kernel: one program per
+    (question, output channel, BLOCK_I slots), each tile spanning the whole width pow2(d).
+    bf16/fp16: 64 slots, the M of a wgmma tile; fp32 (ieee on CUDA cores): 16 (the
+    conv-attention kernel's tiles)."""
     half = dtype != torch.float32
     block_i = BLOCK_I_WGMMA if half else BLOCK_I_SMALL
-    bins = BLOCK_BINS_STORED_HALF if stored and half else BLOCK_BINS
+    bins = BLOCK_BINS_HALF if half else BLOCK_BINS
     return LaunchConfig(
         grid=(n_batch, c_out * triton.cdiv(m, block_i)),
         constexprs=dict(
@@ -420,7 +419,7 @@ def read_conv_forward(spectra, g, bias, u, h2, s2, twiddles, n_rows: int, stride
     read_forward (the first of several read layers), one launch."""
     n_batch, d = u.shape
     c_in, c_out, kh, m, top = _read_geometry(spectra, g, bias, u, h2, s2, twiddles, n_rows, stride)
-    config = read_config(n_batch, c_out, m, d, u.dtype, bias is not None, stored=True)
+    config = read_config(n_batch, c_out, m, d, u.dtype, bias is not None)
     out = torch.empty((n_batch, c_out, m, d), device=u.device, dtype=u.dtype)
     launch(
         _read_conv_fwd_kernel, config,

@@ -299,12 +299,13 @@ def test_dense_spectra_match_numpy(rows, n, d):
 
 def test_executed_work_at_the_model_size():
     """The one-launch read at B = 32, C = 3, m = 50, d = 300, 3-1-3, bf16, priced by
-    kernels.work from its recorded launches: its GEMM is exactly the Toeplitz conv-attention
-    tile's (96 programs x 9 taps x 10 steps of [64, 32] x [32, 512]), plus the memory
-    spectra and the per-program question spectra."""
-    gemm = 96 * 9 * 10 * 64 * 32 * 512
+    kernels.work from its recorded launches: its GEMM is the Toeplitz conv-attention tile's
+    over 2K = 302 spectral rows instead of 320 input columns (96 programs x 9 taps x 19
+    steps of [64, 16] x [16, 512]), plus the memory spectra and the per-program question
+    spectra."""
+    gemm = 96 * 9 * 19 * 64 * 16 * 512
     spectra = 2 * 160 * 160 * 320  # 150 rows, 151 bins, 300 inputs padded to the tiles
-    question = 96 * 2 * 10 * 32 * 320
+    question = 96 * 2 * 19 * 16 * 320
     hashes = _hashes(300, 300)
     weights, biases, strides = _layers(3, [(3, 1, 3)], 300)
     memory, u = torch.randn(3, 50, 300), torch.randn(32, 300)
