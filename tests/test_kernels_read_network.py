@@ -14,7 +14,7 @@ from kernel_helpers import (
     autocast,
     check_against_float64,
     cuda,
-    poisoned,  # noqa: F401  (fixture)
+    gpu_semantics,  # noqa: F401  (fixture)
 )
 
 import kernels.cbp as kcbp
@@ -23,9 +23,9 @@ from kernels import read_network as fused_read
 from kernels._common import record_launches
 from rwmn import reference
 
-# Every kernel output buffer starts NaN-filled (see kernel_helpers.poisoned).
+# A GPU's semantics on the interpreter, every allocation NaN-poisoned (kernel_helpers).
 pytestmark = [
-    pytest.mark.usefixtures("poisoned"),
+    pytest.mark.usefixtures("gpu_semantics"),
     pytest.mark.filterwarnings("ignore:kernels. read_network computes its CBP"),
 ]
 
