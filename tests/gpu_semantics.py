@@ -12,9 +12,11 @@ context manager; the ``gpu_semantics`` fixture of tests/kernel_helpers.py turns 
     internals) is the one poisoning helper of the tests and of ``bench.checks``.
 ``bf16``
     The interpreter stores bfloat16 as uint16 bit patterns and its arithmetic (``tl.dot``,
-    ``+``, ``*``, comparisons, ``exp``, casts to and from integers ...) reads the patterns
-    as numbers. Every such op sees the bf16 values instead (exactly, in fp32) and rounds a
-    bf16 result to nearest even, as the hardware does.
+    ``+``, ``*``, comparisons, ``exp``, casts to and from integers, ``tl.sum``, ``tl.max``
+    ...) reads the patterns as numbers. Every such op sees the bf16 values instead
+    (exactly, in fp32) and rounds a bf16 result to nearest even, as the hardware does; a
+    bf16 ``tl.sum`` rounds every partial of its pairwise tree. Casts to bf16 round to
+    nearest even too (the interpreter truncates).
 ``tf32``
     ``tl.dot(..., input_precision="tf32")`` on fp32 operands: the tensor cores read only
     the top 10 mantissa bits, truncated (no rounding), so the operands are truncated before
@@ -32,8 +34,8 @@ context manager; the ``gpu_semantics`` fixture of tests/kernel_helpers.py turns 
     checker cannot see layouts, so it trusts same shape and index, as a kernel's in-place
     ``load(p); store(p, ...)`` needs). Programs are not compared with each other.
 
-Not emulated: reductions (``tl.sum``, ``tl.max``) of bf16 blocks, which the kernels never
-do (they reduce in fp32); integer masked lanes and integer buffers, which keep 0 and
+Not emulated: scans (``tl.cumsum``) of bf16 blocks, which the kernels never run; integer
+masked lanes and integer buffers, which keep 0 and
 their contents (a garbage index would crash the interpreter, not reproduce the GPU).
 
 Interpreter internals differ between Triton versions: :func:`gpu_semantics` raises
@@ -223,14 +225,75 @@ def _patch_bf16(p: _Patcher, interp, builder, tl):
     cast_impl = builder.cast_impl
 
     def cast(self, src, dst_type):
-        # The interpreter converts bf16 <-> fp32 correctly, any other pair by the pattern.
-        if src.dtype.scalar == tl.bfloat16 and dst_type.scalar != tl.float32:
-            return cast_impl(self, cast_impl(self, src, tl.float32), dst_type)
-        if dst_type.scalar == tl.bfloat16 and src.dtype.scalar != tl.float32:
-            return cast_impl(self, cast_impl(self, src, tl.float32), dst_type)
+        # The interpreter widens bf16 to fp32 exactly but narrows fp32 to bf16 by truncation
+        # (the GPU rounds to nearest even), and converts any other pair by the pattern.
+        if src.dtype.scalar == tl.bfloat16:
+            wide = handle(bf16_to_f32(src.data), tl.float32)
+            return wide if dst_type.scalar == tl.float32 else cast_impl(self, wide, dst_type)
+        if dst_type.scalar == tl.bfloat16:
+            if src.dtype.scalar != tl.float32:
+                src = cast_impl(self, src, tl.float32)
+            return handle(f32_to_bf16(src.data), tl.bfloat16)
         return cast_impl(self, src, dst_type)
 
     p.set(builder, "cast_impl", cast)
+    _patch_bf16_reductions(p, interp, tl)
+
+
+def _bf16_tree_sum(bits: np.ndarray, axis, keep_dims: bool) -> np.ndarray:
+    """Sum of bf16 patterns along axis, pairwise, rounded to bf16 at every level as a
+    GPU's reduction tree rounds each partial (the pairing order is the tree's, not the
+    GPU's)."""
+    x = bf16_to_f32(np.asarray(bits))
+    if axis is None:
+        x, axis = x.reshape(-1), 0
+    x = np.moveaxis(x, axis, -1)
+    while x.shape[-1] > 1:
+        if x.shape[-1] % 2:
+            x = np.concatenate([x, np.zeros_like(x[..., :1])], axis=-1)
+        x = bf16_to_f32(f32_to_bf16(x[..., 0::2] + x[..., 1::2]))
+    out = f32_to_bf16(x[..., 0])
+    return np.expand_dims(out, axis) if keep_dims else out
+
+
+def _patch_bf16_reductions(p: _Patcher, interp, tl):
+    ops = getattr(interp, "ReduceOps", None)
+    if ops is None or not all(hasattr(ops, n) for n in ("apply_impl", "to_tensor")):
+        raise Unsupported(f"Triton {_version()} interpreter has no ReduceOps.apply_impl")
+    apply_impl = ops.apply_impl
+    std = tl.standard
+    by_value = tuple(
+        getattr(std, n, None)
+        for n in ("_elementwise_max", "_elementwise_min", "_argmax_combine_tie_break_left",
+                  "_argmax_combine_tie_break_fast", "_argmin_combine_tie_break_left",
+                  "_argmin_combine_tie_break_fast")
+    )  # fmt: skip
+
+    def impl(self, input):
+        first = input[0]
+        if first.dtype.scalar != tl.bfloat16:
+            return apply_impl(self, input)
+        if self.combine_fn is std._sum_combine:
+            return self.to_tensor(
+                _bf16_tree_sum(first.handle.data, self.axis, self.keep_dims), first.dtype
+            )
+        if self.combine_fn in by_value:  # min and max are exact on the values
+            values = tl.core.tensor(
+                interp.TensorHandle(bf16_to_f32(first.handle.data), tl.float32),
+                first.type.with_element_ty(tl.float32) if first.type.is_block() else tl.float32,
+            )
+            out = apply_impl(self, (values, *input[1:]))
+            out = out if isinstance(out, tuple) else (out,)
+            back = tuple(
+                self.to_tensor(f32_to_bf16(np.asarray(t.handle.data)), tl.bfloat16)
+                if t.dtype.scalar == tl.float32
+                else t
+                for t in out
+            )
+            return back if len(back) > 1 else back[0]
+        return apply_impl(self, input)  # the generic path combines with the builder's ops
+
+    p.set(ops, "apply_impl", impl)
 
 
 def _patch_dot(p: _Patcher, sem: Semantics, interp, builder, tl, ir):
