@@ -248,8 +248,8 @@ def _model_pass(model, batch, backend: str, precision: str, device: str, poison:
     model.zero_grad(set_to_none=True)
     kind = torch.device(device).type
     autocast = (
-        torch.autocast(kind, dtype=torch.bfloat16)
-        if precision == "bf16"
+        torch.autocast(kind, dtype=C.DTYPES[precision])
+        if precision != "fp32"
         else contextlib.nullcontext()
     )
     guard = fused_guard() if poison else contextlib.nullcontext()
@@ -286,8 +286,8 @@ def check_model(
 ) -> dict:
     """The whole model (``RWMNConfig(data_source=config, **dims)``) on the fused backend vs
     the reference backend vs a float64 reference copy: the logits and the gradient of the
-    training loss with respect to every parameter. ``precision`` "bf16" is autocast, as
-    training runs it."""
+    training loss with respect to every parameter. ``precision`` "bf16" (or "fp16") is
+    autocast, as training runs it."""
     from bench.e2e import make_batch
     from rwmn import RWMN, RWMNConfig
 
