@@ -434,14 +434,18 @@ def gpu_semantics(semantics: Semantics = Semantics()) -> Iterator[Semantics]:
     patcher = _Patcher()
     if interp_on:
         interp, builder, tl, ir = _interpreter()
-        if semantics.bf16:
-            _patch_bf16(patcher, interp, builder, tl)
-        if semantics.bf16 or semantics.tf32:
-            _patch_dot(patcher, semantics, interp, builder, tl, ir)
-        if semantics.masked_nan:
-            _patch_masked_nan(patcher, interp, builder, tl)
-        if semantics.barriers:
-            _patch_barriers(patcher, builder, tl)
+        try:
+            if semantics.bf16:
+                _patch_bf16(patcher, interp, builder, tl)
+            if semantics.bf16 or semantics.tf32:
+                _patch_dot(patcher, semantics, interp, builder, tl, ir)
+            if semantics.masked_nan:
+                _patch_masked_nan(patcher, interp, builder, tl)
+            if semantics.barriers:
+                _patch_barriers(patcher, builder, tl)
+        except Unsupported:
+            patcher.restore()  # all or nothing
+            raise
     try:
         with poisoned_allocations() if semantics.poison else contextlib.nullcontext():
             yield semantics

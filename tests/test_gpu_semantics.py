@@ -287,3 +287,15 @@ def test_bf16_conversion_dropped_is_caught():
         check()
     with semantics(bf16=False), pytest.raises(AssertionError, match="fused error"):
         check()
+
+
+def test_a_missing_interpreter_internal_raises_unsupported_and_changes_nothing(monkeypatch):
+    """Interpreter internals differ between Triton versions: a missing one is reported (the
+    fixture turns it into a skip), with every patch already made undone."""
+    from triton.runtime import interpreter
+
+    before = dict(vars(interpreter.InterpreterBuilder))
+    monkeypatch.delattr(interpreter, "ReduceOps")
+    with pytest.raises(gs.Unsupported, match="ReduceOps"), gs.gpu_semantics():
+        pass
+    assert dict(vars(interpreter.InterpreterBuilder)) == before
