@@ -214,10 +214,8 @@ def _sketch_dft(
             s = tl.load(s_ptr + ns, mask=nmask, other=0.0).to(tl.float32)
         cos, sin = _twiddle(h, ks, tab_ptr, D)
         # v holds half-precision values, exact in tf32; the twiddles need the rounding.
-        cos = _dot_operand(cos * s[:, None], PRECISION)
-        sin = _dot_operand(sin * s[:, None], PRECISION)
-        re += tl.dot(v, cos, input_precision=PRECISION)
-        im -= tl.dot(v, sin, input_precision=PRECISION)
+        re += tl.dot(v, _dot_operand(cos * s[:, None], PRECISION), input_precision=PRECISION)
+        im -= tl.dot(v, _dot_operand(sin * s[:, None], PRECISION), input_precision=PRECISION)
     return re, im
 
 
@@ -473,11 +471,10 @@ def _fft_stage(
             c = tl.load(tab_ptr + tp, mask=m, other=0.0)
             s = SIGN * tl.load(tab_ptr + D + tp, mask=m, other=0.0)
             vr, vi = vr * c - vi * s, vr * s + vi * c
-        vs = _dot_operand(vr + vi, PRECISION)
         vr, vi = _dot_operand(vr, PRECISION), _dot_operand(vi, PRECISION)
         t1 = tl.dot(vr, wr, input_precision=PRECISION)
         t2 = tl.dot(vi, wi, input_precision=PRECISION)
-        t3 = tl.dot(vs, wsum, input_precision=PRECISION)
+        t3 = tl.dot(_dot_operand(vr + vi, PRECISION), wsum, input_precision=PRECISION)
         dst_idx = ((j // NS) * (NS * R) + k)[:, None] + NS * t[None, :]
         tl.store(dst + dst_idx, t1 - t2, mask=m)
         tl.store(dst + D + dst_idx, t3 - t1 - t2, mask=m)
