@@ -8,10 +8,10 @@ gradient.
 The rule is the kernel tests' (tests/kernel_helpers.py): the fused result's largest error
 against a float64 reference may be ``ratio`` times the reference's own error in the same
 dtype, plus ``rel_atol`` times the largest float64 value; a NaN or inf anywhere fails.
-Every buffer allocated inside the fused call (``torch.empty``, ``empty_like``,
-``empty_strided``, ``Tensor.new_empty``) starts as NaN, so an element a kernel forgets to
-write cannot pass as a stale zero: the ops take no output buffers, so this is where their
-API lets the outputs be poisoned. Rows also carry the relative error
+Every buffer allocated inside the fused call (``torch.empty*``, ``Tensor.new_empty*``)
+starts as NaN (:func:`fused_guard`; on the interpreter also a GPU's semantics), so an
+element a kernel forgets to write cannot pass as a stale zero: the ops take no output
+buffers, so this is where their API lets the outputs be poisoned. Rows also carry the relative error
 ||out - ref64|| / ||ref64|| of both, the figure to quote (fp32 arithmetic lands far under
 1e-3, bf16 operands between 1e-3 and 1e-2).
 """
@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
+import tests.gpu_semantics as semantics
 from bench import cases as C
 from rwmn import ops
 
@@ -50,39 +53,32 @@ TOLERANCES = {
 
 
 # --------------------------------------------------------------------------------------
-# NaN-poisoned allocations
+# NaN-poisoned allocations, and a GPU's semantics on the interpreter
 # --------------------------------------------------------------------------------------
 
 
-def _nan_filled(alloc):
-    def poisoned(*args, **kwargs):
-        t = alloc(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    return poisoned
-
-
 @contextlib.contextmanager
-def nan_poisoned_allocations() -> Iterator[None]:
-    """Every floating buffer allocated through torch.empty, empty_like, empty_strided or
-    Tensor.new_empty inside the block starts as NaN (restored on exit, even on error).
-
-    Process-wide while it lasts: run only the fused call under it, never the reference."""
-    saved = {name: getattr(torch, name) for name in ("empty", "empty_like", "empty_strided")}
-    own_new_empty = torch.Tensor.__dict__.get("new_empty")
-    new_empty = torch.Tensor.new_empty
+def fused_guard() -> Iterator[None]:
+    """Around a fused call: every floating buffer allocated inside starts as NaN
+    (tests/gpu_semantics.py, ``poisoned_allocations``); on the Triton interpreter (the CPU
+    smoke) also the GPU's semantics there (bf16 values, tf32 truncation, NaN masked lanes,
+    barrier epochs), or only the poisoning, with a warning, where this Triton's interpreter
+    lacks an internal they patch. Process-wide while it lasts: never around a reference."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with semantics.poisoned_allocations():
+            yield
+        return
+    context = semantics.gpu_semantics()
     try:
-        for name, alloc in saved.items():
-            setattr(torch, name, _nan_filled(alloc))
-        torch.Tensor.new_empty = _nan_filled(new_empty)
+        context.__enter__()
+    except semantics.Unsupported as e:
+        warnings.warn(f"GPU semantics off on this interpreter: {e}", stacklevel=3)
+        context = semantics.poisoned_allocations()
+        context.__enter__()
+    try:
         yield
     finally:
-        for name, alloc in saved.items():
-            setattr(torch, name, alloc)
-        if own_new_empty is None:
-            del torch.Tensor.new_empty
-        else:
-            torch.Tensor.new_empty = own_new_empty
+        context.__exit__(None, None, None)
 
 
 # --------------------------------------------------------------------------------------
@@ -227,7 +223,7 @@ def check_op(
     kw, leaves = _with_leaves(kwargs, diff, torch_dtype)
     out_ref, grads_ref = _outputs_and_grads(reference, kw, leaves, cot)
     kw, leaves = _with_leaves(kwargs, diff, torch_dtype)
-    with nan_poisoned_allocations():
+    with fused_guard():
         out_fused, grads_fused = _outputs_and_grads(fused, kw, leaves, cot)
 
     tol = TOLERANCES[dtype]
@@ -252,11 +248,11 @@ def _model_pass(model, batch, backend: str, precision: str, device: str, poison:
     model.zero_grad(set_to_none=True)
     kind = torch.device(device).type
     autocast = (
-        torch.autocast(kind, dtype=torch.bfloat16)
-        if precision == "bf16"
+        torch.autocast(kind, dtype=C.DTYPES[precision])
+        if precision != "fp32"
         else contextlib.nullcontext()
     )
-    guard = nan_poisoned_allocations() if poison else contextlib.nullcontext()
+    guard = fused_guard() if poison else contextlib.nullcontext()
     with guard, ops.use_backend(backend):
         with autocast:
             logits = model(story, query, answers)
@@ -290,8 +286,8 @@ def check_model(
 ) -> dict:
     """The whole model (``RWMNConfig(data_source=config, **dims)``) on the fused backend vs
     the reference backend vs a float64 reference copy: the logits and the gradient of the
-    training loss with respect to every parameter. ``precision`` "bf16" is autocast, as
-    training runs it."""
+    training loss with respect to every parameter. ``precision`` "bf16" (or "fp16") is
+    autocast, as training runs it."""
     from bench.e2e import make_batch
     from rwmn import RWMN, RWMNConfig
 

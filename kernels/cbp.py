@@ -149,6 +149,20 @@ SCRATCH_VECTORS = {"spectra": 2, "product": 2, "backward": 3, "forward": 3}
 
 
 @triton.jit
+def _dot_operand(v, PRECISION: tl.constexpr):
+    """v as an fp32 tl.dot operand at PRECISION. A "tf32" product reads the operand's top 10
+    mantissa bits, truncated, which biases the CBP transforms (errors up to 3x the half
+    precision tests' limits); rounding v to the nearest tf32 first (ties away from zero, as
+    PTX cvt.rna.tf32.f32) removes the bias. Integer arithmetic rather than inline PTX: the
+    same code compiles for the GPU and runs in the interpreter. Other precisions take v as
+    it is."""
+    if PRECISION == "tf32":
+        bits = v.to(tl.uint32, bitcast=True)
+        v = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return v
+
+
+@triton.jit
 def _twiddle(a, b, tab_ptr, D: tl.constexpr):
     """cos and sin of 2 pi (a b mod D) / D for int32 vectors a [A] and b [B] -> [A, B].
 
@@ -199,8 +213,9 @@ def _sketch_dft(
             h = tl.load(h_ptr + ns, mask=nmask, other=0).to(tl.int32)
             s = tl.load(s_ptr + ns, mask=nmask, other=0.0).to(tl.float32)
         cos, sin = _twiddle(h, ks, tab_ptr, D)
-        re += tl.dot(v, cos * s[:, None], input_precision=PRECISION)
-        im -= tl.dot(v, sin * s[:, None], input_precision=PRECISION)
+        # v holds half-precision values, exact in tf32; the twiddles need the rounding.
+        re += tl.dot(v, _dot_operand(cos * s[:, None], PRECISION), input_precision=PRECISION)
+        im -= tl.dot(v, _dot_operand(sin * s[:, None], PRECISION), input_precision=PRECISION)
     return re, im
 
 
@@ -234,6 +249,8 @@ def _inverse_tile(
         wr = tl.load(ws_row + ks[None, :], mask=m, other=0.0)
         wi = tl.load(ws_row + K + ks[None, :], mask=m, other=0.0)
         cos, sin = _twiddle(ks, a, tab_ptr, D)
+        wr, wi = _dot_operand(wr, PRECISION), _dot_operand(wi, PRECISION)
+        cos, sin = _dot_operand(cos, PRECISION), _dot_operand(sin, PRECISION)
         acc += tl.dot(wr, cos, input_precision=PRECISION)
         acc -= tl.dot(wi, sin, input_precision=PRECISION)
     return acc
@@ -440,7 +457,8 @@ def _fft_stage(
     ph = (t[:, None] * t[None, :] * J) % D
     wr = tl.load(tab_ptr + ph)
     wi = SIGN * tl.load(tab_ptr + D + ph)
-    wsum = wr + wi
+    wsum = _dot_operand(wr + wi, PRECISION)
+    wr, wi = _dot_operand(wr, PRECISION), _dot_operand(wi, PRECISION)
     for j0 in range(0, J, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J)
         m = (j < J)[:, None] & t_ok[None, :]
@@ -453,9 +471,10 @@ def _fft_stage(
             c = tl.load(tab_ptr + tp, mask=m, other=0.0)
             s = SIGN * tl.load(tab_ptr + D + tp, mask=m, other=0.0)
             vr, vi = vr * c - vi * s, vr * s + vi * c
+        vr, vi = _dot_operand(vr, PRECISION), _dot_operand(vi, PRECISION)
         t1 = tl.dot(vr, wr, input_precision=PRECISION)
         t2 = tl.dot(vi, wi, input_precision=PRECISION)
-        t3 = tl.dot(vr + vi, wsum, input_precision=PRECISION)
+        t3 = tl.dot(_dot_operand(vr + vi, PRECISION), wsum, input_precision=PRECISION)
         dst_idx = ((j // NS) * (NS * R) + k)[:, None] + NS * t[None, :]
         tl.store(dst + dst_idx, t1 - t2, mask=m)
         tl.store(dst + D + dst_idx, t3 - t1 - t2, mask=m)

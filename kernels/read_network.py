@@ -429,39 +429,41 @@ def read_conv_forward(spectra, g, bias, u, h2, s2, twiddles, n_rows: int, stride
     return out
 
 
-def inverse_dft_matrix(d: int, device) -> torch.Tensor:
-    """Finv [2K, d] fp32 with irfft(P, d) = [Re P | Im P] @ Finv (module docstring): the
-    phases reduced mod d in integers and evaluated in float64, so entries are correctly
+def inverse_dft_matrix(d: int, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Finv [2K, d] in ``dtype`` with irfft(P, d) = [Re P | Im P] @ Finv (module docstring):
+    the phases reduced mod d in integers and evaluated in float64, so entries are correctly
     rounded."""
     k = half_spectrum(d)
     bins = torch.arange(k, device=device)
     t = torch.arange(d, device=device)
     angle = ((bins[:, None] * t[None, :]) % d).to(torch.float64) * (2 * math.pi / d)
     scale = torch.where((bins == 0) | (2 * bins == d), 1.0, 2.0).to(torch.float64)[:, None] / d
-    return torch.cat((scale * torch.cos(angle), -scale * torch.sin(angle))).to(torch.float32)
+    return torch.cat((scale * torch.cos(angle), -scale * torch.sin(angle))).to(dtype)
 
 
 def _reversed_inverse_dft(d: int, device) -> torch.Tensor:
-    """inverse_dft_matrix(d) with its columns reversed: a constant of d, built once (traced
-    under torch.compile)."""
+    """inverse_dft_matrix(d) in float64 with its columns reversed: a constant of d, built
+    once (traced under torch.compile)."""
     if torch.compiler.is_compiling():
-        return inverse_dft_matrix(d, device).flip(-1)
+        return inverse_dft_matrix(d, device, torch.float64).flip(-1)
     return _cached_reversed_inverse_dft(d, torch.device(device))
 
 
 @functools.cache
 def _cached_reversed_inverse_dft(d: int, device: torch.device) -> torch.Tensor:
-    return inverse_dft_matrix(d, device).flip(-1).contiguous()
+    return inverse_dft_matrix(d, device, torch.float64).flip(-1).contiguous()
 
 
 def spectral_weights(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """G [c_out, c_in, k, 2K, d] = Finv T_{o,c,a} in ``dtype`` for a read layer's weight
-    [c_out, c_in, k, d]: computed in fp32 from the (master) weight, outside autocast, with
-    no gradient (the fused op returns the weight's gradient itself)."""
+    [c_out, c_in, k, d]: computed in float64 from the (master) weight and rounded once, so
+    no global matmul setting (TF32 under ``torch.set_float32_matmul_precision("high")``)
+    reaches it; outside autocast, with no gradient (the fused op returns the weight's
+    gradient itself)."""
     d = weight.shape[-1]
     with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
         # x[::-1] @ reversed_toeplitz = the SAME correlation along the width, x @ T.
-        toeplitz = reference.reversed_toeplitz(weight.float(), same_padding(d, d, 1)[1])
+        toeplitz = reference.reversed_toeplitz(weight.double(), same_padding(d, d, 1)[1])
         g = torch.matmul(_reversed_inverse_dft(d, weight.device), toeplitz)
     return g.to(dtype).contiguous()
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import tests.gpu_semantics as semantics
+
 # TRITON_INTERPRET=1 on machines without CUDA is set by tests/conftest.py, before any
 # test module imports triton.
 
@@ -21,16 +23,20 @@ cuda = [pytest.mark.cuda, needs_cuda]
 
 
 @pytest.fixture
-def poisoned(monkeypatch):
-    """Every buffer the kernels allocate with torch.empty / empty_like starts as NaN, so an
-    element a kernel forgets to write fails the comparison."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def nan_fill(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan_fill(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan_fill(empty_like(*a, **k)))
+def gpu_semantics():
+    """The Triton interpreter with a GPU's semantics (tests/gpu_semantics.py): bf16 values,
+    tf32 truncation, NaN in masked lanes, barrier epochs, and every buffer allocated inside
+    the test NaN-poisoned, so an element a kernel forgets to write fails the comparison.
+    Skips where this Triton's interpreter lacks an internal the emulation needs."""
+    context = semantics.gpu_semantics()
+    try:
+        state = context.__enter__()
+    except semantics.Unsupported as e:
+        pytest.skip(str(e))
+    try:
+        yield state
+    finally:
+        context.__exit__(None, None, None)
 
 
 def autocast(fn, dtype, device="cuda"):

@@ -13,7 +13,7 @@ from kernel_helpers import (
     autocast,
     check_against_float64,
     cuda,
-    poisoned,  # noqa: F401  (fixture)
+    gpu_semantics,  # noqa: F401  (fixture)
 )
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -21,8 +21,8 @@ import rwmn.ops
 from kernels import attention, memconv
 from rwmn import reference
 
-# Every kernel output buffer starts NaN-filled (see kernel_helpers.poisoned).
-pytestmark = pytest.mark.usefixtures("poisoned")
+# A GPU's semantics on the interpreter, every allocation NaN-poisoned (kernel_helpers).
+pytestmark = pytest.mark.usefixtures("gpu_semantics")
 
 SHARP = 1.7
 # rows shape, batch: one memory per question [B, R, d] or one shared [R, d]; R spans
@@ -154,6 +154,20 @@ def test_bad_shapes_raise():
 
 
 # ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_autocast_cpu(dtype):
+    """bf16/fp16 under autocast, forward and every gradient, on small odd shapes (on the
+    interpreter with the gpu_semantics fixture: bf16 tiles reach tl.dot as values)."""
+    tol = dict(ratio=LOW_PRECISION_RATIO, rel_atol=LOW_PRECISION_REL_ATOL[dtype])
+    fused, ref = _attn_fns(True)
+    rows, u = torch.randn(2, 37, 13), torch.randn(2, 13)
+    check_against_float64(autocast(fused, dtype, "cpu"), autocast(ref, dtype, "cpu"), [rows, u],
+                          **tol)  # fmt: skip
+    fused, ref = _conv_fns(3)
+    check_against_float64(autocast(fused, dtype, "cpu"), autocast(ref, dtype, "cpu"),
+                          _conv_inputs(2, 2, 3, 11, 13, 4), **tol)  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

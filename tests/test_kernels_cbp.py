@@ -18,9 +18,19 @@ if not torch.cuda.is_available():
     # Must precede the first import of triton: @triton.jit reads it at decoration time.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from kernel_helpers import (  # noqa: E402
+    LOW_PRECISION_RATIO,
+    LOW_PRECISION_REL_ATOL,
+    check_against_float64,
+    gpu_semantics,  # noqa: F401  (fixture)
+)
+
 import kernels.cbp as kcbp  # noqa: E402
 from kernels.work import executed_work  # noqa: E402
 from rwmn import ops, reference  # noqa: E402
+
+# A GPU's semantics on the interpreter, every allocation NaN-poisoned (kernel_helpers).
+pytestmark = pytest.mark.usefixtures("gpu_semantics")
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -403,6 +413,32 @@ def test_fft_cbp_output_and_grads_fp32(x_shape, y_shape, out_dim, sum_pool, requ
     assert seen == ["cbp_spectra_launch", "cbp_product_launch", "cbp_backward_launch"]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    ("x_shape", "y_shape", "out_dim", "sum_pool", "factorised_min_dim"),
+    [((3, 13), (3, 11), 15, False, 1), ((2, 1, 9), (1, 3, 7), 17, True, kcbp.FACTORISED_MIN_DIM)],
+    ids=["fft", "dense"],
+)
+def test_cbp_every_dtype(x_shape, y_shape, out_dim, sum_pool, factorised_min_dim, dtype, request):
+    """Output and both gradients in fp32, bf16 and fp16 on both paths (the half ones
+    multiply fp32 scratch at "tf32", truncated as the hardware does), against the reference
+    in the same dtype and float64."""
+    x, y, h1, s1, h2, s2 = make_inputs(x_shape, y_shape, out_dim, fresh_seed(request))
+
+    def fused(x, y):
+        return kcbp.cbp(
+            x, y, h1, s1, h2, s2, out_dim, sum_pool, factorised_min_dim=factorised_min_dim
+        )
+
+    def ref(x, y):
+        return reference.cbp(x, y, h1, s1, h2, s2, out_dim, sum_pool)
+
+    tol = {}
+    if dtype != torch.float32:
+        tol = dict(ratio=LOW_PRECISION_RATIO, rel_atol=LOW_PRECISION_REL_ATOL[dtype])
+    check_against_float64(fused, ref, [x, y], dtype, DEVICE, **tol)
+
+
 @pytest.mark.parametrize(
     ("out_dim", "radices"),
     [(300, (10, 30)), (600, (20, 30)), (4096, (16, 16, 16)), (16000, (10, 10, 10, 16)),
@@ -637,6 +673,12 @@ def _errors(dtype, x_shape, y_shape, out_dim, seed, fn):
     ]
 
 
+def half_precision_limit(reference_error: float) -> float:
+    """The bound on a half-precision fused error (max |error| / max |truth|): the fused
+    kernel may not be much worse than the reference's own rounding error."""
+    return 2 * reference_error + 1e-3
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("x_shape", "y_shape", "out_dim"), GPU_CASES)
 @pytest.mark.cuda
@@ -645,8 +687,7 @@ def test_half_precision_vs_reference_error(dtype, x_shape, y_shape, out_dim):
     fused = _errors(dtype, x_shape, y_shape, out_dim, 1, kcbp.cbp)
     ref = _errors(dtype, x_shape, y_shape, out_dim, 1, reference.cbp)
     for name, f, r in zip(("out", "grad x", "grad y"), fused, ref, strict=True):
-        # The fused kernel may not be much worse than the reference's own rounding error.
-        assert f <= 2 * r + 1e-3, f"{name}: fused error {f:.2e} vs reference {r:.2e}"
+        assert f <= half_precision_limit(r), f"{name}: fused error {f:.2e} vs reference {r:.2e}"
 
 
 @pytest.mark.cuda

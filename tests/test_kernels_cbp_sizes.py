@@ -28,8 +28,13 @@ if not torch.cuda.is_available():
     # Must precede the first import of triton: @triton.jit reads it at decoration time.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from kernel_helpers import gpu_semantics  # noqa: E402, F401  (fixture)
+
 import kernels.cbp as kcbp  # noqa: E402
 from kernels import reference  # noqa: E402
+
+# A GPU's semantics on the interpreter, every allocation NaN-poisoned (kernel_helpers).
+pytestmark = pytest.mark.usefixtures("gpu_semantics")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -10,9 +10,10 @@ import torch
 from kernel_helpers import (
     LOW_PRECISION_RATIO,
     LOW_PRECISION_REL_ATOL,
+    autocast,
     check_against_float64,
     cuda,
-    poisoned,  # noqa: F401  (fixture)
+    gpu_semantics,  # noqa: F401  (fixture)
 )
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -20,8 +21,8 @@ import rwmn.ops
 from kernels import memconv
 from rwmn import reference
 
-# Every kernel output buffer starts NaN-filled (see kernel_helpers.poisoned).
-pytestmark = pytest.mark.usefixtures("poisoned")
+# A GPU's semantics on the interpreter, every allocation NaN-poisoned (kernel_helpers).
+pytestmark = pytest.mark.usefixtures("gpu_semantics")
 
 # (batch, c_in, c_out, n, d, k, stride): n not divisible by the stride, several channel
 # counts, d not a power of two, k > s, k == s, k < s, stride larger than n.
@@ -158,6 +159,18 @@ def test_float64_falls_back_with_one_warning():
 
 
 MODEL_SHAPES = [(1, 1, 3, 1500, 300, 40, 30), (32, 3, 3, 50, 300, 3, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES[:2], ids=str)
+def test_low_precision_autocast_cpu(shape, dtype):
+    """bf16/fp16 under autocast, as training runs them, forward and every gradient (on the
+    interpreter with the gpu_semantics fixture: bf16 tiles reach tl.dot as values)."""
+    *dims, stride = shape
+    fused, ref = _fns(stride)
+    check_against_float64(autocast(fused, dtype, "cpu"), autocast(ref, dtype, "cpu"),
+                          _inputs(*dims), ratio=LOW_PRECISION_RATIO,
+                          rel_atol=LOW_PRECISION_REL_ATOL[dtype])  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

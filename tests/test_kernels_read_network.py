@@ -14,7 +14,7 @@ from kernel_helpers import (
     autocast,
     check_against_float64,
     cuda,
-    poisoned,  # noqa: F401  (fixture)
+    gpu_semantics,  # noqa: F401  (fixture)
 )
 
 import kernels.cbp as kcbp
@@ -24,9 +24,9 @@ from kernels._common import record_launches
 from kernels.work import executed_work
 from rwmn import reference
 
-# Every kernel output buffer starts NaN-filled (see kernel_helpers.poisoned).
+# A GPU's semantics on the interpreter, every allocation NaN-poisoned (kernel_helpers).
 pytestmark = [
-    pytest.mark.usefixtures("poisoned"),
+    pytest.mark.usefixtures("gpu_semantics"),
     pytest.mark.filterwarnings("ignore:kernels. read_network computes its CBP"),
 ]
 
@@ -105,6 +105,38 @@ fft_read_network = functools.partial(fused_read.read_network, factorised_min_dim
 @pytest.mark.parametrize("case", FFT_CASES, ids=str)
 def test_fft_path_matches_float64(case):
     check_read_network_against_float64(case, fft_read_network)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    ("case", "read"),
+    [((1, 7, 7, 2, [(4, 3, 2)]), fused_read.read_network),
+     ((2, 5, 12, 2, [(3, 1, 2), (2, 2, 1)]), fft_read_network)],
+    ids=["dense", "fft-two-layers"],
+)  # fmt: skip
+def test_low_precision_autocast_cpu(case, read, dtype):
+    """bf16/fp16 under autocast, every output and gradient, on both CBP paths (on the
+    interpreter with the gpu_semantics fixture: bf16 tiles reach tl.dot as values, the
+    CBP's fp32 scratch is truncated to tf32 as the tensor cores read it)."""
+    torch.manual_seed(0)
+    c, m, d, batch, spec = case
+    hashes = _hashes(d, d)
+    weights, biases, strides = _layers(c, spec, d)
+    n_layers = len(spec)
+
+    def call(fn):
+        def run(memory, u, *params):
+            ws, bs = list(params[:n_layers]), list(params[n_layers:])
+            return fn(memory, u, hashes, ws, bs, strides, SHARP)
+
+        return autocast(run, dtype, "cpu")
+
+    inputs = [torch.randn(c, m, d), torch.randn(batch, d), *weights, *biases]
+    # Composed stages, as in check_read_network_against_float64: twice the ratio (the bias
+    # gradients, sums over every position, reached 3.9-5.7x a reference error that happened
+    # to be small, at 1-3 half ulps of their scale).
+    tol = dict(ratio=2 * LOW_PRECISION_RATIO, rel_atol=LOW_PRECISION_REL_ATOL[dtype])
+    check_against_float64(call(read), call(reference.read_network), inputs, **tol)
 
 
 def _hops(read, prepare, memory, u, hashes, weights, biases, strides, hops=2):
@@ -260,6 +292,25 @@ def test_inverse_dft_matrix_is_irfft(d):
     finv = fused_read.inverse_dft_matrix(d, "cpu").double()
     got = torch.cat((spectrum.real, spectrum.imag), dim=-1) @ finv
     torch.testing.assert_close(got, torch.fft.irfft(spectrum, n=d), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_spectral_weights_are_correctly_rounded_under_tf32_matmul(device):
+    """G is the float64 product rounded once, whatever the global matmul precision
+    ("high" lets an fp32 matmul run in TF32 on a GPU; an fp32 matmul's own rounding
+    already fails the equality)."""
+    d = 45
+    weight = torch.randn(2, 3, 3, d, device=device)
+    finv = fused_read.inverse_dft_matrix(d, device, torch.float64)
+    pad_left = fused_read.same_padding(d, d, 1)[1]
+    want = (finv.flip(-1) @ reference.reversed_toeplitz(weight.double(), pad_left)).float()
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        g = fused_read.spectral_weights(weight, torch.float32)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert torch.equal(g, want)
 
 
 @pytest.mark.parametrize("d", [7, 12, 45])

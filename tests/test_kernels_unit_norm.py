@@ -8,7 +8,7 @@ from kernel_helpers import (
     LOW_PRECISION_RATIO,
     LOW_PRECISION_REL_ATOL,
     check_against_float64,
-    poisoned,  # noqa: F401  (fixture)
+    gpu_semantics,  # noqa: F401  (fixture)
 )
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -17,7 +17,8 @@ from kernels import unit_norm
 from kernels._common import record_launches
 from rwmn import reference
 
-pytestmark = pytest.mark.usefixtures("poisoned")
+# The interpreter with a GPU's semantics (bf16 values, NaN-poisoned buffers, ...).
+pytestmark = pytest.mark.usefixtures("gpu_semantics")
 
 # Odd widths, several row blocks ending in a partial one, 1-D to 3-D inputs, a width past
 # one tile's rows (2048: one row a program).
@@ -29,7 +30,7 @@ def test_matches_float64(shape):
     check_against_float64(unit_norm.unit_norm, reference.unit_norm, [torch.randn(shape) * 3.0])
 
 
-@pytest.mark.parametrize("dtype", [torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_matches_float64(dtype):
     """fp16 in and out, the norm in fp32."""
     check_against_float64(

@@ -543,3 +543,21 @@ def test_bf16_autocast_whole_model():
     assert err > 0, "autocast left the model in fp32: the test would be vacuous"
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+# --------------------------------------------------------------------------------------
+# The fused model against the reference (bench.checks.check_model)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_fused_model_matches_reference(precision):
+    """The whole model on the fused backend vs the reference backend vs float64: logits and
+    every parameter's gradient, both CBP paths (story D = 300 factorised, read D = 24
+    dense), under autocast in bf16/fp16; on the interpreter with the GPU's semantics
+    (bench.checks.fused_guard)."""
+    from bench import checks
+
+    dims = dict(dim_text=12, dim_memory=24, dim_mcb=300, write="3-2-2", read="2-1-2", num_hop=2)
+    result = checks.check_model("sub", precision, "cpu", 0, dims, n=5, batch=2)
+    assert result["verdict"] == "pass", [r for r in result["tensors"] if not r["ok"]]
