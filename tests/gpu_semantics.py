@@ -148,7 +148,9 @@ def _interpreter():
     except ImportError as e:  # pragma: no cover - the project requires triton
         raise Unsupported(f"no Triton interpreter: {e}") from e
     builder = getattr(interpreter, "InterpreterBuilder", None)
-    missing = [n for n in _NEEDED + _FLOAT_OPS if not hasattr(builder, n)]
+    # Every _NEEDED method must exist; a floating op this Triton's interpreter lacks (3.6 has
+    # no create_fneg or create_approx_divf) cannot be reached by a kernel and is not patched.
+    missing = [n for n in _NEEDED if not hasattr(builder, n)]
     if builder is None or missing or not hasattr(interpreter, "TensorHandle"):
         raise Unsupported(f"Triton {_version()} interpreter lacks {missing or 'its builder'}")
     if not hasattr(ir, "INPUT_PRECISION"):
@@ -220,7 +222,8 @@ def _patch_bf16(p: _Patcher, interp, builder, tl):
         return wrapped
 
     for name in _FLOAT_OPS:
-        p.set(builder, name, on_values(getattr(builder, name)))
+        if hasattr(builder, name):
+            p.set(builder, name, on_values(getattr(builder, name)))
 
     cast_impl = builder.cast_impl
 
@@ -319,7 +322,8 @@ def _patch_masked_nan(p: _Patcher, interp, builder, tl):
     handle = interp.TensorHandle
     masked_load = builder.create_masked_load
 
-    def load(self, ptrs, mask, other, cache_policy, is_volatile):
+    # The trailing cache/eviction/volatile arguments differ between Triton versions.
+    def load(self, ptrs, mask, other, *flags):
         elem = ptrs.get_element_ty()
         if other is None and elem.is_floating():
             shape = np.shape(ptrs.data)
@@ -330,7 +334,7 @@ def _patch_masked_nan(p: _Patcher, interp, builder, tl):
                             tl.float64: np.float64}.get(elem)  # fmt: skip
                 if np_dtype is not None:
                     other = handle(np.full(shape, np.nan, dtype=np_dtype), elem)
-        return masked_load(self, ptrs, mask, other, cache_policy, is_volatile)
+        return masked_load(self, ptrs, mask, other, *flags)
 
     p.set(builder, "create_masked_load", load)
 
@@ -402,15 +406,15 @@ def _patch_barriers(p: _Patcher, builder, tl):
     def itemsize(elem):
         return 8 if isinstance(elem, tl.pointer_type) else max(1, elem.primitive_bitwidth // 8)
 
-    def load(self, ptrs, mask, other, cache_policy, is_volatile):
+    def load(self, ptrs, mask, other, *flags):
         addrs, lanes = epochs.accesses(ptrs, mask, itemsize(ptrs.get_element_ty()))
         epochs.check("load", addrs, lanes, self.grid_idx)
-        return masked_load(self, ptrs, mask, other, cache_policy, is_volatile)
+        return masked_load(self, ptrs, mask, other, *flags)
 
-    def store(self, ptrs, value, mask, cache_policy):
+    def store(self, ptrs, value, mask, *flags):
         addrs, lanes = epochs.accesses(ptrs, mask, itemsize(ptrs.get_element_ty()))
         epochs.check("store", addrs, lanes, self.grid_idx)
-        return masked_store(self, ptrs, value, mask, cache_policy)
+        return masked_store(self, ptrs, value, mask, *flags)
 
     def barrier(self):
         epochs.reset()
