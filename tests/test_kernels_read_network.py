@@ -55,8 +55,9 @@ def _layers(channels, spec, d):
     return weights, biases, strides
 
 
-def check_read_network_against_float64(case, fused=fused_read.read_network):
-    """Fused vs reference vs float64 read network: the output, p and every gradient."""
+def check_read_network_against_float64(case, fused=fused_read.read_network, dtype=None):
+    """Fused vs reference vs float64 read network: the output, p and every gradient; in
+    ``dtype`` (bf16/fp16) under CPU autocast when given, else fp32."""
     c, m, d, batch, spec = case
     hashes = _hashes(d, d)
     weights, biases, strides = _layers(c, spec, d)
@@ -67,13 +68,19 @@ def check_read_network_against_float64(case, fused=fused_read.read_network):
             ws, bs = list(params[:n_layers]), list(params[n_layers:])
             return fn(memory, u, hashes, ws, bs, strides, SHARP)
 
-        return run
+        return run if dtype is None else autocast(run, dtype, "cpu")
 
     inputs = [torch.randn(c, m, d), torch.randn(batch, d), *weights, *biases]
-    # Three fused stages (CBP, conv, conv-attention) each stay within ERROR_RATIO of their
+    # Three fused stages (CBP, conv, conv-attention) each stay within their ratio of their
     # reference stage (their own tests); composed, their errors add, so the end-to-end
-    # gradients get twice the headroom (a 4x bound failed 1 run in about 15 here).
-    check_against_float64(call(fused), call(reference.read_network), inputs, ratio=2 * ERROR_RATIO)
+    # gradients get twice the headroom (a 4x bound failed 1 run in about 15 here; in half
+    # precision the bias gradients, sums over every position, reached 3.9-5.7x a reference
+    # error that happened to be small, at 1-3 half ulps of their scale).
+    if dtype is None:
+        tol = dict(ratio=2 * ERROR_RATIO)
+    else:
+        tol = dict(ratio=2 * LOW_PRECISION_RATIO, rel_atol=LOW_PRECISION_REL_ATOL[dtype])
+    check_against_float64(call(fused), call(reference.read_network), inputs, **tol)
 
 
 # (C, m, d, batch, read layers). One read layer takes the one-launch path; d = 45 and 97
@@ -119,24 +126,7 @@ def test_low_precision_autocast_cpu(case, read, dtype):
     interpreter with the gpu_semantics fixture: bf16 tiles reach tl.dot as values, the
     CBP's fp32 scratch is truncated to tf32 as the tensor cores read it)."""
     torch.manual_seed(0)
-    c, m, d, batch, spec = case
-    hashes = _hashes(d, d)
-    weights, biases, strides = _layers(c, spec, d)
-    n_layers = len(spec)
-
-    def call(fn):
-        def run(memory, u, *params):
-            ws, bs = list(params[:n_layers]), list(params[n_layers:])
-            return fn(memory, u, hashes, ws, bs, strides, SHARP)
-
-        return autocast(run, dtype, "cpu")
-
-    inputs = [torch.randn(c, m, d), torch.randn(batch, d), *weights, *biases]
-    # Composed stages, as in check_read_network_against_float64: twice the ratio (the bias
-    # gradients, sums over every position, reached 3.9-5.7x a reference error that happened
-    # to be small, at 1-3 half ulps of their scale).
-    tol = dict(ratio=2 * LOW_PRECISION_RATIO, rel_atol=LOW_PRECISION_REL_ATOL[dtype])
-    check_against_float64(call(read), call(reference.read_network), inputs, **tol)
+    check_read_network_against_float64(case, read, dtype)
 
 
 def _hops(read, prepare, memory, u, hashes, weights, biases, strides, hops=2):
