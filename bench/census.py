@@ -209,14 +209,19 @@ class _Stages:
     def __init__(self) -> None:
         self.current = "step"
         self.ranges: list[tuple[int, int, str]] = []
+        #: Called before the stage changes: the launches recorded so far belong to the
+        #: stage being left (a kernel launched outside any custom op is seen no later).
+        self.flush = lambda: None
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        self.flush()
         previous, self.current = self.current, name
         lo = torch._C._autograd._get_sequence_nr()
         try:
             yield
         finally:
+            self.flush()
             self.ranges.append((lo, torch._C._autograd._get_sequence_nr(), name))
             self.current = previous
 
@@ -239,6 +244,7 @@ class _CensusMode(TorchDispatchMode):
         super().__init__()
         self.census, self.stages, self.recorded = census, stages, recorded
         self.seen = 0
+        stages.flush = self._take_launches
 
     def _take_launches(self) -> None:
         from kernels.work import launch_work
@@ -253,6 +259,7 @@ class _CensusMode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        self._take_launches()  # launched before this op, outside any custom op
         qualified = func._schema.name
         if qualified in OPDEFS:
             # A custom op of this project: count what its body launches.

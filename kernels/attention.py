@@ -141,13 +141,33 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
+def _question_delta(
+    go, o_ptr, gp_ptr, p_ptr, b, R, D, offs_d, d_ok,
+    HAS_GP: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """delta_b = <go_b, o_b> + <p_b, gp_b> (fp32; go_b loaded) of the softmax's backward,
+    over the whole row of question b: each program forms the deltas it needs itself."""
+    o = tl.load(o_ptr + b * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    delta = tl.sum(go * o, axis=0)
+    if HAS_GP:
+        for r0 in range(0, R, BLOCK_R):
+            rs = r0 + tl.arange(0, BLOCK_R)
+            r_ok = rs < R
+            p = tl.load(p_ptr + b * R + rs, mask=r_ok, other=0.0).to(tl.float32)
+            gp = tl.load(gp_ptr + b * R + rs, mask=r_ok, other=0.0).to(tl.float32)
+            delta += tl.sum(p * gp, axis=0)
+    return delta
+
+
+@triton.jit
 def _attn_bwd_kernel(
     rows_ptr,
     u_ptr,
     go_ptr,
     gp_ptr,
+    o_ptr,
+    p_ptr,
     lse_ptr,
-    delta_ptr,
     drows_ptr,
     du_part_ptr,
     B,
@@ -159,6 +179,7 @@ def _attn_bwd_kernel(
     NORMALIZE: tl.constexpr,
     SHARED: tl.constexpr,
     RELU: tl.constexpr,
+    HAS_GP: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -188,9 +209,12 @@ def _attn_bwd_kernel(
     for b in range(b_lo, b_hi):
         u = tl.load(u_ptr + b * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
         go = tl.load(go_ptr + b * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-        gp = tl.load(gp_ptr + b * R + offs_r, mask=r_ok, other=0.0).to(tl.float32)
+        if HAS_GP:
+            gp = tl.load(gp_ptr + b * R + offs_r, mask=r_ok, other=0.0).to(tl.float32)
+        else:
+            gp = tl.zeros((BLOCK_R,), dtype=tl.float32)
         lse = tl.load(lse_ptr + b)
-        delta = tl.load(delta_ptr + b)
+        delta = _question_delta(go, o_ptr, gp_ptr, p_ptr, b, R, D, offs_d, d_ok, HAS_GP, BLOCK_R)
         p = tl.exp(sharp * tl.sum(rhat * u[None, :], axis=1) - lse)
         p = tl.where(r_ok, p, 0.0)
         dz = p * (tl.sum(rhat * go[None, :], axis=1) + gp - delta)
@@ -307,8 +331,9 @@ def _conv_attn_bwd_kernel(
     u_ptr,
     go_ptr,
     gp_ptr,
+    o_ptr,
+    p_ptr,
     lse_ptr,
-    delta_ptr,
     gy_ptr,
     du_part_ptr,
     C_IN,
@@ -324,6 +349,7 @@ def _conv_attn_bwd_kernel(
     sharp,
     eps,
     HAS_BIAS: tl.constexpr,
+    HAS_GP: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_I: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -346,9 +372,14 @@ def _conv_attn_bwd_kernel(
     u = tl.load(u_ptr + b * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
     go = tl.load(go_ptr + b * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
     r_idx = (b * C_OUT + o) * M_ROWS + offs_i
-    gp = tl.load(gp_ptr + r_idx, mask=i_ok, other=0.0).to(tl.float32)
+    if HAS_GP:
+        gp = tl.load(gp_ptr + r_idx, mask=i_ok, other=0.0).to(tl.float32)
+    else:
+        gp = tl.zeros((BLOCK_I,), dtype=tl.float32)
     lse = tl.load(lse_ptr + b)
-    delta = tl.load(delta_ptr + b)
+    delta = _question_delta(
+        go, o_ptr, gp_ptr, p_ptr, b, C_OUT * M_ROWS, D, offs_d, d_ok, HAS_GP, BLOCK_I
+    )
     p = tl.exp(sharp * tl.sum(rhat * u[None, :], axis=1) - lse)
     p = tl.where(i_ok, p, 0.0)
     dz = p * (tl.sum(rhat * go[None, :], axis=1) + gp - delta)
@@ -444,11 +475,6 @@ def _partials(n_batch: int, n_blocks: int, r: int, d: int, device):
     return z, pm, pl, pacc
 
 
-def _delta(go, gp, o, p):
-    """delta_b = <go_b, o_b> + <p_b, gp_b> (fp32)."""
-    return (go.float() * o.float()).sum(-1) + (p.float() * gp.float()).sum(-1)
-
-
 def attention_config(
     n_batch: int,
     r: int,
@@ -456,16 +482,18 @@ def attention_config(
     normalize: bool,
     shared: bool | None = None,
     relu: bool = False,
+    has_gp: bool = False,
 ) -> LaunchConfig:
     """Launch configuration of the attention kernels over R rows of width d: one program
-    per (question, BLOCK_R rows). ``shared`` (backward only): rows [R, d] shared by every
-    question, one program per row block looping over the questions; ``relu`` (backward
-    only): the rows are a ReLU's output and the gradient is that of its input."""
+    per (question, BLOCK_R rows). Backward only: ``shared``, rows [R, d] shared by every
+    question, one program per row block looping over the questions; ``relu``, the rows are
+    a ReLU's output and the gradient is that of its input; ``has_gp``, the attention
+    weights have a gradient (else it is zero and not read)."""
     block_r = BLOCK_R_FWD if shared is None else BLOCK_R_BWD
     n_blocks = triton.cdiv(r, block_r)
     constexprs = dict(NORMALIZE=normalize, BLOCK_R=block_r, BLOCK_D=pow2_at_least(d))
     if shared is not None:
-        constexprs.update(SHARED=shared, RELU=relu)
+        constexprs.update(SHARED=shared, RELU=relu, HAS_GP=has_gp)
     return LaunchConfig(
         grid=(1 if shared else n_batch, n_blocks), constexprs=constexprs, num_warps=NUM_WARPS
     )
@@ -489,18 +517,20 @@ def attention_forward(rows: torch.Tensor, u: torch.Tensor, sharp: float, normali
 def attention_backward(
     go, gp, rows, u, o, p, lse, sharp: float, normalize: bool, relu: bool = False
 ):
-    """(drows, du) of attention_forward; with ``relu`` the rows are r = max(y, 0) and drows
-    is dL/dy (zero where r is)."""
+    """(drows, du) of attention_forward (gp None: the weights' gradient is zero); with
+    ``relu`` the rows are r = max(y, 0) and drows is dL/dy (zero where r is)."""
     n_batch, d = u.shape
     r = rows.shape[-2]
-    config = attention_config(n_batch, r, d, normalize, shared=rows.dim() == 2, relu=relu)
+    config = attention_config(
+        n_batch, r, d, normalize, shared=rows.dim() == 2, relu=relu, has_gp=gp is not None
+    )
     n_blocks = config.grid[1]
     drows = torch.empty_like(rows)
     du_part = torch.empty((n_batch, n_blocks, d), device=u.device, dtype=torch.float32)
     launch(
         _attn_bwd_kernel, config,
-        rows, u, go.contiguous(), gp.contiguous(), lse, _delta(go, gp, o, p), drows, du_part,
-        n_batch, r, d, n_blocks, float(sharp), UNIT_NORM_EPS,
+        rows, u, go.contiguous(), go if gp is None else gp.contiguous(), o, p, lse, drows,
+        du_part, n_batch, r, d, n_blocks, float(sharp), UNIT_NORM_EPS,
     )  # fmt: skip
     du = (sharp * du_part.sum(dim=1)).to(u.dtype)
     return drows, du
@@ -515,23 +545,34 @@ def _conv_geometry(x: torch.Tensor, weight: torch.Tensor, stride: int):
 
 
 def conv_attention_config(
-    n_batch: int, c_out: int, m: int, d: int, dtype: torch.dtype, has_bias: bool, backward: bool
+    n_batch: int,
+    c_out: int,
+    m: int,
+    d: int,
+    dtype: torch.dtype,
+    has_bias: bool,
+    backward: bool,
+    has_gp: bool = False,
 ) -> LaunchConfig:
     """Launch configuration of the conv-attention kernels: one program per (question,
-    output channel, BLOCK_I slots), each tile spanning the whole width pow2(d)."""
+    output channel, BLOCK_I slots), each tile spanning the whole width pow2(d); has_gp
+    (backward only) as in attention_config."""
     wgmma = dtype != torch.float32 and not backward
     block_i = BLOCK_I_WGMMA if wgmma else BLOCK_I_SMALL
     fp32_bwd = backward and dtype == torch.float32
     warps = CONV_ATTN_FP32_BWD_WARPS if fp32_bwd else NUM_WARPS
+    constexprs = dict(
+        HAS_BIAS=has_bias,
+        PRECISION=dot_precision(dtype),
+        BLOCK_I=block_i,
+        BLOCK_D=pow2_at_least(d),
+        BLOCK_K=CONV_ATTN_FP32_BWD_BLOCK_K if fp32_bwd else BLOCK_K,
+    )
+    if backward:
+        constexprs.update(HAS_GP=has_gp)
     return LaunchConfig(
         grid=(n_batch, c_out * triton.cdiv(m, block_i)),
-        constexprs=dict(
-            HAS_BIAS=has_bias,
-            PRECISION=dot_precision(dtype),
-            BLOCK_I=block_i,
-            BLOCK_D=pow2_at_least(d),
-            BLOCK_K=CONV_ATTN_FP32_BWD_BLOCK_K if fp32_bwd else BLOCK_K,
-        ),
+        constexprs=constexprs,
         num_warps=warps,
         num_stages=NUM_STAGES,
     )
@@ -554,17 +595,19 @@ def conv_attention_forward(x, weight, bias, stride: int, u, sharp: float):
 
 
 def conv_attention_backward(go, gp, x, weight, bias, stride: int, u, sharp: float, o, p, lse):
-    """(dL/dy [B, c_out, m, d] of the conv pre-activation, du)."""
+    """(dL/dy [B, c_out, m, d] of the conv pre-activation, du); gp None: zero."""
     n_batch = x.shape[0]
     c_in, c_out, n, m, d, k, top, left = _conv_geometry(x, weight, stride)
-    config = conv_attention_config(n_batch, c_out, m, d, x.dtype, bias is not None, True)
+    config = conv_attention_config(
+        n_batch, c_out, m, d, x.dtype, bias is not None, True, has_gp=gp is not None
+    )
     n_blocks = config.grid[1]
     gy = torch.empty((n_batch, c_out, m, d), device=x.device, dtype=x.dtype)
     du_part = torch.empty((n_batch, n_blocks, d), device=x.device, dtype=torch.float32)
     launch(
         _conv_attn_bwd_kernel, config,
-        x, weight, bias if bias is not None else weight, u, go.contiguous(), gp.contiguous(),
-        lse, _delta(go, gp, o, p), gy, du_part,
+        x, weight, bias if bias is not None else weight, u, go.contiguous(),
+        go if gp is None else gp.contiguous(), o, p, lse, gy, du_part,
         c_in, c_out, n, m, d, k, stride, top, left, n_blocks // c_out,
         float(sharp), UNIT_NORM_EPS,
     )  # fmt: skip
@@ -586,7 +629,7 @@ def _attention_read_op(
 @triton_op("rwmn::attention_read_backward", mutates_args=())
 def _attention_read_backward_op(
     go: torch.Tensor,
-    gp: torch.Tensor,
+    gp: torch.Tensor | None,
     rows: torch.Tensor,
     u: torch.Tensor,
     o: torch.Tensor,
@@ -600,7 +643,8 @@ def _attention_read_backward_op(
 
 
 def _zeros_if_none(grad, like):
-    return torch.zeros_like(like) if grad is None else grad.to(like.dtype)
+    """The output gradient the backward kernels read (any float dtype), zero if unused."""
+    return torch.zeros_like(like) if grad is None else grad
 
 
 def _attention_setup(ctx, inputs, output):
@@ -615,9 +659,8 @@ def _attention_setup(ctx, inputs, output):
 
 def _attention_backward(ctx, go, gp, _glse):
     rows, u, o, p, lse = ctx.saved_tensors
-    go, gp = _zeros_if_none(go, o), _zeros_if_none(gp, p)
     drows, du = torch.ops.rwmn.attention_read_backward(
-        go, gp, rows, u, o, p, lse, ctx.sharp, ctx.normalize, False
+        _zeros_if_none(go, o), gp, rows, u, o, p, lse, ctx.sharp, ctx.normalize, False
     )
     return drows, du, None, None
 
@@ -640,7 +683,7 @@ def _conv_attention_read_op(
 @triton_op("rwmn::conv_attention_read_backward", mutates_args=())
 def _conv_attention_read_backward_op(
     go: torch.Tensor,
-    gp: torch.Tensor,
+    gp: torch.Tensor | None,
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -665,9 +708,8 @@ def _conv_attention_setup(ctx, inputs, output):
 
 def _conv_attention_backward(ctx, go, gp, _glse):
     x, weight, bias, u, o, p, lse = ctx.saved_tensors
-    go, gp = _zeros_if_none(go, o), _zeros_if_none(gp, p)
     gy, du = torch.ops.rwmn.conv_attention_read_backward(
-        go, gp, x, weight, bias, ctx.stride, u, ctx.sharp, o, p, lse
+        _zeros_if_none(go, o), gp, x, weight, bias, ctx.stride, u, ctx.sharp, o, p, lse
     )
     dx, dw, db = conv_input_grads(gy, x, weight, bias is not None, ctx.stride)
     return dx, dw, db, None, du, None

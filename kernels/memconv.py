@@ -142,7 +142,7 @@ def _toeplitz_conv_tile(
             )
             tap = offs_jp[:, None] - offs_j[None, :] + PAD_LEFT
             wt = tl.load(w_row + tap, mask=(tap >= 0) & (tap < D), other=0.0)
-            acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+            acc = tl.dot(xt, wt.to(xt.dtype), acc, input_precision=PRECISION)
     return acc
 
 
@@ -193,8 +193,19 @@ def _memconv_fwd_kernel(
 
 
 @triton.jit
+def _masked_grad(g_ptr, out_ptr, offs, mask, RELU: tl.constexpr):
+    """The pre-activation gradient at ``offs``: dL/dout, zero where out <= 0 under ReLU."""
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+    if RELU:
+        out = tl.load(out_ptr + offs, mask=mask, other=0.0)
+        g = tl.where(out > 0, g, 0.0).to(g.dtype)
+    return g
+
+
+@triton.jit
 def _memconv_dx_kernel(
     g_ptr,
+    out_ptr,
     w_ptr,
     dx_ptr,
     C_IN,
@@ -207,6 +218,7 @@ def _memconv_dx_kernel(
     PAD_TOP,
     PAD_LEFT,
     N_PHASE_BLOCKS,
+    RELU: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_J: tl.constexpr,
@@ -236,18 +248,15 @@ def _memconv_dx_kernel(
             a = a0 + tap_i * STRIDE
             offs_i = offs_q + i0 - tap_i
             i_ok = row_ok & (offs_i >= 0) & (offs_i < M_ROWS)
-            g_rows = g_ptr + ((b * C_OUT + o) * M_ROWS + offs_i).to(tl.int64) * D
+            g_offs = ((b * C_OUT + o) * M_ROWS + offs_i).to(tl.int64) * D
             w_row = w_ptr + ((o * C_IN + c) * K + a) * D
             for j0 in range(j_lo, j_hi, BLOCK_K):
                 offs_j = j0 + tl.arange(0, BLOCK_K)
-                gt = tl.load(
-                    g_rows[:, None] + offs_j[None, :],
-                    mask=i_ok[:, None] & (offs_j < D)[None, :],
-                    other=0.0,
-                )
+                g_mask = i_ok[:, None] & (offs_j < D)[None, :]
+                gt = _masked_grad(g_ptr, out_ptr, g_offs[:, None] + offs_j[None, :], g_mask, RELU)
                 tap = offs_jp[None, :] - offs_j[:, None] + PAD_LEFT
                 wt = tl.load(w_row + tap, mask=(tap >= 0) & (tap < D), other=0.0)
-                acc = tl.dot(gt, wt, acc, input_precision=PRECISION)
+                acc = tl.dot(gt, wt.to(gt.dtype), acc, input_precision=PRECISION)
     dx_rows = dx_ptr + ((b * C_IN + c) * N_ROWS + rows).to(tl.int64) * D
     tl.store(
         dx_rows[:, None] + offs_jp[None, :],
@@ -259,6 +268,7 @@ def _memconv_dx_kernel(
 @triton.jit
 def _memconv_dw_kernel(
     g_ptr,
+    out_ptr,
     x_ptr,
     dw_part_ptr,
     N_BATCH,
@@ -272,6 +282,7 @@ def _memconv_dw_kernel(
     PAD_TOP,
     PAD_LEFT,
     ROWS_PER_PROGRAM,
+    RELU: tl.constexpr,
     PRECISION: tl.constexpr,
     SHIFTS: tl.constexpr,
     BLOCK_O: tl.constexpr,
@@ -299,6 +310,9 @@ def _memconv_dw_kernel(
     # (with j' = j + delta the tap t0 + delta's correlation): the long (c, a, u) axis in M,
     # and SHIFTS x c_out columns in the N of 16 that tl.dot needs instead of c_out alone.
     acc = tl.zeros((BLOCK_F, BLOCK_O), dtype=tl.float32)
+    # dbias[o] = sum_{b, i, j} g[b, o, i, j]: the unshifted (delta = 0) columns of the g
+    # tiles, which visit every j once.
+    db = tl.zeros((BLOCK_O,), dtype=tl.float32)
     bi_lo = pid_s * ROWS_PER_PROGRAM
     bi_hi = tl.minimum(bi_lo + ROWS_PER_PROGRAM, N_BATCH * M_ROWS)
     for bi in range(bi_lo, bi_hi):
@@ -307,15 +321,18 @@ def _memconv_dw_kernel(
         x_row = i * STRIDE + a - PAD_TOP
         x_ok = f_ok & (x_row >= 0) & (x_row < N_ROWS)
         x_cols = x_ptr + ((b * C_IN + c) * N_ROWS + x_row).to(tl.int64) * D + t0 - PAD_LEFT
-        g_row = g_ptr + ((b * C_OUT + o) * M_ROWS + i).to(tl.int64) * D - delta
+        g_row = ((b * C_OUT + o) * M_ROWS + i).to(tl.int64) * D - delta
         for j0 in range(0, D + SHIFTS - 1, BLOCK_J):
             offs_j = j0 + tl.arange(0, BLOCK_J)
             gj = offs_j[:, None] - delta[None, :]
-            gt = tl.load(
+            gt = _masked_grad(
+                g_ptr,
+                out_ptr,
                 g_row[None, :] + offs_j[:, None],
-                mask=n_ok[None, :] & (gj >= 0) & (gj < D),
-                other=0.0,
+                n_ok[None, :] & (gj >= 0) & (gj < D),
+                RELU,
             )
+            db += tl.sum(gt.to(tl.float32), axis=0)
             col = offs_j[None, :] + t0[:, None] - PAD_LEFT
             ht = tl.load(
                 x_cols[:, None] + offs_j[None, :],
@@ -323,10 +340,15 @@ def _memconv_dw_kernel(
                 other=0.0,
             )
             acc = tl.dot(ht, gt, acc, input_precision=PRECISION)
+    # One split's partials: dw [C_OUT, C_IN*K*D], then dbias [C_OUT] (from the first
+    # column tile's programs), so one sum over the splits finishes both.
+    weights = C_IN * K * D
+    split = dw_part_ptr + pid_s.to(tl.int64) * (C_OUT * (weights + 1))
     t = t0[:, None] + delta[None, :]
-    part = dw_part_ptr + (pid_s * C_OUT + o).to(tl.int64)[None, :] * (C_IN * K * D)
-    part += (ca * D)[:, None] + t
+    part = split + (o * weights)[None, :] + (ca * D)[:, None] + t
     tl.store(part, acc, mask=f_ok[:, None] & n_ok[None, :] & (t < D))
+    if pid_f == 0:
+        tl.store(split + C_OUT * weights + o, db, mask=delta == 0)
 
 
 # --------------------------------------------------------------------------------------
@@ -352,8 +374,8 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
     for name, t in (("x", x), ("weight", weight), ("bias", bias)):
         if t is not None and not t.is_contiguous():
             raise ValueError(f"memory_conv: {name} of shape {tuple(t.shape)} must be contiguous")
-        if t is not None and t.dtype != x.dtype:
-            raise ValueError(f"memory_conv: {name} is {t.dtype}, x is {x.dtype}")
+        if t is not None and t.dtype not in FUSED_DTYPES:
+            raise ValueError(f"memory_conv: {name} is {t.dtype}, not one of {FUSED_DTYPES}")
 
 
 def memconv_forward_config(
@@ -396,7 +418,7 @@ def memconv_forward(
 
 
 def memconv_dx_config(
-    n_batch: int, c_in: int, n: int, d: int, stride: int, dtype: torch.dtype
+    n_batch: int, c_in: int, n: int, d: int, stride: int, dtype: torch.dtype, relu: bool
 ) -> LaunchConfig:
     """Launch configuration of _memconv_dx_kernel for dx [n_batch, c_in, n, d]: the rows of
     each phase r mod stride in blocks of BLOCK_Q."""
@@ -405,25 +427,33 @@ def memconv_dx_config(
     return LaunchConfig(
         grid=(n_batch * c_in, stride * n_phase_blocks, triton.cdiv(d, BLOCK_J)),
         constexprs=dict(
-            PRECISION=dot_precision(dtype), BLOCK_Q=block_q, BLOCK_J=BLOCK_J, BLOCK_K=BLOCK_K
+            RELU=relu,
+            PRECISION=dot_precision(dtype),
+            BLOCK_Q=block_q,
+            BLOCK_J=BLOCK_J,
+            BLOCK_K=BLOCK_K,
         ),
         num_warps=DX_WARPS,
         num_stages=_stages(dtype),
     )
 
 
-def memconv_backward_input(grad: torch.Tensor, weight: torch.Tensor, n: int, stride: int):
-    """dx [N, c_in, n, d] from the pre-activation gradient grad [N, c_out, m, d]."""
+def memconv_backward_input(
+    grad: torch.Tensor, out: torch.Tensor | None, weight: torch.Tensor, n: int, stride: int
+):
+    """dx [N, c_in, n, d] from grad [N, c_out, m, d]: dL/dout masked by out > 0 in the
+    kernel when ``out`` is given (ReLU), else the pre-activation gradient."""
     n_batch, c_out, m, d = grad.shape
     _, c_in, k, _ = weight.shape
     _, top, _ = same_padding(n, k, stride)
     left = same_padding(d, d, 1)[1]
     dx = torch.empty((n_batch, c_in, n, d), device=grad.device, dtype=grad.dtype)
-    config = memconv_dx_config(n_batch, c_in, n, d, stride, grad.dtype)
+    config = memconv_dx_config(n_batch, c_in, n, d, stride, grad.dtype, out is not None)
     n_phase_blocks = config.grid[1] // stride
     launch(
         _memconv_dx_kernel, config,
-        grad, weight, dx, c_in, c_out, n, m, d, k, stride, top, left, n_phase_blocks,
+        grad, grad if out is None else out, weight, dx,
+        c_in, c_out, n, m, d, k, stride, top, left, n_phase_blocks,
     )  # fmt: skip
     return dx
 
@@ -439,7 +469,7 @@ DW_WARPS = {torch.float32: 8}
 
 
 def memconv_dw_config(
-    n_batch: int, c_in: int, c_out: int, m: int, d: int, k: int, dtype: torch.dtype
+    n_batch: int, c_in: int, c_out: int, m: int, d: int, k: int, dtype: torch.dtype, relu: bool
 ) -> LaunchConfig:
     """Launch configuration of _memconv_dw_kernel: rows (c, a, u) in BLOCK_F tiles (taps t =
     u * SHIFTS + delta), columns (delta, o) in one BLOCK_O tile, the reduction over (b, i)
@@ -451,6 +481,7 @@ def memconv_dw_config(
     return LaunchConfig(
         grid=(1, triton.cdiv(c_in * k * triton.cdiv(d, shifts), BLOCK_F), splits),
         constexprs=dict(
+            RELU=relu,
             PRECISION=dot_precision(dtype),
             SHIFTS=shifts,
             BLOCK_O=block_o,
@@ -462,21 +493,27 @@ def memconv_dw_config(
     )
 
 
-def memconv_backward_weight(grad: torch.Tensor, x: torch.Tensor, k: int, stride: int):
-    """dw [c_out, c_in, k, d] (fp32) from grad [N, c_out, m, d] and x [N, c_in, n, d]."""
+def memconv_backward_weight(
+    grad: torch.Tensor, out: torch.Tensor | None, x: torch.Tensor, k: int, stride: int
+) -> torch.Tensor:
+    """dw [c_out, c_in, k, d] flattened, then dbias [c_out], in one fp32 vector, from grad
+    [N, c_out, m, d] (masked as in memconv_backward_input) and x [N, c_in, n, d]: one
+    launch and one sum of its per-split partials."""
     n_batch, c_out, m, d = grad.shape
     _, c_in, n, _ = x.shape
     _, top, _ = same_padding(n, k, stride)
     left = same_padding(d, d, 1)[1]
-    config = memconv_dw_config(n_batch, c_in, c_out, m, d, k, x.dtype)
+    config = memconv_dw_config(n_batch, c_in, c_out, m, d, k, x.dtype, out is not None)
     splits = config.grid[2]
     rows_per_program = triton.cdiv(n_batch * m, splits)
-    parts = torch.empty((splits, c_out, c_in * k * d), device=x.device, dtype=torch.float32)
+    n_weights = c_out * c_in * k * d
+    parts = torch.empty((splits, n_weights + c_out), device=x.device, dtype=torch.float32)
     launch(
         _memconv_dw_kernel, config,
-        grad, x, parts, n_batch, c_in, c_out, n, m, d, k, stride, top, left, rows_per_program,
+        grad, grad if out is None else out, x, parts,
+        n_batch, c_in, c_out, n, m, d, k, stride, top, left, rows_per_program,
     )  # fmt: skip
-    return parts.sum(0).view(c_out, c_in, k, d)
+    return parts.sum(0)
 
 
 # --------------------------------------------------------------------------------------
@@ -493,20 +530,23 @@ def _memory_conv_op(
 
 @triton_op("rwmn::memory_conv_backward", mutates_args=())
 def _memory_conv_backward_op(
-    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: int
+    grad: torch.Tensor, out: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor, stride: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dx, dw) from the pre-activation gradient (ReLU mask already applied)."""
-    dx = memconv_backward_input(grad, weight, x.shape[2], stride)
-    dw = memconv_backward_weight(grad, x, weight.shape[2], stride).to(weight.dtype)
-    return dx, dw
+    """(dx, [dw flattened, dbias]) from dL/dout and the layer's ReLU output ``out`` (the
+    mask out > 0 applied in the kernels), or from the pre-activation gradient when ``out``
+    is None; dx in x's dtype, the parameters' gradients in the weight's."""
+    dx = memconv_backward_input(grad, out, weight, x.shape[2], stride)
+    return dx, memconv_backward_weight(grad, out, x, weight.shape[2], stride).to(weight.dtype)
 
 
-def conv_input_grads(grad, x, weight, has_bias: bool, stride: int):
-    """(dx, dw, dbias or None) of the layer from the pre-activation gradient."""
-    grad = grad.contiguous()
-    dx, dw = torch.ops.rwmn.memory_conv_backward(grad, x, weight, stride)
-    db = grad.sum(dim=(0, 2, 3), dtype=torch.float32).to(weight.dtype) if has_bias else None
-    return dx, dw, db
+def conv_input_grads(grad, x, weight, has_bias: bool, stride: int, out=None):
+    """(dx, dw, dbias or None) of the layer from dL/dout and its ReLU output ``out``, or
+    from the pre-activation gradient when ``out`` is None."""
+    dx, dwb = torch.ops.rwmn.memory_conv_backward(
+        grad.to(x.dtype).contiguous(), out, x, weight, stride
+    )
+    dw, db = dwb.split([weight.numel(), weight.shape[0]])
+    return dx, dw.view(weight.shape), db if has_bias else None
 
 
 def _setup_context(ctx, inputs, output):
@@ -519,8 +559,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     x, weight, out = ctx.saved_tensors
-    grad = torch.where(out > 0, grad_out, 0) if ctx.relu else grad_out
-    dx, dw, db = conv_input_grads(grad.to(x.dtype), x, weight, ctx.has_bias, ctx.stride)
+    mask = out if ctx.relu else None
+    dx, dw, db = conv_input_grads(grad_out, x, weight, ctx.has_bias, ctx.stride, mask)
     return dx, dw, db, None, None
 
 
@@ -562,5 +602,7 @@ def memory_conv(
         return reference.memory_conv(x, weight, bias, stride, relu)
     lead, n = x.shape[:-3], x.shape[-2]
     x4 = cast(x.reshape(-1, c_in, n, d), dtype)
-    out = torch.ops.rwmn.memory_conv(x4, cast(weight, dtype), cast(bias, dtype), stride, relu)
+    # The parameters go in as they are (the kernels round their tiles to x's dtype, and
+    # return their gradients in the parameters' dtype): no cast launches either way.
+    out = torch.ops.rwmn.memory_conv(x4, weight.contiguous(), bias, stride, relu)
     return out.reshape(*lead, c_out, out.shape[-2], d)

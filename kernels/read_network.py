@@ -46,7 +46,6 @@ kernels/README.md.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -56,7 +55,6 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from kernels import reference
 from kernels._common import (
     FUSED_DTYPES,
     UNIT_NORM_EPS,
@@ -333,6 +331,66 @@ def _read_conv_fwd_kernel(
 # --------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _spectral_weights_kernel(
+    w_ptr, g_ptr, D, K, PAD_LEFT,
+    BLOCK_BINS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr,
+):  # fmt: skip
+    """G rows k and K + k of one kernel row w (module docstring), float64 throughout:
+    G[k, j] = c_k/D Re(e^{i phi_j} S_k(j)), G[K + k, j] = -c_k/D Im(e^{i phi_j} S_k(j)),
+    phi_j = 2 pi k (j - q) / D, S_k(j) = sum_{t in R_j} w[t] e^{2 pi i k t / D} over the
+    taps R_j = [max(0, q - j), min(D - 1, D - 1 + q - j)] that output j sees: a difference
+    of two prefix sums of w[t] e^{2 pi i k t / D}, so O(K D) per row, not O(K D^2)."""
+    row = tl.program_id(0)
+    ks = tl.program_id(1) * BLOCK_BINS + tl.arange(0, BLOCK_BINS)
+    k_ok = ks < K
+    ts = tl.arange(0, BLOCK_T)
+    w = tl.load(w_ptr + row * D + ts, mask=ts < D, other=0.0).to(tl.float64)
+    # Phases reduced mod D in integers, then evaluated in float64: correctly rounded twiddles.
+    angle = ((ks[:, None] * ts[None, :]) % D).to(tl.float64) * 6.283185307179586 / D
+    c_re = tl.cumsum(w[None, :] * tl.cos(angle), axis=1)
+    c_im = tl.cumsum(w[None, :] * tl.sin(angle), axis=1)
+    scale = tl.where((ks == 0) | (2 * ks == D), 1.0, 2.0).to(tl.float64) / D
+    g_row = g_ptr + row.to(tl.int64) * (2 * K * D)
+    for j0 in range(0, D, BLOCK_J):
+        js = j0 + tl.arange(0, BLOCK_J)
+        j_ok = js < D
+        hi = tl.maximum(tl.minimum(D - 1 + PAD_LEFT - js, D - 1), 0)
+        lo = tl.maximum(PAD_LEFT - js, 0)
+        hi2 = tl.broadcast_to(hi[None, :], (BLOCK_BINS, BLOCK_J))
+        lo2 = tl.broadcast_to(tl.maximum(lo - 1, 0)[None, :], (BLOCK_BINS, BLOCK_J))
+        below = (lo > 0)[None, :]
+        s_re = tl.gather(c_re, hi2, 1) - tl.where(below, tl.gather(c_re, lo2, 1), 0.0)
+        s_im = tl.gather(c_im, hi2, 1) - tl.where(below, tl.gather(c_im, lo2, 1), 0.0)
+        phi = ((ks[:, None] * (js + D - PAD_LEFT)[None, :]) % D).to(tl.float64)
+        phi = phi * 6.283185307179586 / D
+        cos = tl.cos(phi)
+        sin = tl.sin(phi)
+        re = scale[:, None] * (s_re * cos - s_im * sin)
+        im = -scale[:, None] * (s_re * sin + s_im * cos)
+        ok = k_ok[:, None] & j_ok[None, :]
+        out = g_row + ks[:, None] * D + js[None, :]
+        tl.store(out, re.to(g_ptr.dtype.element_ty), mask=ok)
+        tl.store(out + K * D, im.to(g_ptr.dtype.element_ty), mask=ok)
+
+
+#: Spectral weights: bins per program and output columns per step (two [BLOCK_BINS,
+#: pow2(d)] float64 prefix tiles live across the column loop).
+G_BLOCK_BINS = 4
+G_BLOCK_J = 64
+
+
+def spectral_weights_config(rows: int, d: int) -> LaunchConfig:
+    """Launch configuration of _spectral_weights_kernel for ``rows`` kernel rows of width d:
+    one program per (row, G_BLOCK_BINS bins)."""
+    return LaunchConfig(
+        grid=(rows, triton.cdiv(half_spectrum(d), G_BLOCK_BINS)),
+        constexprs=dict(BLOCK_BINS=G_BLOCK_BINS, BLOCK_T=pow2_at_least(d), BLOCK_J=G_BLOCK_J),
+        num_warps=4,
+        num_stages=1,
+    )
+
+
 def read_config(
     n_batch: int,
     c_out: int,
@@ -382,7 +440,7 @@ def _read_geometry(spectra, g, bias, u, h2, s2, twiddles, n_rows: int, stride: i
     _check_contiguous("memory spectra", spectra, (c_in * n_rows, two_k), torch.float32)
     _check_contiguous("twiddles", twiddles, (2 * d,), torch.float32)
     if bias is not None:
-        _check_contiguous("bias", bias, (c_out,), u.dtype)
+        _check_contiguous("bias", bias, (c_out,), bias.dtype)
     if h2.shape != (d,) or s2.shape != (d,):
         raise ValueError(f"read_network: the question hash and signs must be [{d}]")
     if stride < 1:
@@ -441,31 +499,19 @@ def inverse_dft_matrix(d: int, device, dtype: torch.dtype = torch.float32) -> to
     return torch.cat((scale * torch.cos(angle), -scale * torch.sin(angle))).to(dtype)
 
 
-def _reversed_inverse_dft(d: int, device) -> torch.Tensor:
-    """inverse_dft_matrix(d) in float64 with its columns reversed: a constant of d, built
-    once (traced under torch.compile)."""
-    if torch.compiler.is_compiling():
-        return inverse_dft_matrix(d, device, torch.float64).flip(-1)
-    return _cached_reversed_inverse_dft(d, torch.device(device))
-
-
-@functools.cache
-def _cached_reversed_inverse_dft(d: int, device: torch.device) -> torch.Tensor:
-    return inverse_dft_matrix(d, device, torch.float64).flip(-1).contiguous()
-
-
 def spectral_weights(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """G [c_out, c_in, k, 2K, d] = Finv T_{o,c,a} in ``dtype`` for a read layer's weight
-    [c_out, c_in, k, d]: computed in float64 from the (master) weight and rounded once, so
-    no global matmul setting (TF32 under ``torch.set_float32_matmul_precision("high")``)
-    reaches it; outside autocast, with no gradient (the fused op returns the weight's
-    gradient itself)."""
-    d = weight.shape[-1]
-    with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
-        # x[::-1] @ reversed_toeplitz = the SAME correlation along the width, x @ T.
-        toeplitz = reference.reversed_toeplitz(weight.double(), same_padding(d, d, 1)[1])
-        g = torch.matmul(_reversed_inverse_dft(d, weight.device), toeplitz)
-    return g.to(dtype).contiguous()
+    [c_out, c_in, k, d], one launch: computed in float64 from the (master) weight and
+    rounded once (no matmul, so no global matmul precision reaches it), with no gradient
+    (the fused op returns the weight's gradient itself)."""
+    c_out, c_in, kh, d = weight.shape
+    g = torch.empty((c_out, c_in, kh, 2 * half_spectrum(d), d), device=weight.device, dtype=dtype)
+    rows = c_out * c_in * kh
+    launch(
+        _spectral_weights_kernel, spectral_weights_config(rows, d),
+        weight.detach().contiguous(), g, d, half_spectrum(d), same_padding(d, d, 1)[1],
+    )  # fmt: skip
+    return g
 
 
 # --------------------------------------------------------------------------------------
@@ -534,11 +580,19 @@ def _recompute_mq(memory, u, h1, s1, h2, s2, factorised_min_dim):
 
 def _read_backward(ctx, go, gp, _glse, _gmr):
     memory, u, weight, bias, h1, s1, h2, s2, o, p, lse, mr = ctx.saved_tensors
-    go, gp = _zeros_if_none(go, o), _zeros_if_none(gp, p)
     # The readout's backward over the saved rows Mr (ReLU mask included): dL/dy.
     n_batch, c_out, m, d = mr.shape
     gy, du = torch.ops.rwmn.attention_read_backward(
-        go, gp, mr.view(n_batch, c_out * m, d), u, o, p, lse, ctx.sharp, True, True
+        _zeros_if_none(go, o),
+        gp,
+        mr.view(n_batch, c_out * m, d),
+        u,
+        o,
+        p,
+        lse,
+        ctx.sharp,
+        True,
+        True,
     )
     mq, cbp_vjp = _recompute_mq(memory, u, h1, s1, h2, s2, ctx.min_dim)
     dmq, dw, db = conv_input_grads(gy.view_as(mr), mq, weight, bias is not None, ctx.stride)
@@ -586,8 +640,7 @@ def _read_conv_setup(ctx, inputs, output):
 def _read_conv_backward(ctx, grad_out):
     memory, u, weight, bias, h1, s1, h2, s2, out = ctx.saved_tensors
     mq, cbp_vjp = _recompute_mq(memory, u, h1, s1, h2, s2, ctx.min_dim)
-    grad = torch.where(out > 0, grad_out, 0).to(mq.dtype)
-    dmq, dw, db = conv_input_grads(grad, mq, weight, bias is not None, ctx.stride)
+    dmq, dw, db = conv_input_grads(grad_out, mq, weight, bias is not None, ctx.stride, out)
     dmemory, du = cbp_vjp(dmq)
     return dmemory.view_as(memory), None, du.view_as(u), dw, None, db, *(None,) * 7
 
@@ -706,8 +759,10 @@ def read_network(
     check_hash("h2", h2, s2, d, d)
     u = cast(u, dtype)
     w, b, s = layers[0]
-    spectral = (prepared.memory, prepared.spectra, u, cast(w, dtype), prepared.spectral_weight,
-                cast(b, dtype), s, h1, s1, h2, s2, prepared.twiddles)  # fmt: skip
+    # The layer's parameters go in as they are: the kernel reads the bias in fp32 and the
+    # backward returns the gradients in the parameters' dtype.
+    spectral = (prepared.memory, prepared.spectra, u, w.contiguous(), prepared.spectral_weight,
+                b, s, h1, s1, h2, s2, prepared.twiddles)  # fmt: skip
     if len(layers) == 1:
         o, p, _, _ = torch.ops.rwmn.read_conv_attention(*spectral, float(sharp), factorised_min_dim)
         return o, p

@@ -116,8 +116,9 @@ def executed_work(fn: Callable, *args, **kwargs) -> tuple[Work, list[KernelLaunc
 # --------------------------------------------------------------------------------------
 
 
-def _toeplitz_tile(a: dict, i0: int, j_first: int, block_j: int, esize: int) -> Work:
-    """_toeplitz_conv_tile for the rows at i0 and the columns from j_first."""
+def _toeplitz_tile(a: dict, i0: int, j_first: int, block_j: int, esize: int, wsize: int) -> Work:
+    """_toeplitz_conv_tile for the rows at i0 and the columns from j_first (x elements of
+    esize bytes, kernel elements of wsize)."""
     bi, bk, d = a["BLOCK_I"], a["BLOCK_K"], a["D"]
     left = a["PAD_LEFT"]
     lo = (max(j_first - left, 0) // bk) * bk
@@ -128,7 +129,7 @@ def _toeplitz_tile(a: dict, i0: int, j_first: int, block_j: int, esize: int) -> 
     for jp in range(lo, hi, bk):
         macs += bi * bk * block_j
         # x tile, and the Toeplitz tile gathered from one kernel row (its distinct taps).
-        bytes_ += rows * _valid(jp, bk, d) * esize + min(bk + block_j - 1, d) * esize
+        bytes_ += rows * _valid(jp, bk, d) * esize + min(bk + block_j - 1, d) * wsize
     return Work(macs * taps, bytes_ * taps)
 
 
@@ -136,14 +137,13 @@ def _toeplitz_tile(a: dict, i0: int, j_first: int, block_j: int, esize: int) -> 
 def _memconv_fwd(a, grid) -> Work:
     n_out, n_i, n_j = grid
     bi, bj, d = a["BLOCK_I"], a["BLOCK_J"], a["D"]
-    esize = _esize(a["x_ptr"])
+    esize, wsize = _esize(a["x_ptr"]), _esize(a["w_ptr"])
     out = Work()
     for pi in range(n_i):
         for pj in range(n_j):
             rows, cols = _valid(pi * bi, bi, a["M_ROWS"]), _valid(pj * bj, bj, d)
-            out = (
-                out + _toeplitz_tile(a, pi * bi, pj * bj, bj, esize) + Work(0, rows * cols * esize)
-            )
+            tile = _toeplitz_tile(a, pi * bi, pj * bj, bj, esize, wsize)
+            out = out + tile + Work(0, rows * cols * esize)
     return out * n_out
 
 
@@ -153,7 +153,9 @@ def _memconv_dx(a, grid) -> Work:
     bq, bj, bk, d = a["BLOCK_Q"], a["BLOCK_J"], a["BLOCK_K"], a["D"]
     stride, k, left = a["STRIDE"], a["K"], a["PAD_LEFT"]
     n, blocks = a["N_ROWS"], a["N_PHASE_BLOCKS"]
-    esize = _esize(a["g_ptr"])
+    esize, wsize = _esize(a["g_ptr"]), _esize(a["w_ptr"])
+    # Under RELU every gradient element read comes with the output element of its mask.
+    gsize = esize + (_esize(a["out_ptr"]) if a["RELU"] else 0)
     macs = bytes_ = 0
     for pr in range(n_r):
         rho, qb = pr // blocks, pr % blocks
@@ -166,7 +168,7 @@ def _memconv_dx(a, grid) -> Work:
             hi = min(first + bj + left, d)
             trips = max(0, -(-(hi - lo) // bk))
             cols = _valid(first, bj, d)
-            per_tap = trips * (rows * bk * esize + min(bk + bj - 1, d) * esize)
+            per_tap = trips * (rows * bk * gsize + min(bk + bj - 1, d) * wsize)
             macs += a["C_OUT"] * n_taps * trips * bq * bk * bj
             bytes_ += a["C_OUT"] * n_taps * per_tap + rows * cols * esize
     return Work(macs, bytes_) * n_bc
@@ -181,9 +183,11 @@ def _memconv_dw(a, grid) -> Work:
     rows_total = a["N_BATCH"] * a["M_ROWS"]
     per_program = a["ROWS_PER_PROGRAM"]
     esize = _esize(a["x_ptr"])
+    gsize = _esize(a["g_ptr"]) + (_esize(a["out_ptr"]) if a["RELU"] else 0)
     macs = bytes_ = 0
     for s in range(splits):
         rows = _valid(s * per_program, per_program, rows_total)
+        bytes_ += c_out * F32  # this split's dbias partials
         for pf in range(n_f):
             cols = _valid(pf * bf, bf, f)
             for j0 in range(0, d + shifts - 1, bj):
@@ -191,7 +195,7 @@ def _memconv_dw(a, grid) -> Work:
                 macs += rows * bf * bj * bo
                 # g rows of every channel over the shifted window, and the Hankel tile
                 # gathered from x's rows (taps SHIFTS apart).
-                g_bytes = c_out * min(jv + shifts - 1, d) * esize
+                g_bytes = c_out * min(jv + shifts - 1, d) * gsize
                 bytes_ += rows * (g_bytes + min(cols * shifts + jv - 1, d) * esize)
             bytes_ += cols * min(bo, shifts * c_out) * F32
     return Work(macs, bytes_)
@@ -228,10 +232,20 @@ def _attn_bwd(a, grid) -> Work:
     bytes_ = 0
     for blk in range(n_blocks):
         rows = _valid(blk * br, br, r)
-        # rows in, drows out; per question u, go, gp, lse, delta in and du partial out.
+        # rows in, drows out; per question u, go, lse in, du partial out, and the delta.
         bytes_ += 2 * rows * d * esize
-        bytes_ += questions * (2 * d * esize + rows * esize + 2 * F32 + d * F32)
+        bytes_ += questions * (2 * d * esize + F32 + d * F32 + _delta_bytes(a, r, d))
+        if a["HAS_GP"]:
+            bytes_ += questions * rows * _esize(a["gp_ptr"])
     return Work(0, bytes_ * n_b)
+
+
+def _delta_bytes(a: dict, r: int, d: int) -> int:
+    """_question_delta: o, and p and gp when the weights have a gradient."""
+    out = d * _esize(a["o_ptr"])
+    if a["HAS_GP"]:
+        out += r * (_esize(a["p_ptr"]) + _esize(a["gp_ptr"]))
+    return out
 
 
 def _conv_attention(a, grid, backward: bool) -> Work:
@@ -242,10 +256,11 @@ def _conv_attention(a, grid, backward: bool) -> Work:
     out = Work()
     for blk in range(n_i):
         rows = _valid(blk * bi, bi, a["M_ROWS"])
-        tile = _toeplitz_tile(a, blk * bi, 0, bd, esize)
+        tile = _toeplitz_tile(a, blk * bi, 0, bd, esize, _esize(a["w_ptr"]))
         if backward:
-            # u, go, gp, lse, delta in; dL/dy and the du partial out.
-            extra = 2 * d * esize + rows * esize + 2 * F32 + rows * d * esize + d * F32
+            # u, go, gp, lse in, the delta; dL/dy and the du partial out.
+            extra = 2 * d * esize + rows * esize + F32 + rows * d * esize + d * F32
+            extra += _delta_bytes(a, a["C_OUT"] * a["M_ROWS"], d)
         else:
             extra = _readout_epilogue(rows, d, esize)
         out = out + tile + Work(0, extra)
@@ -478,6 +493,28 @@ def _unit_norm_fwd(a, grid) -> Work:
 @_formula("_unit_norm_bwd_kernel")
 def _unit_norm_bwd(a, grid) -> Work:
     return Work(0, a["R"] * a["D"] * (2 * _esize(a["x_ptr"]) + _esize(a["g_ptr"])))
+
+
+@_formula("_spectral_weights_kernel")
+def _spectral_weights(a, grid) -> Work:
+    """Per (row, bin): the prefix products w e^{i theta} (2 real MACs per tap) and, per
+    output column, the rotation by e^{i phi} (4); the row in, G's Re and Im rows out (the
+    float64 sines and cosines are not multiply-adds and are not counted)."""
+    rows, _ = grid
+    d, k = a["D"], a["K"]
+    macs = rows * k * d * (2 + 4)
+    return Work(macs, rows * (d * _esize(a["w_ptr"]) + 2 * k * d * _esize(a["g_ptr"])))
+
+
+@_formula("_hop_update_fwd_kernel")
+def _hop_update_fwd(a, grid) -> Work:
+    return Work(0, a["R"] * a["D"] * sum(_esize(a[p]) for p in ("o_ptr", "u_ptr", "y_ptr")))
+
+
+@_formula("_hop_update_bwd_kernel")
+def _hop_update_bwd(a, grid) -> Work:
+    tensors = ("o_ptr", "u_ptr", "g_ptr", "do_ptr", "du_ptr")
+    return Work(0, a["R"] * a["D"] * sum(_esize(a[p]) for p in tensors))
 
 
 def formulas() -> tuple[str, ...]:

@@ -91,7 +91,16 @@ class RWMN(nn.Module):
             rgb, sub = story
             elements = self.story_cbp(ops.unit_norm(rgb), ops.unit_norm(sub))
             return ops.unit_norm(self.story_embed(elements))
-        return ops.unit_norm(self.embed(ops.unit_norm(story)))
+        return self._embed_text(story)[0]
+
+    def _embed_text(self, *rows: torch.Tensor) -> list[torch.Tensor]:
+        """unit_norm(unit_norm(x) W + b) of each of ``rows`` ([..., dim_text] each), as one
+        batch: one normalisation, one GEMM and one normalisation for all of them, and a
+        single split in the backward."""
+        flat = [x.reshape(-1, x.shape[-1]) for x in rows]
+        out = ops.unit_norm(self.embed(ops.unit_norm(torch.cat(flat))))
+        parts = out.split([x.shape[0] for x in flat])
+        return [y.view(*x.shape[:-1], y.shape[-1]) for x, y in zip(rows, parts, strict=True)]
 
     def forward(
         self,
@@ -102,9 +111,12 @@ class RWMN(nn.Module):
     ) -> torch.Tensor | RWMNOutput:
         self._check_inputs(story, query, answers)
         with nvtx_range("embedding"):
-            memory = self.embed_story(story)
-            u = ops.unit_norm(self.embed(ops.unit_norm(query)))
-            g = ops.unit_norm(self.embed(ops.unit_norm(answers)))
+            # Every row that goes through the shared text map goes through it at once.
+            if self.cfg.video:
+                memory = self.embed_story(story)
+                u, g = self._embed_text(query, answers)
+            else:
+                memory, u, g = self._embed_text(story, query, answers)
         with nvtx_range("write"):
             memory = self.write(memory.unsqueeze(0))  # [C, m, d]
         attention = []
@@ -115,11 +127,11 @@ class RWMN(nn.Module):
             with nvtx_range(f"read/hop{hop}"):
                 o, p = self.read(memory, u, prepared)
                 attention.append(p)
+                # unit_norm(a unit_norm(o) + b u): the release adds, the paper blends.
                 if self.cfg.legacy:
-                    u = ops.unit_norm(ops.unit_norm(o) + u)
+                    u = ops.hop_update(o, u, 1.0, 1.0)
                 else:
-                    alpha = self.cfg.alpha
-                    u = ops.unit_norm(alpha * ops.unit_norm(o) + (1.0 - alpha) * u)
+                    u = ops.hop_update(o, u, self.cfg.alpha, 1.0 - self.cfg.alpha)
         with nvtx_range("answer"):
             logits = torch.einsum("bad,bd->ba", g, u)
         if return_attention:

@@ -264,3 +264,11 @@ def unit_norm(x: torch.Tensor) -> torch.Tensor:
     if resolve_backend("unit_norm", x) == "triton":
         return _fused("unit_norm", "unit_norm")(x)
     return reference.unit_norm(x)
+
+
+def hop_update(o: torch.Tensor, u: torch.Tensor, a: float, b: float) -> torch.Tensor:
+    """unit_norm(a unit_norm(o) + b u), the controller's update between hops; see
+    :func:`rwmn.reference.hop_update`."""
+    if resolve_backend("hop_update", o, u) == "triton":
+        return _fused("unit_norm", "hop_update")(o, u, a, b)
+    return reference.hop_update(o, u, a, b)

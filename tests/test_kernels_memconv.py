@@ -131,9 +131,9 @@ def test_fake_tensor_shapes():
     with FakeTensorMode():
         x, w, b = _inputs(2, 3, 4, 11, 13, 3)
         out = torch.ops.rwmn.memory_conv(x, w, b, 2, True)
-        dx, dw = torch.ops.rwmn.memory_conv_backward(out, x, w, 2)
+        dx, dwb = torch.ops.rwmn.memory_conv_backward(out, out, x, w, 2)
     assert out.shape == (2, 4, 6, 13)
-    assert dx.shape == x.shape and dw.shape == w.shape
+    assert dx.shape == x.shape and dwb.shape == (w.numel() + b.numel(),)
 
 
 def test_bad_shapes_raise():

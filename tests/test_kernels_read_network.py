@@ -284,23 +284,36 @@ def test_inverse_dft_matrix_is_irfft(d):
     torch.testing.assert_close(got, torch.fft.irfft(spectrum, n=d), rtol=0, atol=1e-6)
 
 
+def _spectral_weights_float64(weight):
+    """Finv T in float64 by the dense product (module docstring of kernels.read_network)."""
+    d = weight.shape[-1]
+    finv = fused_read.inverse_dft_matrix(d, weight.device, torch.float64)
+    pad_left = fused_read.same_padding(d, d, 1)[1]
+    return finv.flip(-1) @ reference.reversed_toeplitz(weight.double(), pad_left)
+
+
+@pytest.mark.parametrize("d", [7, 12, 45, 64])
+def test_spectral_weights_match_the_dense_product_in_float64(d):
+    """The prefix-sum kernel against the dense float64 product Finv T (odd and even
+    widths: even ones have a Nyquist bin), to float64 rounding."""
+    weight = torch.randn(2, 3, 2, d)
+    got = fused_read.spectral_weights(weight, torch.float64)
+    torch.testing.assert_close(got, _spectral_weights_float64(weight), rtol=0, atol=1e-13)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
 def test_spectral_weights_are_correctly_rounded_under_tf32_matmul(device):
-    """G is the float64 product rounded once, whatever the global matmul precision
-    ("high" lets an fp32 matmul run in TF32 on a GPU; an fp32 matmul's own rounding
-    already fails the equality)."""
-    d = 45
-    weight = torch.randn(2, 3, 3, d, device=device)
-    finv = fused_read.inverse_dft_matrix(d, device, torch.float64)
-    pad_left = fused_read.same_padding(d, d, 1)[1]
-    want = (finv.flip(-1) @ reference.reversed_toeplitz(weight.double(), pad_left)).float()
+    """G is the float64 value rounded once to fp32, whatever the global matmul precision
+    ("high" lets an fp32 matmul run in TF32 on a GPU, 2^-11 relative)."""
+    weight = torch.randn(2, 3, 3, 45, device=device)
+    want = _spectral_weights_float64(weight)
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")
     try:
         g = fused_read.spectral_weights(weight, torch.float32)
     finally:
         torch.set_float32_matmul_precision(before)
-    assert torch.equal(g, want)
+    torch.testing.assert_close(g.double(), want, rtol=2.0**-24, atol=1e-15)
 
 
 @pytest.mark.parametrize("d", [7, 12, 45])

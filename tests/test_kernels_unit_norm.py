@@ -79,3 +79,63 @@ def test_float64_runs_the_reference():
     x = torch.randn(3, 5, dtype=torch.float64)
     with pytest.warns(UserWarning, match="unit_norm runs the reference"):
         torch.testing.assert_close(unit_norm.unit_norm(x), reference.unit_norm(x))
+
+
+# --------------------------------------------------------------------------------------
+# The hop update unit_norm(a unit_norm(o) + b u)
+# --------------------------------------------------------------------------------------
+
+#: (a, b): the paper's blend (alpha = 0.7) and the release's sum.
+HOP_COEFFICIENTS = [(0.7, 0.3), (1.0, 1.0)]
+
+
+def _hop(a, b):
+    return lambda o, u: unit_norm.hop_update(o, u, a, b)
+
+
+def _hop_reference(a, b):
+    return lambda o, u: reference.hop_update(o, u, a, b)
+
+
+@pytest.mark.parametrize(("a", "b"), HOP_COEFFICIENTS)
+@pytest.mark.parametrize("shape", [(7, 13), (33, 300), (2, 5, 12)], ids=str)
+def test_hop_update_matches_float64(shape, a, b):
+    inputs = [torch.randn(shape) * 3.0, torch.randn(shape)]
+    check_against_float64(_hop(a, b), _hop_reference(a, b), inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_hop_update_half_matches_float64(dtype):
+    check_against_float64(
+        _hop(0.7, 0.3), _hop_reference(0.7, 0.3), [torch.randn(9, 45), torch.randn(9, 45)],
+        dtype=dtype, ratio=LOW_PRECISION_RATIO, rel_atol=LOW_PRECISION_REL_ATOL[dtype],
+    )  # fmt: skip
+
+
+def test_hop_update_zero_read_stays_finite():
+    """A zero readout o (every read row dead) gives u' = unit_norm(b u) and finite grads."""
+    o = torch.zeros(3, 10, requires_grad=True)
+    u = torch.randn(3, 10, requires_grad=True)
+    y = unit_norm.hop_update(o, u, 0.7, 0.3)
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(y, reference.unit_norm(u.detach()))
+    assert torch.isfinite(o.grad).all() and torch.isfinite(u.grad).all()
+
+
+def test_hop_update_one_launch_each_way_and_dispatch():
+    o = torch.randn(32, 300, requires_grad=True)
+    u = torch.randn(32, 300, requires_grad=True)
+    with rwmn.ops.use_backend("triton"), record_launches() as forward:
+        y = rwmn.ops.hop_update(o, u, 0.7, 0.3)
+    with record_launches() as backward:
+        y.backward(torch.randn_like(y))
+    assert [k.name for k in forward] == ["_hop_update_fwd_kernel"]
+    assert [k.name for k in backward] == ["_hop_update_bwd_kernel"]
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor")
+    args = (torch.randn(5, 7, requires_grad=True), torch.randn(5, 7, requires_grad=True), 0.5, 0.5)
+    torch.library.opcheck(torch.ops.rwmn.hop_update.default, args, test_utils=tests)
+
+
+def test_hop_update_bad_shapes_raise():
+    with pytest.raises(ValueError, match="one shape"):
+        unit_norm.hop_update(torch.randn(3, 4), torch.randn(3, 5), 0.5, 0.5)
