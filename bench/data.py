@@ -1,8 +1,8 @@
 """Input pipeline and loop benchmark (issue 11): is train.py waiting for data?
 
-    python -m bench.data                       # CPU: writes bench/results/data-cpu.{json,md}
-    python -m bench.data --device cuda --out bench/results/data-gpu.json
-    python -m bench.data --smoke --out /tmp/data.json   # tiny, seconds (the test suite)
+    python -m bench data                       # CPU: writes bench/results/data-cpu.{json,md}
+    python -m bench data --device cuda --out bench/results/data-gpu.json
+    python -m bench data --smoke --out /tmp/data.json   # tiny, seconds (the test suite)
 
 Two parts, on synthetic data in the release layout (rwmn.data.synthetic) with stories of
 n = 1500 elements (50 scenes of 30), the MovieQA average:
@@ -151,7 +151,7 @@ def train_comparison(device: str, tb: TrainBench) -> dict:
 def markdown(meta: dict, loaders: list[dict], train: dict) -> str:
     label = meta["label"]
     lines = [
-        f"# Input pipeline and loop ({label}): `python -m bench.data`",
+        f"# Input pipeline and loop ({label}): `python -m bench data`",
         "",
         f"{meta.get('device_name') or meta['device']}, torch {meta['torch']}, "
         f"{meta.get('threads')} thread(s), commit {meta.get('git_commit')}, {meta['date']}.",
@@ -219,7 +219,11 @@ def markdown(meta: dict, loaders: list[dict], train: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench data",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--smoke", action="store_true", help="tiny data and model, seconds (CPU)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")

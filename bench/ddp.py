@@ -1,7 +1,7 @@
 """Data-parallel training throughput: train.py under torchrun with 1 and N processes.
 
-    python -m bench.ddp --out bench/results/ddp-cpu.json            # CPU, gloo, 1 and 2
-    python -m bench.ddp --device cuda --nproc 1 2 4 8 --out bench/results/ddp-gpu.json
+    python -m bench ddp --out bench/results/ddp-cpu.json            # CPU, gloo, 1 and 2
+    python -m bench ddp --device cuda --nproc 1 2 4 8 --out bench/results/ddp-gpu.json
 
 Each row is one ``python -m torch.distributed.run --nproc_per_node N train.py`` launch
 (loopback rendezvous) on a synthetic data set generated once into a temporary directory,
@@ -76,7 +76,7 @@ def measure(data: str, out: Path, nproc: int, movies: int, device: str, steps: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.ddp", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench ddp", description=__doc__)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--nproc", type=int, nargs="+", default=[1, 2],
                         help="process counts to launch (default: 1 2)")  # fmt: skip
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"# Data-parallel training throughput ({result['label']}, {result['date']})",
         "",
-        f"`python -m bench.ddp` on {result['machine']}; train.py under torchrun "
+        f"`python -m bench ddp` on {result['machine']}; train.py under torchrun "
         f"(`{args.device}`, one thread per process), {args.steps} steps, the first "
         f"{args.window}-step window left out. A step is one optimizer update of "
         "processes x movies_per_step movies.",

@@ -1,7 +1,7 @@
 """End-to-end training-step benchmark: steps/s and questions/s of the whole model.
 
-    python -m bench.e2e --device cuda --out bench/results/e2e-gpu.json
-    python -m bench.e2e --smoke --out /tmp/e2e.json        # CPU, tiny model
+    python -m bench e2e --device cuda --out bench/results/e2e-gpu.json
+    python -m bench e2e --smoke --out /tmp/e2e.json        # CPU, tiny model
 
 One step is what train.py does for one batch: forward (embedding, write, read, answer),
 ``model.loss``, backward, Adagrad step (lr 0.003, initial accumulator 0.1), gradients set
@@ -238,7 +238,11 @@ def _csv(value: str, allowed) -> list[str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench e2e",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
     p.add_argument("--configs", default=",".join(CONFIGS))

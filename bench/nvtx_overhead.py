@@ -1,6 +1,6 @@
 """What ``--nvtx`` costs a training step on the CPU, with no profiler attached.
 
-    PYTHONPATH=. python -m bench.nvtx_overhead [--out bench/results/nvtx-cpu.md]
+    python -m bench nvtx_overhead [--out bench/results/nvtx-cpu.md]
 
 Three measurements, in one process with one intra-op thread (so that process time is the
 step's CPU time):
@@ -84,7 +84,7 @@ def step_costs(model_kw: dict, data_kw: dict, batch_size: int, rounds: int, step
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.nvtx_overhead", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m bench nvtx_overhead", description=__doc__)
     p.add_argument("--out", default="bench/results/nvtx-cpu.md")
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--steps", type=int, default=40)
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# NVTX overhead on the CPU (`--nvtx`, no profiler attached)",
         "",
-        f"`python -m bench.nvtx_overhead`; {platform.processor() or platform.machine()}, "
+        f"`python -m bench nvtx_overhead`; {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs shared with other work, one intra-op thread; torch "
         f"{torch.__version__}, nvtx {importlib.metadata.version('nvtx')}. Process time (CPU "
         f"time). On: the ranges go through the NVTX C API ({state}), which returns at once "

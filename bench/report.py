@@ -1,6 +1,6 @@
 """Turn result files into a markdown table and PNG plots.
 
-    python -m bench.report bench/results/ops-gpu-X.json [more.json ...] [--out-dir DIR]
+    python -m bench report bench/results/ops-gpu-X.json [more.json ...] [--out-dir DIR]
 
 Writes ``<stem>.md`` (the run's metadata and ceilings, one table per op, the end-to-end
 table, the skipped and failed cases with their reasons) and ``<stem>-<op>.png`` (median
@@ -278,7 +278,11 @@ def plot_steps(
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench report",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     p.add_argument("files", nargs="+", type=Path)
     p.add_argument("--out-dir", type=Path, default=None)
     p.add_argument("--no-plots", action="store_true")

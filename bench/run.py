@@ -1,7 +1,7 @@
 """Standalone op benchmark: every op x backend x pass x dtype x size, written as rows.
 
-    python -m bench.run --device cuda --out bench/results/h100.json
-    python -m bench.run --smoke --out bench/results/cpu-smoke.json   # CPU, tiny shapes
+    python -m bench run --device cuda --out bench/results/h100.json
+    python -m bench run --smoke --out bench/results/cpu-smoke.json   # CPU, tiny shapes
 
 ``--smoke`` runs the tiny shapes on the CPU; the fused backend then runs on the Triton
 interpreter (TRITON_INTERPRET=1, fp32 only). The file holds ``meta`` (device, versions,
@@ -36,7 +36,11 @@ def _csv(value: str, allowed) -> list[str]:
 def parse_args(argv=None) -> argparse.Namespace:
     from bench import cases as C
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench run",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes; CPU, Triton interpreter")
     p.add_argument("--sizes", default=None, help=f"size groups, comma-separated, of {C.GROUPS}")

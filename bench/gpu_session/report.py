@@ -10,10 +10,8 @@ memory. The markdown holds everything else; bench.report renders its timing tabl
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from bench.gpu_session import SessionConfig
+from bench.gpu_session.config import SessionConfig
 
 #: The summary printed last (and written at the end of the .md) is at most this long.
 SUMMARY_MAX_LINES = 40
@@ -28,7 +26,7 @@ def write_plots(
     except ImportError:
         return [], (
             "matplotlib is not installed here: no PNG plots (render them elsewhere with "
-            "python -m bench.report <json> --out-dir <another dir>)"
+            "python -m bench report <json> --out-dir <another dir>)"
         )
     from bench import report
 
