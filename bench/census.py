@@ -29,6 +29,9 @@ On a GPU (``bench.gpu_session``) the same step runs under ``torch.profiler`` and
 kernel list it records is compared with this count. The CPU census counts one launch per
 aten op; a few ops launch more than one kernel on a GPU (a sort, a large reduction),
 which is what that comparison shows.
+
+May import: bench.e2e and bench.timing, rwmn and kernels (their launch recorder and cost
+model).
 """
 
 from __future__ import annotations

@@ -30,6 +30,8 @@ configuration compiles; nothing spills, except CBP beyond the model's sizes (out
 and wgmma (HGMMA) on sm_90a in the bf16/fp16 hot kernels (WGMMA_KERNELS).
 
 Run with ``TRITON_INTERPRET`` unset: interpreted kernels cannot be compiled.
+
+May import: bench.cases, rwmn and kernels, Triton's compiler.
 """
 
 from __future__ import annotations

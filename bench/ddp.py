@@ -14,6 +14,8 @@ optimizer update: world size x --movies_per_step movies of up to --batch_size qu
 On the CPU the processes share the machine's cores (one thread each: OMP_NUM_THREADS=1),
 so the 2-process row measures DDP's overhead and the scaling the cores allow, not a GPU
 figure.
+
+May import: rwmn.data.synthetic; train.py runs in subprocesses.
 """
 
 from __future__ import annotations

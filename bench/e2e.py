@@ -20,6 +20,8 @@ story of n elements, crossed over
   the reason where a fused op cannot run).
 
 ``--smoke`` shrinks the model (dims 24-64, n 40, B 4) so the CPU can run it in seconds.
+
+May import: bench.harness, bench.timing and bench.run, rwmn.
 """
 
 from __future__ import annotations

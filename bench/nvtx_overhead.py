@@ -11,6 +11,8 @@ step's CPU time):
   ``Trainer.train_step``, the model's ``embedding``, ``write``, ``read/hop0`` and
   ``answer`` inside) with ``--nvtx`` off and on, in alternating rounds, for a tiny model
   (where the ranges weigh most) and the paper's (release defaults, a 300-element story).
+
+May import: rwmn (config, synthetic data, profiling, training).
 """
 
 from __future__ import annotations

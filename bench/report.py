@@ -7,6 +7,9 @@ table, the skipped and failed cases with their reasons) and ``<stem>-<op>.png`` 
 time and speedup over the reference backend against size, one panel pair per size family)
 next to the first input, or in ``--out-dir``. CPU runs are labelled CPU in the title of
 every table and plot.
+
+May import: the standard library and matplotlib (for the plots); it reads result files, not
+bench's modules.
 """
 
 from __future__ import annotations

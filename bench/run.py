@@ -8,6 +8,8 @@ interpreter (TRITON_INTERPRET=1, fp32 only). The file holds ``meta`` (device, ve
 git commit, date, the run's measured copy bandwidth and matmul FLOP/s) and ``rows``; every
 row repeats the identifying metadata so rows can be pooled across files. The exit status
 is 1 when a case raised (its row says why), 0 otherwise; skipped cases are not errors.
+
+May import: bench.cases, bench.harness and bench.timing, rwmn.profiling.
 """
 
 from __future__ import annotations

@@ -251,11 +251,11 @@ def test_summary_of_a_full_gpu_run_fits(part):
         for config in cfg.step.configs:
             for mode in cfg.step.modes:
                 assert f"| step {config} {mode} |" in text
-        assert "issue: >= 4x): 1x" in text
+        assert "target >= 4x): 1x" in text
 
 
 def test_budget_fits_nine_minutes():
-    """The issue's limit is 9 minutes wall: the budget leaves room for start-up (imports)."""
+    """The session's limit is 9 minutes wall: the budget leaves room for start-up (imports)."""
     for part in session_config.PARTS:
         budget = _full_config(part).budget
         assert budget.total_s <= 9 * 60 - 30

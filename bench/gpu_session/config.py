@@ -83,7 +83,7 @@ class StepConfig:
 
     def cases(self) -> list[tuple[str, str, str, str]]:
         """(config, mode, precision, backend), cheapest and most wanted first: every eager
-        case, then each compiled mode (video_sub first: the issue's step target)."""
+        case, then each compiled mode (video_sub first: the step target)."""
         return [
             (config, mode, precision, backend)
             for mode in self.modes

@@ -10,6 +10,8 @@ over (finished, or stopped at their deadline) before anything is timed.
   kernels in on-disk caches (the FX graph and AOTAutograd caches), so the timed process
   then mostly loads them instead of compiling: on a 16-core host n warmers compile about n
   times as fast as the one timed process would, and the compiling overlaps the checks.
+
+May import: bench.gpu_session.config, bench.cases, bench.e2e and bench.harness.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ a lent GPU returns the end of its output): per op at the model's sizes and for t
 training step, the fused time, its speedup over the eager and the torch.compile'd
 reference, the fraction of the run's own copy bandwidth or matmul ceiling, and peak
 memory. The markdown holds everything else; bench.report renders its timing tables.
+
+May import: bench.gpu_session.config, bench.cases and bench.report.
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ SUMMARY_HEADER = (
 )
 #: The op pass the summary shows (all passes are in the tables above it).
 SUMMARY_PASS = "forward+backward"
-#: The issue's step target: (config, mode, precision, backend) vs the eager fp32 reference.
+#: The step target: (config, mode, precision, backend) vs the eager fp32 reference.
 STEP_TARGET = ("video_sub", "compiled", "bf16", "fused")
 STEP_BASELINE = ("video_sub", "eager", "fp32", "reference")
 
@@ -131,7 +133,7 @@ def summary_lines(cfg: SessionConfig, results: dict) -> list[str]:
         table += _step_rows(cfg, steps)
         target, baseline = steps.get(STEP_TARGET), steps.get(STEP_BASELINE)
         tail.append(
-            "step target (video_sub bf16 fused compiled vs eager fp32 reference, issue: >= 4x): "
+            "step target (video_sub bf16 fused compiled vs eager fp32 reference, target >= 4x): "
             + _ratio(_ms(baseline), _ms(target))
         )
     if results["pipeline"]:
