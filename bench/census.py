@@ -36,7 +36,6 @@ model).
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import datetime
@@ -51,6 +50,8 @@ import torch
 from torch._library.custom_ops import OPDEFS
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
+
+from bench import cli
 
 CONFIGS = ("sub", "video_sub")
 PRECISIONS = ("fp32", "bf16")
@@ -421,8 +422,7 @@ def _meta() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench census", description=__doc__.split(
-        "\n\n")[0])  # fmt: skip
+    parser = cli.parser("census", __doc__.split("\n\n")[0])
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--precisions", default=",".join(PRECISIONS))
     parser.add_argument("--backends", default=",".join(BACKENDS))

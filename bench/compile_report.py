@@ -36,7 +36,6 @@ May import: bench.cases, rwmn and kernels, Triton's compiler.
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -56,6 +55,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from bench import cli
 
 #: Compute capabilities of the supported targets; sm_90 builds as sm_90a (wgmma, TMA).
 ARCHS = {"sm_90a": 90, "sm_80": 80}
@@ -557,9 +558,7 @@ def write(report: dict, out_dir: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench compile_report", description=__doc__.split("\n\n")[0]
-    )
+    parser = cli.parser("compile_report", __doc__.split("\n\n")[0])
     parser.add_argument(
         "--arch",
         default="sm_90a,sm_80",

@@ -31,7 +31,6 @@ and train.py's main).
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -40,6 +39,8 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from bench import cli
 
 #: Story length of the measurements: MovieQA's average (scenes x elements per scene).
 SCENES, SCENE_LEN = 50, 30
@@ -222,11 +223,7 @@ def markdown(meta: dict, loaders: list[dict], train: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m bench data",
-        description=__doc__,
-        formatter_class=argparse.RawTextHelpFormatter,
-    )
+    p = cli.parser("data", __doc__)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--smoke", action="store_true", help="tiny data and model, seconds (CPU)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")

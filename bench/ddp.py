@@ -20,7 +20,6 @@ May import: rwmn.data.synthetic; train.py runs in subprocesses.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -29,6 +28,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from bench import cli
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = dict(
@@ -78,7 +79,7 @@ def measure(data: str, out: Path, nproc: int, movies: int, device: str, steps: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench ddp", description=__doc__)
+    parser = cli.parser("ddp", __doc__)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--nproc", type=int, nargs="+", default=[1, 2],
                         help="process counts to launch (default: 1 2)")  # fmt: skip

@@ -17,7 +17,6 @@ May import: rwmn (config, synthetic data, profiling, training).
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
@@ -26,6 +25,7 @@ import time
 
 import torch
 
+from bench import cli
 from rwmn.config import RWMNConfig
 from rwmn.data.synthetic import SyntheticConfig, generate
 from rwmn.profiling import nvtx_enabled, nvtx_range
@@ -86,7 +86,7 @@ def step_costs(model_kw: dict, data_kw: dict, batch_size: int, rounds: int, step
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench nvtx_overhead", description=__doc__)
+    p = cli.parser("nvtx_overhead", __doc__)
     p.add_argument("--out", default="bench/results/nvtx-cpu.md")
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--steps", type=int, default=40)

@@ -14,11 +14,12 @@ bench's modules.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+from bench import cli
 
 MIB = 1024**2
 
@@ -281,11 +282,7 @@ def plot_steps(
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m bench report",
-        description=__doc__,
-        formatter_class=argparse.RawTextHelpFormatter,
-    )
+    p = cli.parser("report", __doc__)
     p.add_argument("files", nargs="+", type=Path)
     p.add_argument("--out-dir", type=Path, default=None)
     p.add_argument("--no-plots", action="store_true")

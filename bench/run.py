@@ -22,6 +22,8 @@ import os
 import sys
 from pathlib import Path
 
+from bench import cli
+
 #: Metadata keys copied into every row.
 ROW_META = ("label", "device", "device_name", "torch", "triton", "git_commit", "date")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -38,11 +40,7 @@ def _csv(value: str, allowed) -> list[str]:
 def parse_args(argv=None) -> argparse.Namespace:
     from bench import cases as C
 
-    p = argparse.ArgumentParser(
-        prog="python -m bench run",
-        description=__doc__,
-        formatter_class=argparse.RawTextHelpFormatter,
-    )
+    p = cli.parser("run", __doc__)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes; CPU, Triton interpreter")
     p.add_argument("--sizes", default=None, help=f"size groups, comma-separated, of {C.GROUPS}")
@@ -73,6 +71,21 @@ def _write(path: Path, meta: dict, rows: list[dict]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     tmp.replace(path)
+
+
+def record(row: dict, meta: dict, rows: list[dict], out: Path) -> None:
+    """Stamp ``row`` with the run's identifying metadata, keep it, and rewrite the file (a
+    run cut short keeps what it measured)."""
+    row.update({k: meta[k] for k in ROW_META})
+    rows.append(row)
+    _write(out, meta, rows)
+
+
+def exit_status(rows: list[dict], out: Path) -> int:
+    """Say what was written; 1 when a case raised, else 0."""
+    errors = sum(r["status"] == "error" for r in rows)
+    print(f"wrote {len(rows)} rows ({errors} errors) to {out}", file=sys.stderr)
+    return 1 if errors else 0
 
 
 def main(argv=None) -> int:
@@ -120,15 +133,11 @@ def main(argv=None) -> int:
                             case, backend, pass_, dtype, device, ceilings, compiled,
                             nvtx=args.nvtx, budget=budget,
                         )  # fmt: skip
-                        row.update({k: meta[k] for k in ROW_META})
-                        rows.append(row)
+                        record(row, meta, rows, out)
                         if not args.quiet:
                             _print_row(row)
-                        _write(out, meta, rows)
     _write(out, meta, rows)
-    errors = sum(r["status"] == "error" for r in rows)
-    print(f"wrote {len(rows)} rows ({errors} errors) to {out}", file=sys.stderr)
-    return 1 if errors else 0
+    return exit_status(rows, out)
 
 
 def _print_row(row: dict) -> None:

@@ -43,7 +43,7 @@ def _run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
 def test_one_entry_point():
     """``python -m bench --help`` lists every command with one line; ``python -m bench
     <command>`` and the module form ``python -m bench.<command>`` run the same ``main``."""
-    from bench.__main__ import COMMANDS
+    from bench.cli import COMMANDS
 
     listing = _run("bench", "--help")
     assert listing.returncode == 0, listing.stderr[-4000:]

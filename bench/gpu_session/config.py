@@ -12,6 +12,7 @@ import random
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from bench import cli
 from bench import gpu_session as package
 
 REPO = Path(__file__).resolve().parents[2]
@@ -217,11 +218,7 @@ def build_config(args: argparse.Namespace) -> SessionConfig:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m bench gpu_session",
-        description=package.__doc__,
-        formatter_class=argparse.RawTextHelpFormatter,
-    )
+    p = cli.parser("gpu_session", package.__doc__)
     p.add_argument("--part", choices=PARTS, default="main", help="main (default) or sweep")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, Triton interpreter")
     p.add_argument("--out", type=Path, default=None, help="output directory (default: "

@@ -165,6 +165,16 @@ class Session:
         _print_row(row)
         return row
 
+    def timed_row(self, case_id: str, base: dict, fn: Callable[[], dict], by: float) -> None:
+        """:meth:`run_case`, its row stamped with the run's metadata (as bench.run's rows
+        are) and kept among the timing rows, and the JSON rewritten."""
+        from bench.run import ROW_META
+
+        row = self.run_case(case_id, base, fn, by)
+        row.update({k: self.results["meta"][k] for k in ROW_META})
+        self.results["rows"].append(row)
+        self.write()
+
     # -- output -------------------------------------------------------------------------
     def write(self) -> None:
         """The JSON, rewritten after every case: a run cut short keeps what it measured.
@@ -253,7 +263,6 @@ def section_checks(s: Session) -> None:
 def section_ops(s: Session) -> None:
     from bench import cases as C
     from bench import harness
-    from bench.run import ROW_META
 
     cfg, meta = s.cfg, s.results["meta"]
     compiled = harness.CompiledOps(cfg.compile_backend)
@@ -280,10 +289,7 @@ def section_ops(s: Session) -> None:
                             return {**base, **row}
 
                         case_id = f"op/{case.id}/{backend}/{pass_}/{dtype}"
-                        row = s.run_case(case_id, base, run, cfg.budget.ops_by)
-                        row.update({k: meta[k] for k in ROW_META})
-                        s.results["rows"].append(row)
-                        s.write()
+                        s.timed_row(case_id, base, run, cfg.budget.ops_by)
 
 
 def section_pipeline(s: Session) -> None:
@@ -334,9 +340,8 @@ def section_pipeline(s: Session) -> None:
 
 def section_step(s: Session) -> None:
     from bench import e2e
-    from bench.run import ROW_META
 
-    cfg, meta, st = s.cfg, s.results["meta"], s.cfg.step
+    cfg, st = s.cfg, s.cfg.step
     for config, mode, precision, backend in st.cases():
         base = e2e.base_row(config, mode, precision, backend, st.n, st.batch, cfg.smoke)
 
@@ -348,10 +353,7 @@ def section_step(s: Session) -> None:
             )  # fmt: skip
 
         case_id = f"step/{config}/{mode}/{precision}/{backend}"
-        row = s.run_case(case_id, base, run, cfg.budget.step_by)
-        row.update({k: meta[k] for k in ROW_META})
-        s.results["rows"].append(row)
-        s.write()
+        s.timed_row(case_id, base, run, cfg.budget.step_by)
 
 
 def section_plots(s: Session) -> None:
