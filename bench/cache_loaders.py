@@ -1,10 +1,12 @@
-"""Loaders of bench.pipeline for train.py's data caches (``--data_cache``, issue 11).
+"""Loaders of bench.pipeline for train.py's data caches (``--data_cache``).
 
 Each times what train.py does per batch with that cache: draw a batch from the cached
 split (rwmn.data.cache) and move it to the device (asynchronously from pinned memory),
 then wait for the device. The cache is built on the first call for an open data set, so
 the ``cold`` phase of bench.pipeline (first batch of a freshly opened data set) is the
 build (every movie read, checked and stored) plus one batch, and ``warm`` is a batch.
+
+May import: rwmn.data (bench.pipeline imports this, never the reverse).
 """
 
 from __future__ import annotations

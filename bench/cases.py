@@ -23,6 +23,9 @@ Counting conventions (they are models, stated so the roofline can be read):
   (nothing saved beyond the inputs) and writes a gradient per differentiable input.
   Intermediates (sketches, spectra, Mq, Mr) are never counted: a kernel that spills them
   pays for it in the measured time, which is the point of the comparison.
+
+May import: torch, rwmn.ops and kernels (their launch recorder and cost model); nothing else
+of bench, which all reads this.
 """
 
 from __future__ import annotations

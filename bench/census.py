@@ -1,8 +1,8 @@
 """Launch and work census of one training step: every kernel launch, what it executes.
 
-    python -m bench.census                          # sub and video_sub, n 1500, B 32
-    python -m bench.census --configs video_sub --precisions bf16 --backends fused
-    python -m bench.census --out bench/results      # writes census-cpu.{md,json}
+    python -m bench census                          # sub and video_sub, n 1500, B 32
+    python -m bench census --configs video_sub --precisions bf16 --backends fused
+    python -m bench census --out bench/results      # writes census-cpu.{md,json}
 
 One step is what ``train.py`` does for one batch (bench.e2e's step): gradients set to
 None, forward under autocast (bf16) or not (fp32), ``model.loss``, backward, one fused
@@ -29,11 +29,13 @@ On a GPU (``bench.gpu_session``) the same step runs under ``torch.profiler`` and
 kernel list it records is compared with this count. The CPU census counts one launch per
 aten op; a few ops launch more than one kernel on a GPU (a sort, a large reduction),
 which is what that comparison shows.
+
+May import: bench.e2e and bench.timing, rwmn and kernels (their launch recorder and cost
+model).
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import datetime
@@ -48,6 +50,8 @@ import torch
 from torch._library.custom_ops import OPDEFS
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
+
+from bench import cli
 
 CONFIGS = ("sub", "video_sub")
 PRECISIONS = ("fp32", "bf16")
@@ -373,7 +377,7 @@ def markdown(censuses: list[Census], meta: dict) -> str:
         "# Launch and work census of one training step (CPU count)",
         "",
         f"{meta['date']}, torch {meta['torch']}, triton {meta['triton']}, commit "
-        f"{meta['commit']}. `python -m bench.census`: fused launches recorded, the rest run "
+        f"{meta['commit']}. `python -m bench census`: fused launches recorded, the rest run "
         "on the CPU and counted one launch per aten op (see bench/census.py). "
         "GFLOP = 2 x multiply-adds executed (tile padding included); MB = global-memory "
         "bytes moved by the launches' loads and stores.",
@@ -425,8 +429,7 @@ def _meta() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.census", description=__doc__.split(
-        "\n\n")[0])  # fmt: skip
+    parser = cli.parser("census", __doc__.split("\n\n")[0])
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--precisions", default=",".join(PRECISIONS))
     parser.add_argument("--backends", default=",".join(BACKENDS))

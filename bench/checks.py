@@ -5,15 +5,19 @@ before it measures, on the machine it measures on: every op of ``rwmn.ops`` at t
 sizes (``bench.cases``) and the whole model, on fresh random inputs, forward and every
 gradient.
 
-The rule is the kernel tests' (tests/kernel_helpers.py): the fused result's largest error
-against a float64 reference may be ``ratio`` times the reference's own error in the same
-dtype, plus ``rel_atol`` times the largest float64 value; a NaN or inf anywhere fails.
-Every buffer allocated inside the fused call (``torch.empty*``, ``Tensor.new_empty*``)
-starts as NaN (:func:`fused_guard`; on the interpreter also a GPU's semantics), so an
-element a kernel forgets to write cannot pass as a stale zero: the ops take no output
-buffers, so this is where their API lets the outputs be poisoned. Rows also carry the relative error
-||out - ref64|| / ||ref64|| of both, the figure to quote (fp32 arithmetic lands far under
-1e-3, bf16 operands between 1e-3 and 1e-2).
+The rule is the kernel tests' (tests/tolerances.py, which both read): the fused result's
+largest error against a float64 reference may be ``ratio`` times the reference's own error
+in the same dtype, plus ``rel_atol`` times the largest float64 value; a NaN or inf anywhere
+fails. Every buffer allocated inside the fused call (``torch.empty*``,
+``Tensor.new_empty*``) starts as NaN (:func:`fused_guard`, from tests/gpu_semantics.py; on
+the interpreter also a GPU's semantics), so an element a kernel forgets to write cannot
+pass as a stale zero: the ops take no output buffers, so this is where their API lets the
+outputs be poisoned. Rows also carry the relative error ||out - ref64|| / ||ref64|| of
+both, the figure to quote (fp32 arithmetic lands far under 1e-3, bf16 operands between
+1e-3 and 1e-2).
+
+May import: bench.cases, bench.e2e, rwmn, and the test support modules
+tests/gpu_semantics.py and tests/tolerances.py (which import nothing of bench).
 """
 
 from __future__ import annotations
@@ -23,33 +27,17 @@ import copy
 import os
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
 
 import tests.gpu_semantics as semantics
 from bench import cases as C
 from rwmn import ops
+from tests.tolerances import TOLERANCES, Tolerance
 
 #: Which fused dtypes a check covers: "fp32" compares in fp32, "bf16"/"fp16" draw the
 #: op's inputs in that dtype (the model runs them under autocast instead).
 MODEL_PRECISIONS = ("fp32", "bf16")
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """Fused error <= ratio * the reference's own error + rel_atol * max |float64|."""
-
-    ratio: float
-    rel_atol: float
-
-
-#: The kernel tests' tolerances (tests/kernel_helpers.py), per dtype.
-TOLERANCES = {
-    "fp32": Tolerance(ratio=4.0, rel_atol=1e-5),
-    "bf16": Tolerance(ratio=2.0, rel_atol=1e-2),
-    "fp16": Tolerance(ratio=2.0, rel_atol=2e-3),
-}
 
 
 # --------------------------------------------------------------------------------------
@@ -102,7 +90,7 @@ def compare(name: str, fused, ref, ref64, tol: Tolerance) -> dict:
     norm = r64.norm().item() + 1e-300
     err = (f64 - r64).abs().max().item() if finite and r64.numel() else float("inf")
     own = (own64 - r64).abs().max().item() if r64.numel() else 0.0
-    allowed = tol.ratio * own + tol.rel_atol * scale
+    allowed = tol.allowed(own, scale)
     ok = finite and err <= allowed
     why = None
     if not finite:

@@ -6,6 +6,8 @@
 --bench-backends reference,fused,compiled
 --bench-passes  forward,backward,forward+backward
 --bench-e2e-smoke                     (tiny model for the training-step suite)
+
+May import: bench.cases, bench.harness and bench.timing.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""Input pipeline and loop benchmark (issue 11): is train.py waiting for data?
+"""Input pipeline and loop benchmark: is train.py waiting for data?
 
-    python -m bench.data                       # CPU: writes bench/results/data-cpu.{json,md}
-    python -m bench.data --device cuda --out bench/results/data-gpu.json
-    python -m bench.data --smoke --out /tmp/data.json   # tiny, seconds (the test suite)
+    python -m bench data                       # CPU: writes bench/results/data-cpu.{json,md}
+    python -m bench data --device cuda --out bench/results/data-gpu.json
+    python -m bench data --smoke --out /tmp/data.json   # tiny, seconds (the test suite)
 
 Two parts, on synthetic data in the release layout (rwmn.data.synthetic) with stories of
 n = 1500 elements (50 scenes of 30), the MovieQA average:
@@ -10,25 +10,27 @@ n = 1500 elements (50 scenes of 30), the MovieQA average:
 1. **Loaders** (bench.pipeline.LOADERS): ms per batch of B = 32 questions, ``cold`` (the
    first batch of a freshly opened data set; for a cache, its build: every movie read,
    checked and stored, plus one batch) and ``warm`` (a later batch, median), for
-   ``random_batch`` (the reader alone), ``random_batch+to(device)`` (train.py before issue
-   11) and ``cache:none|host|device`` (train.py's --data_cache), for video_sub and sub.
+   ``random_batch`` (the reader alone), ``random_batch+to(device)`` (train.py without a
+   cache) and ``cache:none|host|device`` (train.py's --data_cache), for video_sub and sub.
 2. **Training**: train.py's own steps/s (its progress lines, the first window left out as
    warm-up) against bench.e2e's model-only step (a fixed batch, no data, no loop) at the
    same configuration: ``TRAIN_CONFIG`` below. On the CPU that is the sub model at its
    default size (d = 300, write 40-30-3, read 3-1-3), n = 1500, B = 32, fp32, eager,
    reference ops, one thread: about 0.4 s a step on this project's CPU machine (150 steps,
-   about a minute), the size the issue's targets are stated at. train.py's Adagrad is
+   about a minute), the size the targets below are stated at. train.py's Adagrad is
    torch's fused one where torch has it, bench.e2e's torch's default (on the CPU the
    per-parameter loop), so train.py may come out slightly faster than the model-only step.
 
 On the CPU the "device" of ``cache:device`` is the CPU: the cache is ordinary tensors in
 memory and moving a batch "to the device" is free; ``cache:host`` has nothing to pin for
 (no CUDA) and keeps ordinary memory, so it serves the same way. Both are written so.
+
+May import: bench.pipeline, bench.e2e, bench.timing and bench.run, rwmn (its synthetic data
+and train.py's main).
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -38,10 +40,12 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench import cli
+
 #: Story length of the measurements: MovieQA's average (scenes x elements per scene).
 SCENES, SCENE_LEN = 50, 30
 BATCH = 32
-#: The issue's targets: warm ms per batch at video_sub n = 1500 B = 32 (CPU machine), and
+#: The input pipeline's targets: warm ms per batch at video_sub n = 1500 B = 32 (CPU machine), and
 #: train.py's steps/s as a fraction of the model-only step's.
 TARGET_WARM_MS = {"cache:device": 0.1, "cache:host": 0.5}
 TARGET_TRAIN_RATIO = 0.95
@@ -151,7 +155,7 @@ def train_comparison(device: str, tb: TrainBench) -> dict:
 def markdown(meta: dict, loaders: list[dict], train: dict) -> str:
     label = meta["label"]
     lines = [
-        f"# Input pipeline and loop ({label}): `python -m bench.data`",
+        f"# Input pipeline and loop ({label}): `python -m bench data`",
         "",
         f"{meta.get('device_name') or meta['device']}, torch {meta['torch']}, "
         f"{meta.get('threads')} thread(s), commit {meta.get('git_commit')}, {meta['date']}.",
@@ -219,7 +223,7 @@ def markdown(meta: dict, loaders: list[dict], train: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = cli.parser("data", __doc__)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--smoke", action="store_true", help="tiny data and model, seconds (CPU)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")

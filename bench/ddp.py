@@ -1,7 +1,7 @@
 """Data-parallel training throughput: train.py under torchrun with 1 and N processes.
 
-    python -m bench.ddp --out bench/results/ddp-cpu.json            # CPU, gloo, 1 and 2
-    python -m bench.ddp --device cuda --nproc 1 2 4 8 --out bench/results/ddp-gpu.json
+    python -m bench ddp --out bench/results/ddp-cpu.json            # CPU, gloo, 1 and 2
+    python -m bench ddp --device cuda --nproc 1 2 4 8 --out bench/results/ddp-gpu.json
 
 Each row is one ``python -m torch.distributed.run --nproc_per_node N train.py`` launch
 (loopback rendezvous) on a synthetic data set generated once into a temporary directory,
@@ -14,11 +14,12 @@ optimizer update: world size x --movies_per_step movies of up to --batch_size qu
 On the CPU the processes share the machine's cores (one thread each: OMP_NUM_THREADS=1),
 so the 2-process row measures DDP's overhead and the scaling the cores allow, not a GPU
 figure.
+
+May import: rwmn.data.synthetic; train.py runs in subprocesses.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -27,6 +28,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from bench import cli
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = dict(
@@ -76,7 +79,7 @@ def measure(data: str, out: Path, nproc: int, movies: int, device: str, steps: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.ddp", description=__doc__)
+    parser = cli.parser("ddp", __doc__)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--nproc", type=int, nargs="+", default=[1, 2],
                         help="process counts to launch (default: 1 2)")  # fmt: skip
@@ -116,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"# Data-parallel training throughput ({result['label']}, {result['date']})",
         "",
-        f"`python -m bench.ddp` on {result['machine']}; train.py under torchrun "
+        f"`python -m bench ddp` on {result['machine']}; train.py under torchrun "
         f"(`{args.device}`, one thread per process), {args.steps} steps, the first "
         f"{args.window}-step window left out. A step is one optimizer update of "
         "processes x movies_per_step movies.",

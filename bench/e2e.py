@@ -1,7 +1,7 @@
 """End-to-end training-step benchmark: steps/s and questions/s of the whole model.
 
-    python -m bench.e2e --device cuda --out bench/results/e2e-gpu.json
-    python -m bench.e2e --smoke --out /tmp/e2e.json        # CPU, tiny model
+    python -m bench e2e --device cuda --out bench/results/e2e-gpu.json
+    python -m bench e2e --smoke --out /tmp/e2e.json        # CPU, tiny model
 
 One step is what train.py does for one batch: forward (embedding, write, read, answer),
 ``model.loss``, backward, Adagrad step (lr 0.003, initial accumulator 0.1), gradients set
@@ -20,16 +20,19 @@ story of n elements, crossed over
   the reason where a fused op cannot run).
 
 ``--smoke`` shrinks the model (dims 24-64, n 40, B 4) so the CPU can run it in seconds.
+
+May import: bench.harness, bench.timing and bench.run, rwmn.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import os
 import sys
 from pathlib import Path
+
+from bench import cli
 
 CONFIGS = ("sub", "video_sub")
 MODES = ("eager", "compiled", "reduce-overhead")
@@ -238,7 +241,7 @@ def _csv(value: str, allowed) -> list[str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = cli.parser("e2e", __doc__)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
     p.add_argument("--configs", default=",".join(CONFIGS))
@@ -258,7 +261,7 @@ def main(argv=None) -> int:
     import torch
 
     from bench import timing
-    from bench.run import RESULTS, ROW_META, _write
+    from bench.run import RESULTS, exit_status, record
     from rwmn.profiling import nvtx_enabled
 
     device = args.device or ("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -281,13 +284,9 @@ def main(argv=None) -> int:
                             config, mode, precision, backend, device, n, batch, args.smoke,
                             nvtx=args.nvtx, measure_s=args.measure_s,
                         )  # fmt: skip
-                        row.update({k: meta[k] for k in ROW_META})
-                        rows.append(row)
+                        record(row, meta, rows, out)
                         _print_e2e(row)
-                        _write(out, meta, rows)
-    errors = sum(r["status"] == "error" for r in rows)
-    print(f"wrote {len(rows)} rows ({errors} errors) to {out}", file=sys.stderr)
-    return 1 if errors else 0
+    return exit_status(rows, out)
 
 
 def _print_e2e(row: dict) -> None:

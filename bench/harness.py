@@ -16,6 +16,8 @@ Passes: ``forward`` is the training forward (inputs require grad, the graph is b
 ``backward`` is one ``torch.autograd.backward`` over a graph built by an untimed forward
 just before; ``forward+backward`` does both. Gradients are cleared (set to None) outside
 the timed region.
+
+May import: bench.cases and bench.timing, rwmn.
 """
 
 from __future__ import annotations

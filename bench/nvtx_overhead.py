@@ -1,6 +1,6 @@
 """What ``--nvtx`` costs a training step on the CPU, with no profiler attached.
 
-    PYTHONPATH=. python -m bench.nvtx_overhead [--out bench/results/nvtx-cpu.md]
+    python -m bench nvtx_overhead [--out bench/results/nvtx-cpu.md]
 
 Three measurements, in one process with one intra-op thread (so that process time is the
 step's CPU time):
@@ -11,11 +11,12 @@ step's CPU time):
   ``Trainer.train_step``, the model's ``embedding``, ``write``, ``read/hop0`` and
   ``answer`` inside) with ``--nvtx`` off and on, in alternating rounds, for a tiny model
   (where the ranges weigh most) and the paper's (release defaults, a 300-element story).
+
+May import: rwmn (config, synthetic data, profiling, training).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
@@ -24,6 +25,7 @@ import time
 
 import torch
 
+from bench import cli
 from rwmn.config import RWMNConfig
 from rwmn.data.synthetic import SyntheticConfig, generate
 from rwmn.profiling import nvtx_enabled, nvtx_range
@@ -84,7 +86,7 @@ def step_costs(model_kw: dict, data_kw: dict, batch_size: int, rounds: int, step
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.nvtx_overhead", description=__doc__)
+    p = cli.parser("nvtx_overhead", __doc__)
     p.add_argument("--out", default="bench/results/nvtx-cpu.md")
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--steps", type=int, default=40)
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# NVTX overhead on the CPU (`--nvtx`, no profiler attached)",
         "",
-        f"`python -m bench.nvtx_overhead`; {platform.processor() or platform.machine()}, "
+        f"`python -m bench nvtx_overhead`; {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs shared with other work, one intra-op thread; torch "
         f"{torch.__version__}, nvtx {importlib.metadata.version('nvtx')}. Process time (CPU "
         f"time). On: the ranges go through the NVTX C API ({state}), which returns at once "

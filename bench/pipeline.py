@@ -12,6 +12,8 @@ synthetic data set in the release's layout (``rwmn.data.synthetic``), per data s
 
 What produces a batch is a :class:`Loader` in :data:`LOADERS`; a faster pipeline (an
 in-memory cache, say) is timed by adding its loader there.
+
+May import: bench.timing and bench.cache_loaders, rwmn.data.
 """
 
 from __future__ import annotations

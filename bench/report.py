@@ -1,21 +1,25 @@
 """Turn result files into a markdown table and PNG plots.
 
-    python -m bench.report bench/results/ops-gpu-X.json [more.json ...] [--out-dir DIR]
+    python -m bench report bench/results/ops-gpu-X.json [more.json ...] [--out-dir DIR]
 
 Writes ``<stem>.md`` (the run's metadata and ceilings, one table per op, the end-to-end
 table, the skipped and failed cases with their reasons) and ``<stem>-<op>.png`` (median
 time and speedup over the reference backend against size, one panel pair per size family)
 next to the first input, or in ``--out-dir``. CPU runs are labelled CPU in the title of
 every table and plot.
+
+May import: the standard library and matplotlib (for the plots); it reads result files, not
+bench's modules.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+from bench import cli
 
 MIB = 1024**2
 
@@ -278,7 +282,7 @@ def plot_steps(
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = cli.parser("report", __doc__)
     p.add_argument("files", nargs="+", type=Path)
     p.add_argument("--out-dir", type=Path, default=None)
     p.add_argument("--no-plots", action="store_true")

@@ -1,13 +1,15 @@
 """Standalone op benchmark: every op x backend x pass x dtype x size, written as rows.
 
-    python -m bench.run --device cuda --out bench/results/h100.json
-    python -m bench.run --smoke --out bench/results/cpu-smoke.json   # CPU, tiny shapes
+    python -m bench run --device cuda --out bench/results/h100.json
+    python -m bench run --smoke --out bench/results/cpu-smoke.json   # CPU, tiny shapes
 
 ``--smoke`` runs the tiny shapes on the CPU; the fused backend then runs on the Triton
 interpreter (TRITON_INTERPRET=1, fp32 only). The file holds ``meta`` (device, versions,
 git commit, date, the run's measured copy bandwidth and matmul FLOP/s) and ``rows``; every
 row repeats the identifying metadata so rows can be pooled across files. The exit status
 is 1 when a case raised (its row says why), 0 otherwise; skipped cases are not errors.
+
+May import: bench.cases, bench.harness and bench.timing, rwmn.profiling.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import json
 import os
 import sys
 from pathlib import Path
+
+from bench import cli
 
 #: Metadata keys copied into every row.
 ROW_META = ("label", "device", "device_name", "torch", "triton", "git_commit", "date")
@@ -36,7 +40,7 @@ def _csv(value: str, allowed) -> list[str]:
 def parse_args(argv=None) -> argparse.Namespace:
     from bench import cases as C
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = cli.parser("run", __doc__)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes; CPU, Triton interpreter")
     p.add_argument("--sizes", default=None, help=f"size groups, comma-separated, of {C.GROUPS}")
@@ -67,6 +71,21 @@ def _write(path: Path, meta: dict, rows: list[dict]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     tmp.replace(path)
+
+
+def record(row: dict, meta: dict, rows: list[dict], out: Path) -> None:
+    """Stamp ``row`` with the run's identifying metadata, keep it, and rewrite the file (a
+    run cut short keeps what it measured)."""
+    row.update({k: meta[k] for k in ROW_META})
+    rows.append(row)
+    _write(out, meta, rows)
+
+
+def exit_status(rows: list[dict], out: Path) -> int:
+    """Say what was written; 1 when a case raised, else 0."""
+    errors = sum(r["status"] == "error" for r in rows)
+    print(f"wrote {len(rows)} rows ({errors} errors) to {out}", file=sys.stderr)
+    return 1 if errors else 0
 
 
 def main(argv=None) -> int:
@@ -114,15 +133,11 @@ def main(argv=None) -> int:
                             case, backend, pass_, dtype, device, ceilings, compiled,
                             nvtx=args.nvtx, budget=budget,
                         )  # fmt: skip
-                        row.update({k: meta[k] for k in ROW_META})
-                        rows.append(row)
+                        record(row, meta, rows, out)
                         if not args.quiet:
                             _print_row(row)
-                        _write(out, meta, rows)
     _write(out, meta, rows)
-    errors = sum(r["status"] == "error" for r in rows)
-    print(f"wrote {len(rows)} rows ({errors} errors) to {out}", file=sys.stderr)
-    return 1 if errors else 0
+    return exit_status(rows, out)
 
 
 def _print_row(row: dict) -> None:

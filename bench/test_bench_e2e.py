@@ -5,6 +5,8 @@
     pytest bench/test_bench_e2e.py --benchmark-disable --bench-e2e-smoke   # a plain test, untimed
 
 ``extra_info`` holds questions/s (B / median step time).
+
+May import: bench.e2e and bench.harness.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ pytest-benchmark times wall clock around ``fn(); torch.cuda.synchronize()`` on C
 figures include the launch and the synchronisation; ``extra_info`` adds the device time of
 the CUDA-event timer (bench/timing.py, the figure the standalone runner reports), peak
 memory, FLOPs, bytes and the roofline fractions of the session's measured ceilings.
+
+May import: bench.cases, bench.harness and bench.timing.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ labelled "CPU" wherever they are written.
 
 Both report the median, the 20th and 80th percentiles, the minimum and the number of
 repetitions.
+
+May import: torch and the standard library only (every measuring module imports this).
 """
 
 from __future__ import annotations

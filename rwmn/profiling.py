@@ -5,7 +5,7 @@ import), ``train.py --nvtx`` or ``with rwmn.profiling.nvtx_enabled(): ...``. Eve
 has a category (:data:`CATEGORIES`): ``model`` (the forward's stages: embedding, write,
 read/hop<i>, answer), ``train`` (the training loop's phases: data, step, validation,
 checkpoint) and ``bench`` (the benchmark cases and op calls). Ranges are host-side
-annotations: they work with or without CUDA, and cost a flag test when off; when on and no
+annotations: they work with or without CUDA, and cost two cheap tests when off; when on and no
 profiler is attached, the ``nvtx`` package hands out a domain whose calls do nothing
 (bench/results/nvtx-cpu.md measures both). They are skipped while TorchDynamo traces (a
 range push is a side effect a compiled graph cannot hold). Profile with::
@@ -26,6 +26,7 @@ ranges appear as ``rwmn`` domain ranges such as ``step``, ``read/hop0``.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import os
 from collections.abc import Callable, Iterator
@@ -42,12 +43,12 @@ DOMAIN = "rwmn"
 CATEGORIES = {"model": "blue", "train": "green", "bench": "orange"}
 
 
-class _NvtxState:
-    def __init__(self) -> None:
-        self.enabled = os.environ.get("RWMN_NVTX", "0") == "1"
-
-
-_STATE = _NvtxState()
+#: Whether ranges are pushed, per execution context: ``RWMN_NVTX`` (read at import) is the
+#: default and :func:`nvtx_enabled` sets it for its block only. A thread sees its own
+#: context (the default, unless it was started with a copy of another's).
+_ENABLED: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "rwmn_nvtx_enabled", default=os.environ.get("RWMN_NVTX", "0") == "1"
+)
 
 
 @functools.cache
@@ -71,18 +72,18 @@ def available() -> bool:
 
 
 def is_enabled() -> bool:
-    return _STATE.enabled
+    """Whether ranges are on here (``RWMN_NVTX=1``, or inside :func:`nvtx_enabled`)."""
+    return _ENABLED.get()
 
 
 @contextlib.contextmanager
 def nvtx_enabled(enabled: bool = True) -> Iterator[None]:
     """Turn the NVTX ranges on (or off) inside the ``with`` block."""
-    previous = _STATE.enabled
-    _STATE.enabled = enabled
+    token = _ENABLED.set(enabled)
     try:
         yield
     finally:
-        _STATE.enabled = previous
+        _ENABLED.reset(token)
 
 
 class nvtx_range(contextlib.ContextDecorator):  # noqa: N801 (reads as a function)
@@ -94,7 +95,8 @@ class nvtx_range(contextlib.ContextDecorator):  # noqa: N801 (reads as a functio
         self._pushed = False
 
     def __enter__(self) -> nvtx_range:
-        if _STATE.enabled and _nvtx is not None and not torch.compiler.is_compiling():
+        # Dynamo cannot trace ContextVar.get: ask whether it traces first.
+        if not torch.compiler.is_compiling() and _ENABLED.get() and _nvtx is not None:
             _domain().push_range(_attributes(self.name, self.category))
             self._pushed = True
         return self

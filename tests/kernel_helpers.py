@@ -6,17 +6,20 @@ import pytest
 import torch
 
 import tests.gpu_semantics as semantics
+from tests.tolerances import BY_DTYPE, Tolerance
 
 # TRITON_INTERPRET=1 on machines without CUDA is set by tests/conftest.py, before any
 # test module imports triton.
 
+# The tolerance rule of tests/tolerances.py, under the names the kernel tests use.
 #: fp32 fused error may be this many times the fp32 reference's own error vs float64 ...
-ERROR_RATIO = 4.0
+ERROR_RATIO = BY_DTYPE[torch.float32].ratio
 #: ... plus this much relative to the largest float64 value (fp32 rounding headroom).
-FP32_REL_ATOL = 1e-5
+FP32_REL_ATOL = BY_DTYPE[torch.float32].rel_atol
 #: bf16/fp16: the fused error may be this many times the reference's in the same dtype.
-LOW_PRECISION_RATIO = 2.0
-LOW_PRECISION_REL_ATOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+LOW_PRECISION_RATIO = BY_DTYPE[torch.bfloat16].ratio
+assert BY_DTYPE[torch.float16].ratio == LOW_PRECISION_RATIO
+LOW_PRECISION_REL_ATOL = {d: BY_DTYPE[d].rel_atol for d in (torch.bfloat16, torch.float16)}
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 cuda = [pytest.mark.cuda, needs_cuda]
@@ -73,7 +76,7 @@ def assert_matches(fused, ref_same_dtype, ref64, what, ratio=ERROR_RATIO, rel_at
     err = (fused64 - ref64.cpu()).abs().max().item()
     own = (own64 - ref64.cpu()).abs().max().item()
     scale = ref64.abs().max().item() + 1e-30
-    assert err <= ratio * own + rel_atol * scale, (
+    assert err <= Tolerance(ratio, rel_atol).allowed(own, scale), (
         f"{what}: fused error {err:.3e} vs reference error {own:.3e} (scale {scale:.3e})"
     )
 

@@ -40,11 +40,29 @@ def _run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+def test_one_entry_point():
+    """``python -m bench --help`` lists every command with one line; ``python -m bench
+    <command>`` and the module form ``python -m bench.<command>`` run the same ``main``."""
+    from bench.cli import COMMANDS
+
+    listing = _run("bench", "--help")
+    assert listing.returncode == 0, listing.stderr[-4000:]
+    lines = listing.stdout.splitlines()
+    for command in COMMANDS:
+        (line,) = [x for x in lines if x.split()[:1] == [command]]
+        assert len(line.split()) > 2, line  # a description follows the name
+    unknown = _run("bench", "no-such-command")
+    assert unknown.returncode == 2 and "unknown command" in unknown.stderr
+    for args in (("bench", "report", "--help"), ("bench.report", "--help")):
+        proc = _run(*args)
+        assert proc.returncode == 0 and "python -m bench report" in proc.stdout, args
+
+
 @pytest.fixture(scope="module")
 def op_results(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bench") / "ops-smoke.json"
     proc = _run(
-        "bench.run", "--smoke", "--device", "cpu", "--backends", "reference,fused",
+        "bench", "run", "--smoke", "--device", "cpu", "--backends", "reference,fused",
         "--dtypes", "fp32,bf16", "--warmup-s", "0", "--measure-s", "0", "--min-warmup", "0",
         "--min-reps", "2", "--threads", "1", "--quiet", "--out", str(out),
     )  # fmt: skip
@@ -84,7 +102,7 @@ def test_runner_rows(op_results):
 def test_report(op_results, tmp_path):
     e2e = tmp_path / "e2e-smoke.json"
     proc = _run(
-        "bench.e2e", "--smoke", "--device", "cpu", "--modes", "eager", "--precisions", "fp32",
+        "bench", "e2e", "--smoke", "--device", "cpu", "--modes", "eager", "--precisions", "fp32",
         "--backends", "reference", "--threads", "1", "--measure-s", "0.1", "--out", str(e2e),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -96,7 +114,7 @@ def test_report(op_results, tmp_path):
         assert r["steps_per_s"] == pytest.approx(1e3 / r["median_ms"])
 
     out = tmp_path / "report"
-    proc = _run("bench.report", str(op_results), str(e2e), "--out-dir", str(out))
+    proc = _run("bench", "report", str(op_results), str(e2e), "--out-dir", str(out))
     assert proc.returncode == 0, proc.stderr[-4000:]
     md = (out / "ops-smoke.md").read_text()
     assert "CPU figures (not GPU)" in md
@@ -163,10 +181,10 @@ def test_quantiles():
 
 
 def test_census_command(tmp_path):
-    """``python -m bench.census`` as a user types it, on a tiny step: both backends, one
+    """``python -m bench census`` as a user types it, on a tiny step: both backends, one
     file of each kind, fused launches recorded (no interpreter needed)."""
     proc = _run(
-        "bench.census", "--configs", "sub", "--precisions", "fp32", "--n", "40",
+        "bench", "census", "--configs", "sub", "--precisions", "fp32", "--n", "40",
         "--batch", "2", "--out", str(tmp_path),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -2,7 +2,7 @@
 
 A change that adds a launch to the fused step, or executes more work, fails here; lower
 the pins in the same commit that lowers the counts (and regenerate
-bench/results/census-cpu.*: ``python -m bench.census --out bench/results``).
+bench/results/census-cpu.*: ``python -m bench census --out bench/results``).
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ def gate(tmp_path_factory):
     out = tmp_path_factory.mktemp("compile")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.compile_report", "--out", str(out)],
+        [sys.executable, "-m", "bench", "compile_report", "--out", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=REPORT_TIMEOUT_S,
     )  # fmt: skip
     reports = {}

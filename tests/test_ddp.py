@@ -310,7 +310,7 @@ def test_bench_ddp_smoke(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)
     done = subprocess.run(
-        [sys.executable, "-m", "bench.ddp", "--smoke", "--steps", "10", "--window", "5",
+        [sys.executable, "-m", "bench", "ddp", "--smoke", "--steps", "10", "--window", "5",
          "--out", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip

@@ -394,7 +394,7 @@ def test_bench_data_smoke(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)
     done = subprocess.run(
-        [sys.executable, "-m", "bench.data", "--smoke", "--out", str(out)],
+        [sys.executable, "-m", "bench", "data", "--smoke", "--out", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]

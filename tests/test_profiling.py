@@ -4,6 +4,10 @@ nothing when off, nothing pushed while TorchDynamo traces, and the decorator for
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -122,3 +126,22 @@ def test_decorator_and_categories(recorder):
     with pytest.raises(ValueError, match="unknown NVTX category"), nvtx_enabled(), \
             nvtx_range("x", "nonsense"):  # fmt: skip
         pass
+
+
+def test_switch_nests_and_env_var_sets_the_default():
+    """``nvtx_enabled`` blocks nest and restore what was before; ``RWMN_NVTX=1`` turns the
+    ranges on for a whole process (read when rwmn.profiling is imported)."""
+    assert not profiling.is_enabled()
+    with nvtx_enabled():
+        assert profiling.is_enabled()
+        with nvtx_enabled(False):
+            assert not profiling.is_enabled()
+        assert profiling.is_enabled()
+    assert not profiling.is_enabled()
+    code = "from rwmn import profiling; print(profiling.is_enabled())"
+    for value, expected in (("1", "True"), ("0", "False")):
+        env = {**os.environ, "RWMN_NVTX": value}
+        done = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+        assert done.stdout.strip() == expected

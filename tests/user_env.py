@@ -1,7 +1,7 @@
 """The environment of a user's shell, for tests that run a documented command.
 
 The test process itself runs with TRITON_INTERPRET=1 (tests/conftest.py) and the checkout on
-sys.path; a user who types ``python -m bench.gpu_session --smoke`` in the checkout has
+sys.path; a user who types ``python -m bench gpu_session --smoke`` in the checkout has
 neither. A command tested with the test process's environment could pass here and fail for
 that user (an entry point that sets TRITON_INTERPRET too late, after triton's decorators
 ran), so documented commands run with this environment instead.

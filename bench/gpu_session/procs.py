@@ -1,15 +1,17 @@
 """The GPU session's subprocesses: the CUDA-marked tests, and the compile warmers.
 
-Both run beside the correctness checks of bench.gpu_session, which time nothing, and are
+Both run beside the correctness checks of the session, which time nothing, and are
 over (finished, or stopped at their deadline) before anything is timed.
 
 * ``pytest -m cuda`` over tests/, with a JUnit XML for the verdict per test (the ``-v`` log
   gives the verdicts so far when the run is stopped at its deadline).
-* Compile warmers: ``python -m bench.gpu_session ... --warmer k/n`` processes that run
+* Compile warmers: ``python -m bench gpu_session ... --warmer k/n`` processes that run
   every n-th torch.compile the timing sections will do. Inductor keeps compiled graphs and
   kernels in on-disk caches (the FX graph and AOTAutograd caches), so the timed process
   then mostly loads them instead of compiling: on a 16-core host n warmers compile about n
   times as fast as the one timed process would, and the compiling overlaps the checks.
+
+May import: bench.gpu_session.config, bench.cases, bench.e2e and bench.harness.
 """
 
 from __future__ import annotations
@@ -24,12 +26,9 @@ import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from bench.gpu_session import SessionConfig
+from bench.gpu_session.config import REPO, SessionConfig
 
-REPO = Path(__file__).resolve().parent.parent
 #: Seconds a subprocess gets to exit after SIGTERM before SIGKILL.
 KILL_GRACE_S = 10
 #: Lines of a test run's log kept in the results when it produced no verdicts.
@@ -224,7 +223,7 @@ def start_warmers(cfg: SessionConfig, argv: list[str], out_dir: Path) -> list[di
         log = out_dir / f"warm-{k}.jsonl"
         log.write_text("")
         cmd = [
-            sys.executable, "-m", "bench.gpu_session", *argv, "--warmer", f"{k}/{count}",
+            sys.executable, "-m", "bench", "gpu_session", *argv, "--warmer", f"{k}/{count}",
             "--warm-log", str(log),
         ]  # fmt: skip
         with open(out_dir / f"warm-{k}.log", "w") as out:

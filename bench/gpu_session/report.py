@@ -5,15 +5,15 @@ a lent GPU returns the end of its output): per op at the model's sizes and for t
 training step, the fused time, its speedup over the eager and the torch.compile'd
 reference, the fraction of the run's own copy bandwidth or matmul ceiling, and peak
 memory. The markdown holds everything else; bench.report renders its timing tables.
+
+May import: bench.gpu_session.config, bench.cases and bench.report.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from bench.gpu_session import SessionConfig
+from bench.gpu_session.config import SessionConfig
 
 #: The summary printed last (and written at the end of the .md) is at most this long.
 SUMMARY_MAX_LINES = 40
@@ -28,7 +28,7 @@ def write_plots(
     except ImportError:
         return [], (
             "matplotlib is not installed here: no PNG plots (render them elsewhere with "
-            "python -m bench.report <json> --out-dir <another dir>)"
+            "python -m bench report <json> --out-dir <another dir>)"
         )
     from bench import report
 
@@ -103,7 +103,7 @@ SUMMARY_HEADER = (
 )
 #: The op pass the summary shows (all passes are in the tables above it).
 SUMMARY_PASS = "forward+backward"
-#: The issue's step target: (config, mode, precision, backend) vs the eager fp32 reference.
+#: The step target: (config, mode, precision, backend) vs the eager fp32 reference.
 STEP_TARGET = ("video_sub", "compiled", "bf16", "fused")
 STEP_BASELINE = ("video_sub", "eager", "fp32", "reference")
 
@@ -133,7 +133,7 @@ def summary_lines(cfg: SessionConfig, results: dict) -> list[str]:
         table += _step_rows(cfg, steps)
         target, baseline = steps.get(STEP_TARGET), steps.get(STEP_BASELINE)
         tail.append(
-            "step target (video_sub bf16 fused compiled vs eager fp32 reference, issue: >= 4x): "
+            "step target (video_sub bf16 fused compiled vs eager fp32 reference, target >= 4x): "
             + _ratio(_ms(baseline), _ms(target))
         )
     if results["pipeline"]:

@@ -1,39 +1,9 @@
-"""One command that checks and measures everything on a GPU, within a time budget.
+"""The GPU session itself: the guarded case runner, the sections in order, and ``main``.
 
-    PYTHONPATH=. python -m bench.gpu_session [--out DIR]      # CUDA: about 9 minutes
-    PYTHONPATH=. python -m bench.gpu_session --part sweep      # the size sweeps
-    PYTHONPATH=. python -m bench.gpu_session --smoke           # CPU, tiny, < 1 minute
-
-A GPU is lent to this project only now and then, so its time goes to measuring, not to
-setting up: the command needs nothing but torch, triton, numpy, h5py and pytest (plots
-are drawn when matplotlib is there too), and in order
-
-1. prints the device, driver, torch/triton/CUDA versions and the git commit;
-2. measures the card's ceilings once: device-to-device copy bandwidth, bf16, fp32 and TF32
-   matmul FLOP/s (bench.timing);
-3. starts the CUDA-marked tests (``pytest -m cuda``) in a subprocess, and compile warmers:
-   subprocesses that compile every torch.compile case of the timing sections first, so the
-   timed process finds inductor's on-disk caches warm (neither times anything);
-4. checks every fused op at the model's sizes, and the whole model, against the reference
-   and float64 (bench.checks), while those run;
-5. collects the tests' verdicts (per test, from their JUnit XML), waits for the warmers;
-6. alone on the device, times the ops (bench.harness: eager reference, torch.compile'd
-   reference, fused), the input pipeline (bench.pipeline) and the training step
-   (bench.e2e: eager, compiled, reduce-overhead);
-7. writes ``<device>-<date>.json`` and ``.md`` and PNG plots (bench.report), and prints a
-   summary of at most 40 lines.
-
-Every case runs in its own guard: an error becomes its row (error type and first line;
-the JSON keeps the traceback), and the run goes on. Each section has a deadline within the
-budget (``Budget``); a case that cannot start in time is skipped with that reason, and a
-case that overruns its share is stopped (``CaseTimeout``). The JSON is rewritten after
-every case, so a run cut short still leaves its results.
-
-``--smoke`` runs the same code on the CPU at the tiny smoke sizes: the fused kernels on the
-Triton interpreter (fp32 only: it has no bf16 or fp16), torch.compile with the cheap
-``aot_eager`` backend, compiled fused cases skipped (an interpreted kernel cannot be
-compiled). It is part of CI, so the command is known to work before a GPU is at hand.
-Smoke figures are CPU figures and labelled so.
+``python -m bench gpu_session`` (and ``python -m bench.gpu_session``) run :func:`main`; the
+package docstring says what a run does. May import: bench.gpu_session.config, .procs,
+.report, bench's measuring modules (cases, checks, harness, pipeline, e2e, timing, run),
+rwmn and torch.
 """
 
 from __future__ import annotations
@@ -44,7 +14,6 @@ import datetime
 import fnmatch
 import json
 import os
-import random
 import re
 import signal
 import sys
@@ -52,213 +21,18 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict
 from pathlib import Path
 
-from bench import session_procs as procs
-from bench import session_report as rep
-
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "bench" / "results"
-PARTS = ("main", "sweep")
-SECTIONS = ("tests", "checks", "ops", "pipeline", "step")
-#: Ceilings measured once per run: the timed dtypes' matmul rates, and TF32.
-CEILING_DTYPES = ("fp32", "bf16")
-#: Smoke model of the step and model-check sections: bench.e2e's smoke dimensions with a
-#: shorter story and fewer questions, since every fused call runs on the interpreter.
-SMOKE_STEP_N, SMOKE_STEP_BATCH = 16, 2
-
-
-# --------------------------------------------------------------------------------------
-# Configuration
-# --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Budget:
-    """Wall-time budget of a run. Deadlines are fractions of ``total_s`` from the start;
-    a section starts when the one before ends and stops at its deadline, so time one
-    section leaves over goes to the next."""
-
-    total_s: float
-    checks_by: float = 0.45
-    tests_by: float = 0.5
-    warm_by: float = 0.5
-    ops_by: float = 0.72
-    pipeline_by: float = 0.76
-    #: The step section ends here; the rest is for writing results and plots.
-    step_by: float = 0.95
-    #: Longest one case may run (a cold model compile and its warm-up steps included).
-    case_s: float = 120.0
-    #: A case with less than this left before its deadline is skipped, not started.
-    min_case_s: float = 2.0
-
-    def at(self, fraction: float) -> float:
-        return self.total_s * fraction
-
-
-@dataclass(frozen=True)
-class TimingBounds:
-    """bench.timing's per-case budgets; None keeps its default."""
-
-    warmup_s: float | None = None
-    measure_s: float | None = None
-    min_warmup: int | None = None
-    min_reps: int | None = None
-
-    def kwargs(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
-
-
-@dataclass(frozen=True)
-class StepConfig:
-    """The training-step section (bench.e2e)."""
-
-    configs: tuple[str, ...] = ("video_sub", "sub")
-    modes: tuple[str, ...] = ("eager", "compiled", "reduce-overhead")
-    precisions: tuple[str, ...] = ("bf16", "fp32")
-    backends: tuple[str, ...] = ("fused", "reference")
-    n: int = 1500
-    batch: int = 32
-    dims: tuple[tuple[str, int | str], ...] = ()
-    warmup_steps: int = 3
-    measure_s: float = 0.5
-    bounds: TimingBounds = TimingBounds()
-
-    def cases(self) -> list[tuple[str, str, str, str]]:
-        """(config, mode, precision, backend), cheapest and most wanted first: every eager
-        case, then each compiled mode (video_sub first: the issue's step target)."""
-        return [
-            (config, mode, precision, backend)
-            for mode in self.modes
-            for config in self.configs
-            for precision in self.precisions
-            for backend in self.backends
-        ]
-
-
-@dataclass(frozen=True)
-class SessionConfig:
-    """Everything a run does; :func:`build_config` makes the GPU and the smoke presets."""
-
-    part: str
-    smoke: bool
-    device: str
-    budget: Budget
-    groups: tuple[str, ...]
-    ops: tuple[str, ...]
-    check_dtypes: tuple[str, ...]
-    model_precisions: tuple[str, ...]
-    time_dtypes: tuple[str, ...]
-    backends: tuple[str, ...]
-    passes: tuple[str, ...]
-    op_bounds: TimingBounds
-    step: StepConfig
-    pipeline_sources: tuple[str, ...]
-    pipeline_dims: tuple[tuple[str, int], ...]
-    pipeline_movies: int
-    pipeline_cold_reps: int
-    pipeline_warm_s: float
-    compile_backend: str
-    warm_processes: int
-    sections: tuple[str, ...]
-    #: The warmers take the first this many compile jobs (None: all of them).
-    warm_jobs: int | None = None
-    threads: int | None = None
-    inject_errors: tuple[str, ...] = ()
-    seed: int = field(default_factory=lambda: random.SystemRandom().randrange(2**31))
-
-    @property
-    def label(self) -> str:
-        return "CPU smoke" if self.smoke else "GPU"
-
-
-def build_config(args: argparse.Namespace) -> SessionConfig:
-    """The preset of --part and --smoke, narrowed by the command line."""
-    from bench import cases as C
-    from bench import e2e
-
-    sweep = args.part == "sweep"
-    if args.smoke:
-        budget = Budget(total_s=args.budget_s or 240.0)
-        cfg = SessionConfig(
-            part=args.part,
-            smoke=True,
-            device="cpu",
-            budget=budget,
-            groups=("smoke",),
-            ops=C.OPS,
-            # The Triton interpreter has no bf16 or fp16.
-            check_dtypes=("fp32",),
-            model_precisions=("fp32",),
-            time_dtypes=("fp32",),
-            backends=C.BACKENDS,
-            # The forward and backward passes alone are bench.run's (tests/test_bench_smoke).
-            passes=("forward+backward",),
-            op_bounds=TimingBounds(warmup_s=0, measure_s=0, min_warmup=0, min_reps=1),
-            step=StepConfig(
-                precisions=("fp32",),
-                n=SMOKE_STEP_N,
-                batch=SMOKE_STEP_BATCH,
-                dims=tuple(e2e.SMOKE_DIMS.items()),
-                warmup_steps=0,
-                measure_s=0,
-                bounds=TimingBounds(warmup_s=0, min_warmup=0, min_reps=1),
-            ),
-            pipeline_sources=("sub", "video_sub"),
-            pipeline_dims=(("dim_text", 24), ("dim_rgb", 32), ("dim_sub", 24)),
-            pipeline_movies=2,
-            pipeline_cold_reps=2,
-            pipeline_warm_s=0.02,
-            # inductor's C++ compile of every case would take minutes on two cores;
-            # aot_eager still traces (dynamo, AOTAutograd) what the GPU run compiles.
-            compile_backend="aot_eager",
-            # One warmer with one job: the path runs, and the two cores stay with the checks.
-            warm_processes=1,
-            warm_jobs=1,
-            sections=("ops",) if sweep else SECTIONS,
-            threads=1,
-        )
-    else:
-        cfg = SessionConfig(
-            part=args.part,
-            smoke=False,
-            device="cuda",
-            budget=Budget(total_s=args.budget_s or 510.0),
-            groups=("sweep",) if sweep else ("model",),
-            ops=C.OPS,
-            check_dtypes=("fp32", "bf16", "fp16"),
-            model_precisions=("fp32", "bf16"),
-            time_dtypes=("bf16", "fp32"),
-            backends=C.BACKENDS,
-            passes=("forward+backward",) if sweep else C.PASSES,
-            op_bounds=TimingBounds(),
-            step=StepConfig(),
-            pipeline_sources=("sub", "video_sub"),
-            pipeline_dims=(),
-            pipeline_movies=8,
-            pipeline_cold_reps=5,
-            pipeline_warm_s=0.3,
-            compile_backend="inductor",
-            warm_processes=4,
-            sections=("ops",) if sweep else SECTIONS,
-        )
-    if sweep:
-        # No checks or tests run alongside: the warmers have the machine to themselves
-        # first, then the op timing has the rest.
-        cfg = replace(cfg, budget=replace(cfg.budget, warm_by=0.4, ops_by=0.95))
-    if args.ops:
-        cfg = replace(cfg, ops=tuple(args.ops))
-    if args.sections:
-        cfg = replace(cfg, sections=tuple(s for s in cfg.sections if s in args.sections))
-    if args.warm_processes is not None:
-        cfg = replace(cfg, warm_processes=args.warm_processes)
-    if args.threads:
-        cfg = replace(cfg, threads=args.threads)
-    if args.seed is not None:
-        cfg = replace(cfg, seed=args.seed)
-    return replace(cfg, inject_errors=tuple(args.inject_error or ()))
-
+from bench.gpu_session import procs
+from bench.gpu_session import report as rep
+from bench.gpu_session.config import (
+    CEILING_DTYPES,
+    RESULTS,
+    SessionConfig,
+    build_config,
+    parse_args,
+)
 
 # --------------------------------------------------------------------------------------
 # Guards: time limits, injected errors
@@ -391,6 +165,16 @@ class Session:
         _print_row(row)
         return row
 
+    def timed_row(self, case_id: str, base: dict, fn: Callable[[], dict], by: float) -> None:
+        """:meth:`run_case`, its row stamped with the run's metadata (as bench.run's rows
+        are) and kept among the timing rows, and the JSON rewritten."""
+        from bench.run import ROW_META
+
+        row = self.run_case(case_id, base, fn, by)
+        row.update({k: self.results["meta"][k] for k in ROW_META})
+        self.results["rows"].append(row)
+        self.write()
+
     # -- output -------------------------------------------------------------------------
     def write(self) -> None:
         """The JSON, rewritten after every case: a run cut short keeps what it measured.
@@ -479,7 +263,6 @@ def section_checks(s: Session) -> None:
 def section_ops(s: Session) -> None:
     from bench import cases as C
     from bench import harness
-    from bench.run import ROW_META
 
     cfg, meta = s.cfg, s.results["meta"]
     compiled = harness.CompiledOps(cfg.compile_backend)
@@ -506,10 +289,7 @@ def section_ops(s: Session) -> None:
                             return {**base, **row}
 
                         case_id = f"op/{case.id}/{backend}/{pass_}/{dtype}"
-                        row = s.run_case(case_id, base, run, cfg.budget.ops_by)
-                        row.update({k: meta[k] for k in ROW_META})
-                        s.results["rows"].append(row)
-                        s.write()
+                        s.timed_row(case_id, base, run, cfg.budget.ops_by)
 
 
 def section_pipeline(s: Session) -> None:
@@ -560,9 +340,8 @@ def section_pipeline(s: Session) -> None:
 
 def section_step(s: Session) -> None:
     from bench import e2e
-    from bench.run import ROW_META
 
-    cfg, meta, st = s.cfg, s.results["meta"], s.cfg.step
+    cfg, st = s.cfg, s.cfg.step
     for config, mode, precision, backend in st.cases():
         base = e2e.base_row(config, mode, precision, backend, st.n, st.batch, cfg.smoke)
 
@@ -574,10 +353,7 @@ def section_step(s: Session) -> None:
             )  # fmt: skip
 
         case_id = f"step/{config}/{mode}/{precision}/{backend}"
-        row = s.run_case(case_id, base, run, cfg.budget.step_by)
-        row.update({k: meta[k] for k in ROW_META})
-        s.results["rows"].append(row)
-        s.write()
+        s.timed_row(case_id, base, run, cfg.budget.step_by)
 
 
 def section_plots(s: Session) -> None:
@@ -600,40 +376,6 @@ def _print_row(row: dict) -> None:
     print(f"  {what:<60} {tail}", file=sys.stderr, flush=True)
 
 
-# --------------------------------------------------------------------------------------
-# Main
-# --------------------------------------------------------------------------------------
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--part", choices=PARTS, default="main", help="main (default) or sweep")
-    p.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, Triton interpreter")
-    p.add_argument("--out", type=Path, default=None, help="output directory (default: "
-                   "bench/results; --smoke: a new temporary directory)")  # fmt: skip
-    p.add_argument("--ops", type=lambda v: v.split(","), default=None, help="ops, comma-separated")
-    p.add_argument("--sections", type=lambda v: v.split(","), default=None,
-                   help=f"sections to run, comma-separated, of {SECTIONS}")  # fmt: skip
-    p.add_argument("--budget-s", type=float, default=None, help="total time budget (s)")
-    p.add_argument("--warm-processes", type=int, default=None, help="compile warmers (0: none)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--seed", type=int, default=None, help="check inputs' seed (default: fresh)")
-    p.add_argument("--git-commit", default=None,
-                   help="the commit this tree was copied from, where it has no .git")  # fmt: skip
-    p.add_argument("--inject-error", action="append", metavar="PATTERN",
-                   help="testing: matching case ids (fnmatch) raise InjectedError")  # fmt: skip
-    p.add_argument("--warmer", default=None, help=argparse.SUPPRESS)  # internal: "k/n"
-    p.add_argument("--warm-log", type=Path, default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    from bench import cases as C
-
-    bad = [o for o in args.ops or () if o not in C.OPS]
-    bad += [s for s in args.sections or () if s not in SECTIONS]
-    if bad:
-        p.error(f"unknown ops or sections {bad}; ops: {C.OPS}, sections: {SECTIONS}")
-    return args
-
-
 def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -650,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         index, count = (int(v) for v in args.warmer.split("/"))
         return procs.run_warmer(cfg, index, count, args.warm_log)
     if not cfg.smoke and not torch.cuda.is_available():
-        print("bench.gpu_session: no CUDA device here; --smoke runs the CPU path", file=sys.stderr)
+        print("bench gpu_session: no CUDA device here; --smoke runs the CPU path", file=sys.stderr)
         return 2
     return run_session(cfg, args, argv, start)
 
@@ -679,7 +421,7 @@ def run_session(cfg: SessionConfig, args: argparse.Namespace, argv: list[str], s
         label=meta["label"] if not cfg.smoke else "CPU",
         part=cfg.part,
         smoke=cfg.smoke,
-        command="python -m bench.gpu_session " + " ".join(argv),
+        command="python -m bench gpu_session " + " ".join(argv),
         seed=cfg.seed,
         sections_s={},
         section_errors={},
@@ -782,7 +524,3 @@ def exit_status(results: dict) -> int:
     if tests:
         bad |= tests["timed_out"] or bool(tests["counts"]["failed"] + tests["counts"]["error"])
     return 1 if bad else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,8 @@
+"""``python -m bench <command> [args]``: the one entry point of bench/ (bench/cli.py)."""
+
+import sys
+
+from bench.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
