@@ -69,6 +69,7 @@ from rwmn.resume import (
     check_world_size,
     file_stamp,
     load_checkpoint,
+    read_run_checkpoint,
     show_value,
 )
 from rwmn.rundir import RunDirError, RunLock
@@ -221,11 +222,6 @@ class Trainer:
             )
         return {"loss": loss, "acc": correct, "questions": questions}
 
-    def check_finite(self) -> None:
-        """Raise FloatingPointError naming the first step since the last progress line
-        whose loss was not finite (one host synchronisation)."""
-        self.window()
-
     def sampler_state(self) -> list[dict]:
         """Each slot's sampler state, before any batch drawn ahead by the prefetchers."""
         if self.batches is not None:
@@ -339,10 +335,6 @@ class Trainer:
         if state is not None:
             atomic_save(state, path)
         return path
-
-    def load_weights(self, path: str) -> None:
-        state = load_checkpoint(path, self.model_cfg)
-        self.model.load_state_dict(state["model"])
 
     # -- steps ---------------------------------------------------------------------------
     def _autocast(self):
@@ -503,12 +495,13 @@ class Trainer:
             stack.enter_context(RunLock(self.ckpt_dir))
 
     def _read_resume_point(self) -> ResumePoint:
-        last = os.path.join(self.ckpt_dir, "last.pt")
-        if not os.path.isfile(last):
-            raise CheckpointError(f"--resume: no checkpoint {last!r} to resume from")
-        resume = ResumePoint.read(last)
-        check_model_config(resume.state, last, self.model_cfg)
-        check_world_size(resume.state, last, self.comm.world_size)
+        """last.pt of a Trainer built with ``cfg.resume`` (train.py reads it before building
+        the Trainer): read and checked by resume.read_run_checkpoint as train.py does, with
+        no flags given, and checked against this Trainer's model configuration."""
+        _, _, _, resume = read_run_checkpoint(
+            self.model_cfg, self.cfg, self.ckpt_dir, self.comm.world_size, {}, set()
+        )
+        check_model_config(resume.state, resume.path, self.model_cfg)
         return resume
 
     def fit(self, resume: ResumePoint | None = None) -> dict:
