@@ -45,7 +45,7 @@ def _round_up(x: int, multiple: int) -> int:
 def story_bucket(n: int) -> int:
     """The padded story length of a story of ``n`` elements: the smallest length of the
     geometric grid (3 per octave from 64, multiples of 16: 64, 96, 112, 128, 176, ...)
-    that holds n. For n >= 200 the padded length is at most 1.29 n (1.26 from the grid,
+    that holds n. For n >= 200 the padded length is at most 1.31 n (1.26 from the grid,
     the rest from rounding); n in [200, 3000] falls into 13 buckets."""
     if n < 1:
         raise ValueError(f"a story needs at least one element, got n = {n}")

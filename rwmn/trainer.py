@@ -60,6 +60,7 @@ from rwmn.data.movieqa import DataError, MovieQAData, QABatch
 from rwmn.data.prefetch import NoPrefetch, Prefetcher
 from rwmn.data.progress import ReadProgress
 from rwmn.distributed import Comm, Launch, slot_sampler
+from rwmn.graphs import GraphSteps
 from rwmn.loop import RunningMetrics, combine_windows, compile_model, make_adagrad
 from rwmn.model import RWMN
 from rwmn.profiling import nvtx_range
@@ -73,7 +74,13 @@ from rwmn.resume import (
     show_value,
 )
 from rwmn.rundir import RunDirError, RunLock
-from rwmn.train_config import AMP_DTYPES, TrainConfig, resolve_device, run_paths
+from rwmn.train_config import (
+    AMP_DTYPES,
+    TrainConfig,
+    check_cuda_graphs_device,
+    resolve_device,
+    run_paths,
+)
 
 CHECKPOINT_FORMAT = checkpoint.FORMAT
 #: The errors train.py reports as one line (exit status 2); every rank stops at them.
@@ -164,6 +171,16 @@ class Trainer:
             self.optimizer, lambda step: rate ** (step // decay)
         )
         self.amp_dtype = AMP_DTYPES[cfg.amp]
+        # --cuda_graphs: each training step replayed from a CUDA graph (rwmn.graphs).
+        self.graphs: GraphSteps | None = None
+        if cfg.cuda_graphs:
+            check_cuda_graphs_device(cfg, self.device, self.comm.launch)
+            try:
+                self.graphs = GraphSteps(
+                    self.model, self.optimizer, cfg.batch_size, self.amp_dtype, self.device
+                )
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         # Movie k of this rank's step comes from slot rank * K + k (rwmn.distributed).
         first = self.comm.rank * cfg.movies_per_step
@@ -286,6 +303,8 @@ class Trainer:
                 ) from exc
 
         check_world_size(state, path, self.comm.world_size)
+        if self.graphs is not None:  # the optimizer's state tensors are replaced
+            self.graphs.reset()
         mine = state["ranks"][self.comm.rank] if self.comm.distributed else state
         restore("model", lambda: self.model.load_state_dict(state["model"]))
         restore("optimizer", lambda: self.optimizer.load_state_dict(state["optimizer"]))
@@ -365,6 +384,13 @@ class Trainer:
         batches = [batches] if isinstance(batches, QABatch) else list(batches)
         count = len(batches)
         self.model.train()
+        if self.graphs is not None:  # one movie per step (TrainConfig checks it)
+            (batch,) = batches
+            loss, correct = self.graphs.step(batch.to(self.device))
+            self.running.add(self.step + 1, loss, correct, len(batch.qids))
+            self.scheduler.step()
+            self.step += 1
+            return loss, correct
         self.optimizer.zero_grad(set_to_none=True)
         for k, batch in enumerate(batches):
             accumulate = self.ddp is not None and k < count - 1
