@@ -44,11 +44,16 @@ class StaticBatch:
 
     @classmethod
     def empty(
-        cls, cfg: RWMNConfig, length: int, rows: int, device: torch.device | str
+        cls,
+        cfg: RWMNConfig,
+        length: int,
+        rows: int,
+        device: torch.device | str,
+        features: torch.dtype = torch.float32,
     ) -> StaticBatch:
-        """Zero buffers of a bucket's shapes (float32 features, the model's dtype)."""
+        """Zero buffers of a bucket's shapes (features in the model's dtype)."""
 
-        def zeros(*shape, dtype=torch.float32):
+        def zeros(*shape, dtype=features):
             return torch.zeros(shape, dtype=dtype, device=device)
 
         story = (
@@ -79,7 +84,7 @@ class StaticBatch:
         """``batch`` padded to its bucket, on the batch's device (eager use, tests)."""
         n, questions = story_rows(batch.story), batch.query.shape[0]
         length, rows = bucket_shape(n, questions, batch_size)
-        static = cls.empty(cfg, length, rows, batch.query.device)
+        static = cls.empty(cfg, length, rows, batch.query.device, batch.query.dtype)
         static.fill(batch, padding_plan(cfg, n, questions, length, rows))
         return static
 
