@@ -111,9 +111,9 @@ class RWMN(nn.Module):
         if padding is not None:
             self._check_padding(story, query, padding)
         with nvtx_range("embedding"):
+            # With padding, the padded rows (unit_norm(bias), not zero) are zeroed where the
+            # write layers (rwmn.padding.padded_conv_stack) or the attention read them.
             memory = self.embed_story(story)
-            if padding is not None:  # the padded rows' unit_norm(bias) is not zero
-                memory = torch.where(padding.story[:, None], memory, 0.0)
             u = ops.unit_norm(self.embed(ops.unit_norm(query)))
             g = ops.unit_norm(self.embed(ops.unit_norm(answers)))
         with nvtx_range("write"):

@@ -7,7 +7,8 @@ graph replays fixed shapes, so a step runs on a story padded to a bucket length 
 (:func:`bucket_shape`). The padded computation must equal the unpadded one, which the
 plan of :func:`padding_plan` makes exact:
 
-* story rows n..N-1 are zeroed after the embedding (unit_norm(bias) is not zero);
+* story rows n..N-1 (after the embedding, unit_norm(bias): not zero) are zeroed where
+  the first write layer reads them, or get weight 0 in the attention without one;
 * a write or read convolution's SAME padding depends on its input length, so a strided
   layer gets its valid rows re-placed (a gather with a precomputed index) into a buffer
   whose own SAME padding puts every window where the unpadded one has it; a stride-1
