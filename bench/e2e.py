@@ -13,7 +13,9 @@ story of n elements, crossed over
   eager; compilation happens in the untimed warm-up steps) or ``reduce-overhead``
   (``torch.compile(model, mode="reduce-overhead")``: inductor with CUDA graphs, each step
   marked with ``torch.compiler.cudagraph_mark_step_begin``; on the CPU there are no CUDA
-  graphs and it runs as ``compiled``, which its row notes);
+  graphs and it runs as ``compiled``, which its row notes) or ``cuda-graphs`` (train.py
+  --cuda_graphs: the whole eager step, fused Adagrad included, replayed from a CUDA graph
+  of the padded batch, rwmn.graphs; CUDA only, skipped elsewhere);
 * precision: ``fp32``, or ``bf16`` (``torch.autocast`` bf16 around forward and loss; the
   parameters and the optimiser stay fp32);
 * backend: ``reference`` or ``fused`` (``rwmn.ops.use_backend("triton")``; skipped with
@@ -35,7 +37,7 @@ from pathlib import Path
 from bench import cli
 
 CONFIGS = ("sub", "video_sub")
-MODES = ("eager", "compiled", "reduce-overhead")
+MODES = ("eager", "compiled", "reduce-overhead", "cuda-graphs")
 #: torch.compile modes of the compiled MODES (None: torch.compile's default).
 COMPILE_MODES = {"compiled": None, "reduce-overhead": "reduce-overhead"}
 PRECISIONS = ("fp32", "bf16")
@@ -118,6 +120,9 @@ def build_step(
     story, query, answers, targets = make_batch(cfg, n, batch, device)
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    if mode == "cuda-graphs":
+        return _graph_step(cfg, model, precision, backend, device, kind, batch,
+                           (story, query, answers, targets), warmup_steps)  # fmt: skip
     forward = model
     if mode != "eager":
         torch._dynamo.reset()
@@ -156,6 +161,36 @@ def build_step(
             raise Skip(str(exc)) from exc
     # A compiled mode compiles in its first step: at least that one stays untimed.
     for _ in range(warmup_steps if mode == "eager" else max(warmup_steps, 1)):
+        step()
+    step.cfg = cfg
+    return step
+
+
+def _graph_step(cfg, model, precision, backend, device, kind, batch, tensors, warmup_steps):
+    """build_step's ``cuda-graphs`` mode: rwmn.graphs.GraphSteps on the batch."""
+    import torch
+
+    from bench.harness import Skip
+    from rwmn import ops
+    from rwmn.data.movieqa import QABatch
+    from rwmn.graphs import GraphSteps
+
+    if kind != "cuda":
+        raise Skip("CUDA graphs need a CUDA device")
+    story, query, answers, targets = tensors
+    opt = torch.optim.Adagrad(
+        model.parameters(), lr=LR, initial_accumulator_value=INITIAL_ACCUMULATOR, fused=True
+    )
+    amp = torch.bfloat16 if precision == "bf16" else None
+    steps = GraphSteps(model, opt, batch, amp, torch.device(device))
+    qa = QABatch("bench", story, query, answers, targets, ["q"] * batch)
+    ops_backend = "triton" if backend == "fused" else "reference"
+
+    def step():
+        with ops.use_backend(ops_backend):
+            steps.step(qa)
+
+    for _ in range(max(warmup_steps, 1)):  # the first step captures
         step()
     step.cfg = cfg
     return step

@@ -12,6 +12,7 @@ from rwmn import ops
 from rwmn.cbp import CompactBilinearPooling
 from rwmn.config import RWMNConfig
 from rwmn.memconv import MemoryConvStack
+from rwmn.padding import Padding, padded_conv_stack
 from rwmn.profiling import nvtx_range
 from rwmn.read_network import ReadNetwork
 
@@ -32,6 +33,11 @@ class RWMN(nn.Module):
     video_sub; query [B, dim_text]; answers [B, A, dim_text]; all B questions are about
     this one story. ``forward(..., return_attention=True)`` returns an
     :class:`RWMNOutput` holding the attention weights of every hop as well.
+
+    ``forward(..., padding=rwmn.padding.padding_plan(...))`` runs a story and questions
+    padded to a bucket's shape and gives, in the valid question rows, the logits of the
+    unpadded batch (docs/model.md section 7); ``loss(..., keep=padding.questions)`` and
+    :meth:`correct` then count the valid questions only.
     """
 
     def __init__(self, cfg: RWMNConfig) -> None:
@@ -108,24 +114,33 @@ class RWMN(nn.Module):
         query: torch.Tensor,
         answers: torch.Tensor,
         return_attention: bool = False,
+        padding: Padding | None = None,
     ) -> torch.Tensor | RWMNOutput:
         self._check_inputs(story, query, answers)
+        if padding is not None:
+            self._check_padding(story, query, padding)
         with nvtx_range("embedding"):
-            # Every row that goes through the shared text map goes through it at once.
+            # Every row that goes through the shared text map goes through it at once. With
+            # padding, the padded rows (unit_norm(bias), not zero) are zeroed where the
+            # write layers (rwmn.padding.padded_conv_stack) or the attention read them.
             if self.cfg.video:
                 memory = self.embed_story(story)
                 u, g = self._embed_text(query, answers)
             else:
                 memory, u, g = self._embed_text(story, query, answers)
         with nvtx_range("write"):
-            memory = self.write(memory.unsqueeze(0))  # [C, m, d]
+            if padding is None:
+                memory = self.write(memory.unsqueeze(0))  # [C, m, d]
+            else:  # [C, M, d], the slots past m zeroed
+                memory = padded_conv_stack(self.write.convs, memory.unsqueeze(0), padding.write)
+                memory = torch.where(padding.memory[:, None], memory, 0.0)
         attention = []
         # The question-independent part of the read (the fused path's memory spectra), once.
         with nvtx_range("read/prepare"):
-            prepared = self.read.prepare(memory)
+            prepared = self.read.prepare(memory) if padding is None else None
         for hop in range(self.cfg.num_hop):
             with nvtx_range(f"read/hop{hop}"):
-                o, p = self.read(memory, u, prepared)
+                o, p = self.read(memory, u, prepared, padding)
                 attention.append(p)
                 # unit_norm(a unit_norm(o) + b u): the release adds, the paper blends.
                 if self.cfg.legacy:
@@ -138,15 +153,40 @@ class RWMN(nn.Module):
             return RWMNOutput(logits, tuple(attention))
         return logits
 
+    def _check_padding(self, story: Story, query: torch.Tensor, padding: Padding) -> None:
+        rows = (story[0] if self.cfg.video else story).shape[0]
+        if padding.story.shape != (rows,) or padding.questions.shape != (query.shape[0],):
+            raise ValueError(
+                f"padding of a story of {tuple(padding.story.shape)} rows and "
+                f"{tuple(padding.questions.shape)} questions given for {rows} rows and "
+                f"{query.shape[0]} questions"
+            )
+
     # ----------------------------------------------------------------------------------
-    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Softmax cross-entropy (of softmax(scores) in legacy mode) + reg * sum ||p||^2 / 2."""
+    def loss(
+        self, logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Softmax cross-entropy (of softmax(scores) in legacy mode) + reg * sum ||p||^2 / 2;
+        with ``keep`` (a padded batch's question mask) the mean over the kept questions."""
         scores = logits.float()
         if self.cfg.legacy:
             scores = torch.softmax(scores, dim=-1)
-        loss = F.cross_entropy(scores, target)
+        if keep is None:
+            loss = F.cross_entropy(scores, target)
+        else:
+            per_question = F.cross_entropy(scores, target, reduction="none")
+            loss = torch.where(keep, per_question, 0.0).sum() / keep.sum()
         if self.cfg.reg:
             loss = loss + self.cfg.reg * 0.5 * sum(
                 p.float().pow(2).sum() for p in self.parameters()
             )
         return loss
+
+    @staticmethod
+    def correct(
+        logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """How many questions (of those ``keep`` marks) the logits answer right: a 0-d
+        device tensor (no host synchronisation)."""
+        right = logits.detach().argmax(-1) == target
+        return (right if keep is None else right & keep).sum()

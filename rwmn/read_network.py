@@ -10,6 +10,7 @@ from rwmn import ops
 from rwmn.cbp import CompactBilinearPooling
 from rwmn.config import LayerSpec
 from rwmn.memconv import MemoryConvStack
+from rwmn.padding import Padding, masked_attention_read, padded_conv_stack
 
 
 def legacy_rows(memory: torch.Tensor) -> torch.Tensor:
@@ -58,10 +59,13 @@ class ReadNetwork(MemoryConvStack):
         )
 
     def forward(
-        self, memory: torch.Tensor, u: torch.Tensor, prepared=None
+        self, memory: torch.Tensor, u: torch.Tensor, prepared=None, padding: Padding | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """memory [C, m, d], u [B, d] -> o [B, d], attention p [B, R]. ``prepared``:
-        self.prepare(memory), computed once for several hops (optional)."""
+        self.prepare(memory), computed once for several hops (optional). ``padding``: the
+        memory is padded to M slots, the past-m ones zero (RWMN.forward with padding)."""
+        if padding is not None:
+            return self._padded(memory, u, padding)
         if self.legacy:
             rows = legacy_rows(memory)
             if not len(self):
@@ -80,3 +84,25 @@ class ReadNetwork(MemoryConvStack):
             self.sharp,
             prepared,
         )
+
+    def _padded(
+        self, memory: torch.Tensor, u: torch.Tensor, padding: Padding
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward over a padded memory: the read convolutions laid out by ``padding.read``
+        and the attention over the rows ``padding.attention`` keeps. The fused whole-read
+        op has no row mask, so this runs the read as its parts (rwmn.ops.cbp,
+        rwmn.ops.memory_conv, each fused under the triton backend) and the masked
+        attention in plain PyTorch; p is over the padded rows."""
+        keep = padding.attention
+        if self.legacy:
+            rows = legacy_rows(memory)
+            if not len(self):
+                return masked_attention_read(rows, u, self.sharp, False, keep)
+            read = padded_conv_stack(self.convs, rows.unsqueeze(0), padding.read)
+            return masked_attention_read(legacy_rows(read), u, self.sharp, True, keep)
+        if not len(self):
+            return masked_attention_read(memory.flatten(0, 1), u, self.sharp, True, keep)
+        d = memory.shape[-1]
+        mq = ops.cbp(memory.unsqueeze(0), u[:, None, None, :], *self.cbp.hashes, d)
+        read = padded_conv_stack(self.convs, mq, padding.read)
+        return masked_attention_read(read.flatten(-3, -2), u, self.sharp, True, keep)

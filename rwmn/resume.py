@@ -25,8 +25,8 @@ INVOCATION_FIELDS = frozenset({
 #: Flags --resume accepts with a value other than the checkpoint's: where and how fast the
 #: run computes, and how long it goes on. Each change is logged.
 FREE_ON_RESUME = frozenset({
-    "max_steps", "early_stop", "device", "backend", "compile", "compile_mode", "tensorboard",
-    "nvtx", "data_cache", "prefetch",
+    "max_steps", "early_stop", "device", "backend", "compile", "compile_mode", "cuda_graphs",
+    "tensorboard", "nvtx", "data_cache", "prefetch",
 })  # fmt: skip
 #: Flags --resume applies only with --allow_resume_changes (each logged); any other flag
 #: (the seed, Adagrad's initial accumulator, --pretrain, the model's architecture) cannot

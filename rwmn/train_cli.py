@@ -159,8 +159,8 @@ def build_parser(quiet: bool = False) -> argparse.ArgumentParser:
         help="continue the run in --out_dir from checkpoints/last.pt, bit-exactly. Flags "
         "not given take the checkpoint's values; a given flag that differs is refused (see "
         "--allow_resume_changes) unless it is --max_steps, --early_stop, --device, "
-        "--backend, --compile, --tensorboard or --nvtx. A run that reached --max_steps or "
-        "stopped early is reported and not trained on (raise the flag to go on)",
+        "--backend, --compile, --cuda_graphs, --tensorboard or --nvtx. A run that reached "
+        "--max_steps or stopped early is reported and not trained on (raise the flag to go on)",
     )  # fmt: skip
     r.add_argument(
         "--allow_resume_changes", action="store_true",
@@ -190,6 +190,13 @@ def build_parser(quiet: bool = False) -> argparse.ArgumentParser:
         "--compile_mode", default="default", choices=COMPILE_MODES,
         help="torch.compile mode with --compile: default, reduce-overhead (CUDA graphs on "
         "CUDA) or max-autotune",
+    )  # fmt: skip
+    r.add_argument(
+        "--cuda_graphs", action="store_true",
+        help="capture each training step (forward, backward, Adagrad step) as a CUDA graph "
+        "and replay it: batches padded to a few bucket shapes with exact masks, one graph "
+        "per shape (docs/cli.md#cuda-graphs). Needs CUDA; not with --compile, --amp fp16, "
+        "--movies_per_step > 1 or torchrun",
     )  # fmt: skip
     r.add_argument(
         "--data_cache", default="auto", choices=CACHE_MODES,

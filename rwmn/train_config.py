@@ -48,6 +48,7 @@ class TrainConfig:
     amp: str = "off"
     compile: bool = False
     compile_mode: str = "default"
+    cuda_graphs: bool = False
     data_cache: str = "auto"
     data_dtype: str = "fp32"
     prefetch: bool = True
@@ -89,6 +90,8 @@ class TrainConfig:
             )
         if self.compile_mode != "default" and not self.compile:
             raise ConfigError(f"--compile_mode {self.compile_mode} applies only with --compile")
+        if self.cuda_graphs:
+            check_cuda_graphs_flags(self)
         if self.data_cache not in CACHE_MODES:
             raise ConfigError(f"--data_cache {self.data_cache!r}: expected one of {CACHE_MODES}")
         if self.data_dtype not in DATA_DTYPES:
@@ -112,6 +115,39 @@ class TrainConfig:
             raise ConfigError("--resume continues the run in --out_dir, --overwrite replaces it")
         if self.allow_resume_changes and not self.resume:
             raise ConfigError("--allow_resume_changes applies only with --resume")
+
+
+def check_cuda_graphs_flags(cfg: TrainConfig) -> None:
+    """What --cuda_graphs does not combine with (it captures one eager step of one movie
+    with no host synchronisation in it)."""
+    if cfg.compile:
+        raise ConfigError(
+            "--cuda_graphs captures the eager step and does not combine with --compile "
+            "(for inductor's CUDA graphs use --compile --compile_mode reduce-overhead)"
+        )
+    if cfg.amp == "fp16":
+        raise ConfigError(
+            "--cuda_graphs does not combine with --amp fp16 (its gradient scaler reads an "
+            "overflow flag on the host every step); use --amp bf16 or off"
+        )
+    if cfg.movies_per_step != 1:
+        raise ConfigError(
+            f"--cuda_graphs captures one movie per step; --movies_per_step must be 1, got "
+            f"{cfg.movies_per_step}"
+        )
+
+
+def check_cuda_graphs_device(cfg: TrainConfig, device: torch.device, launch: Launch) -> None:
+    """--cuda_graphs needs a CUDA device and one process."""
+    if not cfg.cuda_graphs:
+        return
+    if device.type != "cuda":
+        raise ConfigError(
+            f"--cuda_graphs needs a CUDA device (this run's device is {device}); CUDA is "
+            + ("not available on this machine" if not torch.cuda.is_available() else "not chosen")
+        )
+    if launch.distributed:
+        raise ConfigError("--cuda_graphs runs in one process: not under torchrun")
 
 
 def parse_device(name: str) -> torch.device | None:

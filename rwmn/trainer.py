@@ -60,6 +60,7 @@ from rwmn.data.movieqa import DataError, MovieQAData, QABatch
 from rwmn.data.prefetch import NoPrefetch, Prefetcher
 from rwmn.data.progress import ReadProgress
 from rwmn.distributed import Comm, Launch, slot_sampler
+from rwmn.graphs import GraphSteps
 from rwmn.loop import RunningMetrics, combine_windows, compile_model, make_adagrad
 from rwmn.model import RWMN
 from rwmn.profiling import nvtx_range
@@ -69,10 +70,17 @@ from rwmn.resume import (
     check_world_size,
     file_stamp,
     load_checkpoint,
+    read_run_checkpoint,
     show_value,
 )
 from rwmn.rundir import RunDirError, RunLock
-from rwmn.train_config import AMP_DTYPES, TrainConfig, resolve_device, run_paths
+from rwmn.train_config import (
+    AMP_DTYPES,
+    TrainConfig,
+    check_cuda_graphs_device,
+    resolve_device,
+    run_paths,
+)
 
 CHECKPOINT_FORMAT = checkpoint.FORMAT
 #: The errors train.py reports as one line (exit status 2); every rank stops at them.
@@ -163,6 +171,16 @@ class Trainer:
             self.optimizer, lambda step: rate ** (step // decay)
         )
         self.amp_dtype = AMP_DTYPES[cfg.amp]
+        # --cuda_graphs: each training step replayed from a CUDA graph (rwmn.graphs).
+        self.graphs: GraphSteps | None = None
+        if cfg.cuda_graphs:
+            check_cuda_graphs_device(cfg, self.device, self.comm.launch)
+            try:
+                self.graphs = GraphSteps(
+                    self.model, self.optimizer, cfg.batch_size, self.amp_dtype, self.device
+                )
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         # Movie k of this rank's step comes from slot rank * K + k (rwmn.distributed).
         first = self.comm.rank * cfg.movies_per_step
@@ -220,11 +238,6 @@ class Trainer:
                 f"step {bad_step}: the loss is {bad_loss} (found at step {self.step})"
             )
         return {"loss": loss, "acc": correct, "questions": questions}
-
-    def check_finite(self) -> None:
-        """Raise FloatingPointError naming the first step since the last progress line
-        whose loss was not finite (one host synchronisation)."""
-        self.window()
 
     def sampler_state(self) -> list[dict]:
         """Each slot's sampler state, before any batch drawn ahead by the prefetchers."""
@@ -290,6 +303,8 @@ class Trainer:
                 ) from exc
 
         check_world_size(state, path, self.comm.world_size)
+        if self.graphs is not None:  # the optimizer's state tensors are replaced
+            self.graphs.reset()
         mine = state["ranks"][self.comm.rank] if self.comm.distributed else state
         restore("model", lambda: self.model.load_state_dict(state["model"]))
         restore("optimizer", lambda: self.optimizer.load_state_dict(state["optimizer"]))
@@ -340,10 +355,6 @@ class Trainer:
             atomic_save(state, path)
         return path
 
-    def load_weights(self, path: str) -> None:
-        state = load_checkpoint(path, self.model_cfg)
-        self.model.load_state_dict(state["model"])
-
     # -- steps ---------------------------------------------------------------------------
     def _autocast(self):
         if self.amp_dtype is None:
@@ -373,6 +384,13 @@ class Trainer:
         batches = [batches] if isinstance(batches, QABatch) else list(batches)
         count = len(batches)
         self.model.train()
+        if self.graphs is not None:  # one movie per step (TrainConfig checks it)
+            (batch,) = batches
+            loss, correct = self.graphs.step(batch.to(self.device))
+            self.running.add(self.step + 1, loss, correct, len(batch.qids))
+            self.scheduler.step()
+            self.step += 1
+            return loss, correct
         self.optimizer.zero_grad(set_to_none=True)
         for k, batch in enumerate(batches):
             accumulate = self.ddp is not None and k < count - 1
@@ -503,12 +521,13 @@ class Trainer:
             stack.enter_context(RunLock(self.ckpt_dir))
 
     def _read_resume_point(self) -> ResumePoint:
-        last = os.path.join(self.ckpt_dir, "last.pt")
-        if not os.path.isfile(last):
-            raise CheckpointError(f"--resume: no checkpoint {last!r} to resume from")
-        resume = ResumePoint.read(last)
-        check_model_config(resume.state, last, self.model_cfg)
-        check_world_size(resume.state, last, self.comm.world_size)
+        """last.pt of a Trainer built with ``cfg.resume`` (train.py reads it before building
+        the Trainer): read and checked by resume.read_run_checkpoint as train.py does, with
+        no flags given, and checked against this Trainer's model configuration."""
+        _, _, _, resume = read_run_checkpoint(
+            self.model_cfg, self.cfg, self.ckpt_dir, self.comm.world_size, {}, set()
+        )
+        check_model_config(resume.state, resume.path, self.model_cfg)
         return resume
 
     def fit(self, resume: ResumePoint | None = None) -> dict:

@@ -33,7 +33,7 @@ from rwmn.train_cli import (
     configs_from_args,
     given_flags,
 )
-from rwmn.train_config import TrainConfig, resolve_device, run_paths
+from rwmn.train_config import TrainConfig, check_cuda_graphs_device, resolve_device, run_paths
 from rwmn.trainer import ERRORS, Trainer
 
 __all__ = [
@@ -103,7 +103,9 @@ def _main(
 
     def check() -> None:
         check_video_features(args.video_features, model_cfg)
-        ops.check_device(resolve_device(cfg.device, comm.launch), cfg.backend)
+        device = resolve_device(cfg.device, comm.launch)
+        ops.check_device(device, cfg.backend)
+        check_cuda_graphs_device(cfg, device, comm.launch)
 
     comm.phase(ERRORS, check)
     backend = ops.use_backend(cfg.backend) if cfg.backend else contextlib.nullcontext()
