@@ -33,6 +33,12 @@ def unit_norm(x: torch.Tensor, eps: float = UNIT_NORM_EPS) -> torch.Tensor:
     return (acc * torch.rsqrt(eps + (acc * acc).sum(-1, keepdim=True))).to(x.dtype)
 
 
+def embed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """unit_norm(unit_norm(x) W^T + b): the embedding of story rows, questions and answers
+    (docs/model.md section 1)."""
+    return unit_norm(F.linear(unit_norm(x), weight, bias))
+
+
 def hop_update(o: torch.Tensor, u: torch.Tensor, a: float, b: float) -> torch.Tensor:
     """The controller's update between hops, unit_norm(a unit_norm(o) + b u) (docs/model.md
     section 5: a = alpha, b = 1 - alpha; the release's legacy form: a = b = 1)."""
@@ -243,6 +249,7 @@ __all__ = [
     "cbp",
     "conv_attention_read",
     "count_sketch",
+    "embed",
     "hop_update",
     "memory_conv",
     "read_network",

@@ -118,10 +118,13 @@ def unit_norm_forward(x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def unit_norm_backward(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """dx [R, d] of unit_norm at x for the gradient grad (both contiguous [R, d])."""
+def unit_norm_backward(
+    x: torch.Tensor, grad: torch.Tensor, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """dx [R, d] of unit_norm at x for the gradient grad (both contiguous [R, d]), in
+    ``dtype`` (default x's)."""
     rows, d = x.shape
-    dx = torch.empty_like(x)
+    dx = torch.empty_like(x, dtype=dtype)
     if rows:
         config = unit_norm_config(rows, d)
         launch(_unit_norm_bwd_kernel, config, x, grad, dx, rows, d, UNIT_NORM_EPS)

@@ -492,7 +492,41 @@ def _unit_norm_fwd(a, grid) -> Work:
 
 @_formula("_unit_norm_bwd_kernel")
 def _unit_norm_bwd(a, grid) -> Work:
-    return Work(0, a["R"] * a["D"] * (2 * _esize(a["x_ptr"]) + _esize(a["g_ptr"])))
+    sizes = _esize(a["x_ptr"]) + _esize(a["g_ptr"]) + _esize(a["dx_ptr"])
+    return Work(0, a["R"] * a["D"] * sizes)
+
+
+# --------------------------------------------------------------------------------------
+# The embedding (kernels/embedding.py)
+# --------------------------------------------------------------------------------------
+
+
+@_formula("_embed_fwd_kernel")
+def _embed_fwd(a, grid) -> Work:
+    """Both passes over x, the two accumulators' padded width, W's tiles once per program;
+    y, z (fp32) and the norms out."""
+    (programs,) = grid
+    rows, k, n = a["R"], a["K"], a["N"]
+    bm, bk = a["BLOCK_M"], a["BLOCK_K"]
+    width = a["BLOCK_N1"] + a["BLOCK_N2"]
+    trips = -(-k // bk)
+    macs = programs * bm * trips * bk * width
+    x_bytes = 2 * rows * k * _esize(a["x_ptr"])
+    w_bytes = programs * n * k * _esize(a["w_ptr"])
+    out = rows * n * (_esize(a["y_ptr"]) + F32) + rows * F32
+    return Work(macs, x_bytes + w_bytes + out)
+
+
+@_formula("_embed_dw_kernel")
+def _embed_dw(a, grid) -> Work:
+    """Every dW tile reduces over all rows: dz and x tiles (and the norms) per program."""
+    n_n, n_k = grid
+    rows, k, n = a["R"], a["K"], a["N"]
+    bn, bk, br = a["BLOCK_WN"], a["BLOCK_WK"], a["BLOCK_R"]
+    padded_rows = -(-rows // br) * br
+    macs = n_n * n_k * bn * bk * padded_rows
+    reads = n_k * rows * n * _esize(a["dz_ptr"]) + n_n * rows * (k * _esize(a["x_ptr"]) + F32)
+    return Work(macs, reads + n * k * _esize(a["dw_ptr"]) + n * _esize(a["db_ptr"]))
 
 
 @_formula("_spectral_weights_kernel")

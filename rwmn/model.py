@@ -96,7 +96,7 @@ class RWMN(nn.Module):
         if self.cfg.video:
             rgb, sub = story
             elements = self.story_cbp(ops.unit_norm(rgb), ops.unit_norm(sub))
-            return ops.unit_norm(self.story_embed(elements))
+            return ops.embed(elements, self.story_embed.weight, self.story_embed.bias)
         return self._embed_text(story)[0]
 
     def _embed_text(self, *rows: torch.Tensor) -> list[torch.Tensor]:
@@ -104,7 +104,7 @@ class RWMN(nn.Module):
         batch: one normalisation, one GEMM and one normalisation for all of them, and a
         single split in the backward."""
         flat = [x.reshape(-1, x.shape[-1]) for x in rows]
-        out = ops.unit_norm(self.embed(ops.unit_norm(torch.cat(flat))))
+        out = ops.embed(torch.cat(flat), self.embed.weight, self.embed.bias)
         parts = out.split([x.shape[0] for x in flat])
         return [y.view(*x.shape[:-1], y.shape[-1]) for x, y in zip(rows, parts, strict=True)]
 

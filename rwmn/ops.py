@@ -144,7 +144,7 @@ def check_device(device: torch.device, backend: str | None = None) -> None:
         )
 
 
-KERNEL_MODULES = ("cbp", "memconv", "attention", "read_network", "unit_norm")
+KERNEL_MODULES = ("cbp", "memconv", "attention", "read_network", "unit_norm", "embedding")
 
 
 def preload_kernels() -> None:
@@ -264,6 +264,13 @@ def unit_norm(x: torch.Tensor) -> torch.Tensor:
     if resolve_backend("unit_norm", x) == "triton":
         return _fused("unit_norm", "unit_norm")(x)
     return reference.unit_norm(x)
+
+
+def embed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """unit_norm(unit_norm(x) W^T + b) along the last axis; see :func:`rwmn.reference.embed`."""
+    if resolve_backend("embed", *_tensors(x, weight, bias)) == "triton":
+        return _fused("embedding", "embed")(x, weight, bias)
+    return reference.embed(x, weight, bias)
 
 
 def hop_update(o: torch.Tensor, u: torch.Tensor, a: float, b: float) -> torch.Tensor:

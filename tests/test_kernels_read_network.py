@@ -186,11 +186,12 @@ def _ban_torch_fft(monkeypatch):
 
 @pytest.mark.parametrize("case", FFT_CASES, ids=str)
 def test_launches_and_no_torch_fft(case, monkeypatch):
-    """What the fused read path launches forward: the memory spectra, then with one read
-    layer ONE launch (_read_fwd_kernel); with several, the first layer from the spectra
-    (_read_conv_fwd_kernel, stored), one memory_conv per further layer but the last, the
-    conv-attention kernel; then the merge of the blocks' softmax partials. Mq is never
-    materialised. The backward runs too. torch.fft is never called."""
+    """What the fused read path launches forward: the memory spectra and the first layer's
+    spectral weights, then with one read layer ONE launch (_read_fwd_kernel); with several,
+    the first layer from the spectra (_read_conv_fwd_kernel, stored), one memory_conv per
+    further layer but the last, the conv-attention kernel; then the merge of the blocks'
+    softmax partials. Mq is never materialised. The backward runs too. torch.fft is never
+    called."""
     _ban_torch_fft(monkeypatch)
     c, m, d, batch, spec = case
     hashes = _hashes(d, d)
@@ -199,10 +200,11 @@ def test_launches_and_no_torch_fft(case, monkeypatch):
     u = torch.randn(batch, d)
     with record_launches() as launches:
         fft_read_network(memory, u, hashes, weights, biases, strides, SHARP)
+    expected = ["_cbp_dense_spectra_kernel", "_spectral_weights_kernel"]
     if len(spec) == 1:
-        expected = ["_cbp_dense_spectra_kernel", "_read_fwd_kernel"]
+        expected += ["_read_fwd_kernel"]
     else:
-        expected = ["_cbp_dense_spectra_kernel", "_read_conv_fwd_kernel"]
+        expected += ["_read_conv_fwd_kernel"]
         expected += ["_memconv_fwd_kernel"] * (len(spec) - 2) + ["_conv_attn_fwd_kernel"]
     expected.append("_merge_kernel")  # the softmax partials of the blocks, one launch
     assert [launch.name for launch in launches] == expected
@@ -213,7 +215,8 @@ def test_launches_and_no_torch_fft(case, monkeypatch):
 
 
 def test_hops_share_the_memory_spectra(monkeypatch):
-    """Three hops: one memory-spectra launch, then per hop the read and its merge."""
+    """Three hops: the memory spectra and the spectral weights once, then per hop the read
+    and its merge."""
     _ban_torch_fft(monkeypatch)
     c, m, d, batch, spec = FFT_CASES[0]
     hashes = _hashes(d, d)
@@ -222,7 +225,8 @@ def test_hops_share_the_memory_spectra(monkeypatch):
     with record_launches() as launches:
         _hops(fused_read.read_network, fused_read.prepare, memory, u, hashes, weights, biases,
               strides, hops=3)  # fmt: skip
-    assert [launch.name for launch in launches] == ["_cbp_dense_spectra_kernel"] + [
+    shared = ["_cbp_dense_spectra_kernel", "_spectral_weights_kernel"]
+    assert [launch.name for launch in launches] == shared + [
         "_read_fwd_kernel",
         "_merge_kernel",
     ] * 3

@@ -1,0 +1,314 @@
+"""The embedding y = unit_norm(unit_norm(x) W^T + b): one launch forward, two backward.
+
+Math (kernels.reference.embed is the ground truth), rows x [R, K], W [N, K], b [N],
+n(v) = (eps + |v|^2)^(-1/2) per row, eps = 1e-12:
+    x^ = n(x) x,   z = x^ W^T + b,   y = n(z) z;
+backward from g = dL/dy:
+    dz = n(z) (g - y <y, g>)                        (row by row)
+    dW = dz^T x^,   db = sum_r dz_r,
+    dx = n(x) (dx^ - x^ <x^, dx^>),  dx^ = dz W      (only if x needs a gradient).
+The model embeds data (story rows, questions, answers, the story's CBP), whose rows need
+no gradient, so dx is left to plain torch ops; dW and db are the kernels' work.
+
+The reference takes about six launches forward under autocast (the input's norm, three
+casts, the GEMM, the output's norm) and six back. Here:
+
+* ``_embed_fwd_kernel``, one program per BLOCK_M rows: a first pass over K for the rows'
+  norms, then the GEMM with x^ formed in the prologue of each K chunk and rounded to the
+  compute dtype (as autocast rounds the linear's input) and W's tile rounded in-kernel
+  from its own dtype (no cast launch); the output width N is split into two power-of-two
+  accumulators (256 + 64 at N = 300: 7% padding, not 71% at 512), and the epilogue adds
+  the bias and normalises the row, which the tile holds whole. It stores y, z (fp32, the
+  backward's input) and n(x).
+* ``_unit_norm_bwd_kernel`` (kernels/unit_norm.py) gives dz from z and g, in the compute
+  dtype (the GEMM operand).
+* ``_embed_dw_kernel``, one program per [BLOCK_WN, BLOCK_WK] tile of dW, reduces over all
+  rows (x^ recomputed from x and the stored norms, rounded exactly as in the forward)
+  and writes dW in W's dtype; the programs of the first K tile also sum db. No partial
+  sums, no cast.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op
+
+from kernels import reference
+from kernels._common import (
+    FUSED_DTYPES,
+    UNIT_NORM_EPS,
+    LaunchConfig,
+    compute_dtype,
+    dot_precision,
+    launch,
+    pow2_at_least,
+    warn_once,
+)
+from kernels.unit_norm import unit_norm_backward
+
+#: The widest output row a forward tile holds (two accumulators of at most 512 columns).
+MAX_FUSED_N = 512
+#: Forward rows per program: one warpgroup's wgmma M in bf16/fp16; fp32 multiplies on CUDA
+#: cores (ieee) with register-resident operands, so half.
+BLOCK_M_HALF = 64
+BLOCK_M_FP32 = 32
+BLOCK_K = 32
+NUM_WARPS = 8
+#: dW tile ([output columns, input columns]) and the rows of one reduction step.
+BLOCK_WN = 64
+BLOCK_WK = 64
+BLOCK_R = 32
+DW_WARPS = 4
+
+
+@triton.jit
+def _embed_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, z_ptr, nx_ptr, R, K, N, eps,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_ok = rows < R
+    x_rows = x_ptr + rows.to(tl.int64) * K
+    squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        xt = tl.load(x_rows[:, None] + ks[None, :], mask=r_ok[:, None] & (ks < K)[None, :],
+                     other=0.0).to(tl.float32)  # fmt: skip
+        squares += tl.sum(xt * xt, axis=1)
+    n_x = tl.rsqrt(eps + squares)
+    tl.store(nx_ptr + rows, n_x, mask=r_ok)
+    cols1 = tl.arange(0, BLOCK_N1)
+    cols2 = BLOCK_N1 + tl.arange(0, BLOCK_N2)
+    ok1 = cols1 < N
+    ok2 = cols2 < N
+    acc1 = tl.zeros((BLOCK_M, BLOCK_N1), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N2), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        xt = tl.load(x_rows[:, None] + ks[None, :], mask=r_ok[:, None] & k_ok[None, :],
+                     other=0.0).to(tl.float32)  # fmt: skip
+        a = (xt * n_x[:, None]).to(y_ptr.dtype.element_ty)
+        # W rows (contiguous along K), transposed into the B operand.
+        w1 = tl.load(w_ptr + cols1[:, None] * K + ks[None, :], mask=ok1[:, None] & k_ok[None, :],
+                     other=0.0).to(a.dtype)  # fmt: skip
+        acc1 = tl.dot(a, tl.trans(w1), acc1, input_precision=PRECISION)
+        w2 = tl.load(w_ptr + cols2[:, None] * K + ks[None, :], mask=ok2[:, None] & k_ok[None, :],
+                     other=0.0).to(a.dtype)  # fmt: skip
+        acc2 = tl.dot(a, tl.trans(w2), acc2, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc1 += tl.load(b_ptr + cols1, mask=ok1, other=0.0).to(tl.float32)[None, :]
+        acc2 += tl.load(b_ptr + cols2, mask=ok2, other=0.0).to(tl.float32)[None, :]
+    # Padding columns hold 0 (zero weights and bias), so the row norm is the row's.
+    n_z = tl.rsqrt(eps + tl.sum(acc1 * acc1, axis=1) + tl.sum(acc2 * acc2, axis=1))
+    offs1 = rows.to(tl.int64)[:, None] * N + cols1[None, :]
+    offs2 = rows.to(tl.int64)[:, None] * N + cols2[None, :]
+    mask1 = r_ok[:, None] & ok1[None, :]
+    mask2 = r_ok[:, None] & ok2[None, :]
+    tl.store(z_ptr + offs1, acc1, mask=mask1)
+    tl.store(z_ptr + offs2, acc2, mask=mask2)
+    tl.store(y_ptr + offs1, (acc1 * n_z[:, None]).to(y_ptr.dtype.element_ty), mask=mask1)
+    tl.store(y_ptr + offs2, (acc2 * n_z[:, None]).to(y_ptr.dtype.element_ty), mask=mask2)
+
+
+@triton.jit
+def _embed_dw_kernel(
+    dz_ptr, x_ptr, nx_ptr, dw_ptr, db_ptr, R, K, N,
+    PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_WN: tl.constexpr,
+    BLOCK_WK: tl.constexpr,
+):  # fmt: skip
+    pid_k = tl.program_id(1)
+    ns = tl.program_id(0) * BLOCK_WN + tl.arange(0, BLOCK_WN)
+    ks = pid_k * BLOCK_WK + tl.arange(0, BLOCK_WK)
+    n_ok = ns < N
+    k_ok = ks < K
+    acc = tl.zeros((BLOCK_WN, BLOCK_WK), dtype=tl.float32)
+    db = tl.zeros((BLOCK_WN,), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rs = r0 + tl.arange(0, BLOCK_R)
+        r_ok = rs < R
+        dz = tl.load(dz_ptr + rs.to(tl.int64)[:, None] * N + ns[None, :],
+                     mask=r_ok[:, None] & n_ok[None, :], other=0.0)  # fmt: skip
+        xt = tl.load(x_ptr + rs.to(tl.int64)[:, None] * K + ks[None, :],
+                     mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
+        n_x = tl.load(nx_ptr + rs, mask=r_ok, other=0.0)
+        # x^ rounded exactly as the forward rounded its A operand.
+        x_hat = (xt * n_x[:, None]).to(dz.dtype)
+        acc = tl.dot(tl.trans(dz), x_hat, acc, input_precision=PRECISION)
+        db += tl.sum(dz.to(tl.float32), axis=0)
+    tl.store(dw_ptr + ns[:, None] * K + ks[None, :], acc.to(dw_ptr.dtype.element_ty),
+             mask=n_ok[:, None] & k_ok[None, :])  # fmt: skip
+    if pid_k == 0:
+        tl.store(db_ptr + ns, db.to(db_ptr.dtype.element_ty), mask=n_ok)
+
+
+# --------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------
+
+
+def _split_width(n: int) -> tuple[int, int]:
+    """Two power-of-two accumulator widths covering n: the largest power of two <= n, and
+    the rest rounded up (at least 16, tl.dot's least)."""
+    first = max(16, 1 << (max(n, 1).bit_length() - 1))
+    return first, pow2_at_least(max(n - first, 1))
+
+
+def embed_forward_config(rows: int, k: int, n: int, dtype: torch.dtype, has_bias: bool):
+    """Launch configuration of _embed_fwd_kernel: one program per BLOCK_M rows."""
+    block_m = BLOCK_M_FP32 if dtype == torch.float32 else BLOCK_M_HALF
+    n1, n2 = _split_width(n)
+    return LaunchConfig(
+        grid=(triton.cdiv(rows, block_m),),
+        constexprs=dict(
+            HAS_BIAS=has_bias,
+            PRECISION=dot_precision(dtype),
+            BLOCK_M=block_m,
+            BLOCK_K=BLOCK_K,
+            BLOCK_N1=n1,
+            BLOCK_N2=n2,
+        ),
+        num_warps=NUM_WARPS,
+        num_stages=1,
+    )
+
+
+def embed_dw_config(k: int, n: int, dtype: torch.dtype) -> LaunchConfig:
+    """Launch configuration of _embed_dw_kernel: one program per [BLOCK_WN, BLOCK_WK] tile
+    of dW [n, k]."""
+    return LaunchConfig(
+        grid=(triton.cdiv(n, BLOCK_WN), triton.cdiv(k, BLOCK_WK)),
+        constexprs=dict(
+            PRECISION=dot_precision(dtype), BLOCK_R=BLOCK_R, BLOCK_WN=BLOCK_WN, BLOCK_WK=BLOCK_WK
+        ),
+        num_warps=DW_WARPS,
+        num_stages=1,
+    )
+
+
+def embed_forward(x, weight, bias, dtype: torch.dtype):
+    """(y [R, N] in ``dtype``, z [R, N] fp32, n(x) [R] fp32) for contiguous x [R, K]."""
+    rows, k = x.shape
+    n = weight.shape[0]
+    y = torch.empty((rows, n), device=x.device, dtype=dtype)
+    z = torch.empty((rows, n), device=x.device, dtype=torch.float32)
+    n_x = torch.empty((rows,), device=x.device, dtype=torch.float32)
+    if rows:
+        launch(
+            _embed_fwd_kernel, embed_forward_config(rows, k, n, dtype, bias is not None),
+            x, weight, weight if bias is None else bias, y, z, n_x, rows, k, n, UNIT_NORM_EPS,
+        )  # fmt: skip
+    return y, z, n_x
+
+
+def embed_backward(grad, z, x, n_x, weight, dtype: torch.dtype):
+    """(dz [R, N] in ``dtype``, dW [N, K] and db [N] in W's dtype) from grad = dL/dy."""
+    rows, k = x.shape
+    n = weight.shape[0]
+    dz = unit_norm_backward(z, grad, dtype)
+    dw = torch.empty_like(weight)
+    db = torch.empty((n,), device=weight.device, dtype=weight.dtype)
+    launch(_embed_dw_kernel, embed_dw_config(k, n, dtype), dz, x, n_x, dw, db, rows, k, n)
+    return dz, dw, db
+
+
+# --------------------------------------------------------------------------------------
+# Custom ops and autograd
+# --------------------------------------------------------------------------------------
+
+
+@triton_op("rwmn::embed", mutates_args=())
+def _embed_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, z, n(x)) of the embedding in the compute ``dtype`` (z and n(x) are the
+    backward's, not differentiable)."""
+    return embed_forward(x, weight, bias, dtype)
+
+
+@triton_op("rwmn::embed_backward", mutates_args=())
+def _embed_backward_op(
+    grad: torch.Tensor,
+    z: torch.Tensor,
+    x: torch.Tensor,
+    n_x: torch.Tensor,
+    weight: torch.Tensor,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return embed_backward(grad, z, x, n_x, weight, dtype)
+
+
+# Explicit fakes: under TRITON_INTERPRET=1 the bodies cannot run on fake tensors.
+@_embed_op.register_fake
+def _embed_fake(x, weight, bias, dtype):
+    rows, n = x.shape[0], weight.shape[0]
+    f32 = torch.float32
+    return (
+        x.new_empty((rows, n), dtype=dtype),
+        x.new_empty((rows, n), dtype=f32),
+        x.new_empty((rows,), dtype=f32),
+    )
+
+
+@_embed_backward_op.register_fake
+def _embed_backward_fake(grad, z, x, n_x, weight, dtype):
+    n = weight.shape[0]
+    return grad.new_empty(z.shape, dtype=dtype), torch.empty_like(weight), weight.new_empty((n,))
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, dtype = inputs
+    _, z, n_x = output
+    ctx.mark_non_differentiable(z, n_x)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, weight, z, n_x)
+    ctx.dtype, ctx.has_bias = dtype, bias is not None
+
+
+def _backward(ctx, grad, _gz, _gnx):
+    x, weight, z, n_x = ctx.saved_tensors
+    dz, dw, db = torch.ops.rwmn.embed_backward(grad.contiguous(), z, x, n_x, weight, ctx.dtype)
+    dx = None
+    if ctx.needs_input_grad[0]:
+        x_hat = x.float() * n_x[:, None]
+        dx_hat = dz.float() @ weight.float()
+        dx = (n_x[:, None] * (dx_hat - x_hat * (x_hat * dx_hat).sum(-1, keepdim=True))).to(x.dtype)
+    return dx, dw, db if ctx.has_bias else None, None
+
+
+_embed_op.register_autograd(_backward, setup_context=_setup)
+
+
+# --------------------------------------------------------------------------------------
+# Public entry point (the signature rwmn.ops dispatches to)
+# --------------------------------------------------------------------------------------
+
+
+def embed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Fused kernels.reference.embed: x [..., K], weight [N, K], bias [N] or None ->
+    unit_norm(unit_norm(x) W^T + b) [..., N] in the compute dtype (autocast's under
+    autocast, else the inputs' promoted dtype)."""
+    n, k = weight.shape
+    if x.dim() == 0 or x.shape[-1] != k or (bias is not None and tuple(bias.shape) != (n,)):
+        raise ValueError(
+            f"embed: input {tuple(x.shape)}, weight {tuple(weight.shape)} and bias "
+            f"{None if bias is None else tuple(bias.shape)} do not match (expected [..., {k}], "
+            f"[{n}, {k}], [{n}])"
+        )
+    dtype = compute_dtype(x, weight, bias)
+    if dtype not in FUSED_DTYPES or n > MAX_FUSED_N:
+        warn_once(
+            f"kernels: embed runs the reference for {dtype} inputs of output width {n}: the "
+            f"fused kernels support {', '.join(str(t) for t in FUSED_DTYPES)} up to width "
+            f"{MAX_FUSED_N}"
+        )
+        return reference.embed(x, weight, bias)
+    rows = x.reshape(-1, k).contiguous()
+    y, _, _ = torch.ops.rwmn.embed(rows, weight.contiguous(), bias, dtype)
+    return y.view(*x.shape[:-1], n)
+
+
+__all__ = ["embed"]
