@@ -247,19 +247,21 @@ class _CensusMode(TorchDispatchMode):
     def __init__(self, census: Census, stages: _Stages, recorded: list) -> None:
         super().__init__()
         self.census, self.stages, self.recorded = census, stages, recorded
-        self.seen = 0
         stages.flush = self._take_launches
 
     def _take_launches(self) -> None:
         from kernels.work import launch_work
 
-        for launch in self.recorded[self.seen :]:
+        for launch in self.recorded:
             work = launch_work(launch)
             programs = math.prod(launch.config.grid)
             self.census.launches.append(
                 Launch(self.stages.now(), "triton", launch.name, work.macs, work.bytes, programs)
             )
-        self.seen = len(self.recorded)
+        # Priced: drop them, so that the record does not keep their tensors alive (a
+        # gradient still referenced is copied, not taken, by autograd's accumulation: a
+        # launch the step would not make).
+        self.recorded.clear()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -193,6 +193,14 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def split_width(n: int) -> tuple[int, int]:
+    """Two power-of-two tile widths covering n columns, for a row held whole in two
+    accumulators: the largest power of two <= n, and the rest rounded up (at least 16,
+    tl.dot's least). 300 -> (256, 64): 7% padding where one tile of 512 pads 71%."""
+    first = max(16, 1 << (max(n, 1).bit_length() - 1))
+    return first, pow2_at_least(max(n - first, 1))
+
+
 def pow2_at_least(n: int, floor: int = 16) -> int:
     """The next power of two >= n and >= floor (tl.dot needs every dim >= 16)."""
     p = floor

@@ -93,6 +93,25 @@ def _softmax_block(tile, u, rn, r_ok, z_ptrs, pm_ptr, pl_ptr, acc_ptrs, d_ok, sh
 
 
 @triton.jit
+def _softmax_block_split(
+    tile1, tile2, u1, u2, rn, r_ok, z_ptrs, pm_ptr, pl_ptr, acc_ptrs1, acc_ptrs2, ok1, ok2,
+    sharp,
+):  # fmt: skip
+    """_softmax_block of rows held as two column chunks [BR, BD1] and [BR, BD2]."""
+    rhat1 = tile1 * rn[:, None]
+    rhat2 = tile2 * rn[:, None]
+    z = sharp * (tl.sum(rhat1 * u1[None, :], axis=1) + tl.sum(rhat2 * u2[None, :], axis=1))
+    z = tl.where(r_ok, z, float("-inf"))
+    tl.store(z_ptrs, z, mask=r_ok)
+    m = tl.max(z, axis=0)
+    e = tl.exp(z - m)
+    tl.store(pm_ptr, m)
+    tl.store(pl_ptr, tl.sum(e, axis=0))
+    tl.store(acc_ptrs1, tl.sum(e[:, None] * rhat1, axis=0), mask=ok1)
+    tl.store(acc_ptrs2, tl.sum(e[:, None] * rhat2, axis=0), mask=ok2)
+
+
+@triton.jit
 def _attn_fwd_kernel(
     rows_ptr,
     u_ptr,
@@ -220,7 +239,7 @@ def _attn_bwd_kernel(
         dz = p * (tl.sum(rhat * go[None, :], axis=1) + gp - delta)
         drhat += p[:, None] * go[None, :] + (sharp * dz)[:, None] * u[None, :]
         du_ptrs = du_part_ptr + (b * N_BLOCKS + blk).to(tl.int64) * D + offs_d
-        tl.store(du_ptrs, tl.sum(dz[:, None] * rhat, axis=0), mask=d_ok)
+        tl.store(du_ptrs, sharp * tl.sum(dz[:, None] * rhat, axis=0), mask=d_ok)
     if NORMALIZE:
         drhat = rn[:, None] * (drhat - rhat * tl.sum(rhat * drhat, axis=1)[:, None])
     if RELU:
@@ -393,7 +412,7 @@ def _conv_attn_bwd_kernel(
     )
     n_blocks = C_OUT * N_I_BLOCKS
     du_ptrs = du_part_ptr + (b * n_blocks + blk).to(tl.int64) * D + offs_d
-    tl.store(du_ptrs, tl.sum(dz[:, None] * rhat, axis=0), mask=d_ok)
+    tl.store(du_ptrs, sharp * tl.sum(dz[:, None] * rhat, axis=0), mask=d_ok)
 
 
 # --------------------------------------------------------------------------------------
@@ -532,7 +551,7 @@ def attention_backward(
         rows, u, go.contiguous(), go if gp is None else gp.contiguous(), o, p, lse, drows,
         du_part, n_batch, r, d, n_blocks, float(sharp), UNIT_NORM_EPS,
     )  # fmt: skip
-    du = (sharp * du_part.sum(dim=1)).to(u.dtype)
+    du = du_part.sum(dim=1).to(u.dtype)
     return drows, du
 
 
@@ -611,7 +630,7 @@ def conv_attention_backward(go, gp, x, weight, bias, stride: int, u, sharp: floa
         c_in, c_out, n, m, d, k, stride, top, left, n_blocks // c_out,
         float(sharp), UNIT_NORM_EPS,
     )  # fmt: skip
-    return gy, (sharp * du_part.sum(dim=1)).to(u.dtype)
+    return gy, du_part.sum(dim=1).to(u.dtype)
 
 
 # --------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from kernels._common import (
     compute_dtype,
     dot_precision,
     launch,
-    pow2_at_least,
+    split_width,
     warn_once,
 )
 from kernels.unit_norm import unit_norm_backward
@@ -150,17 +150,10 @@ def _embed_dw_kernel(
 # --------------------------------------------------------------------------------------
 
 
-def _split_width(n: int) -> tuple[int, int]:
-    """Two power-of-two accumulator widths covering n: the largest power of two <= n, and
-    the rest rounded up (at least 16, tl.dot's least)."""
-    first = max(16, 1 << (max(n, 1).bit_length() - 1))
-    return first, pow2_at_least(max(n - first, 1))
-
-
 def embed_forward_config(rows: int, k: int, n: int, dtype: torch.dtype, has_bias: bool):
     """Launch configuration of _embed_fwd_kernel: one program per BLOCK_M rows."""
     block_m = BLOCK_M_FP32 if dtype == torch.float32 else BLOCK_M_HALF
-    n1, n2 = _split_width(n)
+    n1, n2 = split_width(n)
     return LaunchConfig(
         grid=(triton.cdiv(rows, block_m),),
         constexprs=dict(

@@ -64,6 +64,7 @@ from kernels._common import (
     dot_precision,
     launch,
     pow2_at_least,
+    split_width,
 )
 from kernels.attention import (
     BLOCK_I_SMALL,
@@ -71,7 +72,7 @@ from kernels.attention import (
     MAX_FUSED_D,
     _merge_blocks,
     _partials,
-    _softmax_block,
+    _softmax_block_split,
     _zeros_if_none,
     conv_attention_read,
 )
@@ -142,7 +143,8 @@ def _spectral_conv_rows(
     b,
     o,
     offs_i,
-    offs_d,
+    offs_d1,
+    offs_d2,
     C_IN,
     N_ROWS,
     M_ROWS,
@@ -154,15 +156,19 @@ def _spectral_conv_rows(
     HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_I: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D1: tl.constexpr,
+    BLOCK_D2: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """Pre-activation rows y[b, o, offs_i, :] of the read layer over Mq = CBP(M, u[b]),
     from the memory spectra xs [C*n, 2K] and the spectral weights g [c_out, C, k, 2K, D]
-    (module docstring); fp32, zero outside the tensor."""
-    d_ok = offs_d < D
-    acc = tl.zeros((BLOCK_I, BLOCK_D), dtype=tl.float32)
+    (module docstring), as two column chunks (offs_d1, offs_d2: split_width(D)); fp32,
+    zero outside the tensor."""
+    ok1 = offs_d1 < D
+    ok2 = offs_d2 < D
+    acc1 = tl.zeros((BLOCK_I, BLOCK_D1), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_I, BLOCK_D2), dtype=tl.float32)
     g_out = g_ptr + o.to(tl.int64) * C_IN * KH * (2 * K * D)
     # One GEMM step per chunk of BLOCK_K bins, K = 2 BLOCK_K: A = [Re P | Im P] of the
     # chunk, B = the matching rows of G. (Two products into one accumulator per step, one
@@ -181,8 +187,10 @@ def _spectral_conv_rows(
         qr, qi = _question_spectrum(u_ptr, h2_ptr, s2_ptr, tab_ptr, b, ks, D, 2 * BLOCK_K,
                                     BLOCK_N)  # fmt: skip
         qi = tl.where(is_im, qi, -qi)
-        g_off = col[:, None] * D + offs_d[None, :]
-        g_ok = k_ok[:, None] & d_ok[None, :]
+        g_off1 = col[:, None] * D + offs_d1[None, :]
+        g_off2 = col[:, None] * D + offs_d2[None, :]
+        g_ok1 = k_ok[:, None] & ok1[None, :]
+        g_ok2 = k_ok[:, None] & ok2[None, :]
         for ca in range(0, C_IN * KH):
             c = ca // KH
             a = ca % KH
@@ -192,15 +200,20 @@ def _spectral_conv_rows(
             x_ok = row_ok[:, None] & k_ok[None, :]
             x = tl.load(spec + col[None, :], mask=x_ok, other=0.0)
             x_swap = tl.load(spec + swap[None, :], mask=x_ok, other=0.0)
-            gt = tl.load(g_out + ca * (2 * K * D) + g_off, mask=g_ok, other=0.0)
+            g_ca = g_out + ca * (2 * K * D)
+            gt1 = tl.load(g_ca + g_off1, mask=g_ok1, other=0.0)
+            gt2 = tl.load(g_ca + g_off2, mask=g_ok2, other=0.0)
             # P = X Q, formed in fp32 and rounded once to the operand dtype of the GEMM.
-            p = x * qr[None, :] + x_swap * qi[None, :]
-            acc = tl.dot(p.to(gt.dtype), gt, acc, input_precision=PRECISION)
+            p = (x * qr[None, :] + x_swap * qi[None, :]).to(gt1.dtype)
+            acc1 = tl.dot(p, gt1, acc1, input_precision=PRECISION)
+            acc2 = tl.dot(p, gt2, acc2, input_precision=PRECISION)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + o).to(tl.float32)
+        bias = tl.load(bias_ptr + o).to(tl.float32)
+        acc1 += bias
+        acc2 += bias
     # Padding rows/columns would otherwise carry the bias into the softmax.
-    valid = (offs_i < M_ROWS)[:, None] & d_ok[None, :]
-    return tl.where(valid, acc, 0.0)
+    i_ok = (offs_i < M_ROWS)[:, None]
+    return tl.where(i_ok & ok1[None, :], acc1, 0.0), tl.where(i_ok & ok2[None, :], acc2, 0.0)
 
 
 @triton.jit
@@ -232,50 +245,49 @@ def _read_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_I: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D1: tl.constexpr,
+    BLOCK_D2: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """One read layer and the attention readout for question b, output channel o and
     BLOCK_I slots: the spectral GEMM (module docstring), bias, ReLU (its output, the read
     memory Mr, stored for the backward), unit norm, and the softmax partials of
-    kernels/attention.py (z, block max, block sum, block readout)."""
+    kernels/attention.py (z, block max, block sum, block readout), on the row's two
+    column chunks."""
     b = tl.program_id(0)
     blk = tl.program_id(1)
     o = blk // N_I_BLOCKS
     offs_i = (blk % N_I_BLOCKS) * BLOCK_I + tl.arange(0, BLOCK_I)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d1 = tl.arange(0, BLOCK_D1)
+    offs_d2 = BLOCK_D1 + tl.arange(0, BLOCK_D2)
     i_ok = offs_i < M_ROWS
-    d_ok = offs_d < D
-    y = _spectral_conv_rows(
-        xs_ptr, g_ptr, bias_ptr, u_ptr, h2_ptr, s2_ptr, tab_ptr, b, o, offs_i, offs_d,
-        C_IN, N_ROWS, M_ROWS, KH, STRIDE, PAD_TOP,
-        D, K, HAS_BIAS, PRECISION, BLOCK_I, BLOCK_D, BLOCK_K, BLOCK_N,
+    ok1 = offs_d1 < D
+    ok2 = offs_d2 < D
+    y1, y2 = _spectral_conv_rows(
+        xs_ptr, g_ptr, bias_ptr, u_ptr, h2_ptr, s2_ptr, tab_ptr, b, o, offs_i, offs_d1,
+        offs_d2, C_IN, N_ROWS, M_ROWS, KH, STRIDE, PAD_TOP,
+        D, K, HAS_BIAS, PRECISION, BLOCK_I, BLOCK_D1, BLOCK_D2, BLOCK_K, BLOCK_N,
     )  # fmt: skip
-    tile = tl.maximum(y, 0.0)
+    tile1 = tl.maximum(y1, 0.0)
+    tile2 = tl.maximum(y2, 0.0)
     # The read memory Mr (the ReLU rows) for the backward: storing it costs 2 bytes an
     # element (bf16) where recomputing it costs the whole conv tile again.
-    first = mr_ptr + ((b * C_OUT + o) * M_ROWS).to(tl.int64) * D
-    tl.store(
-        first + offs_i[:, None] * D + offs_d[None, :],
-        tile.to(mr_ptr.dtype.element_ty),
-        mask=i_ok[:, None] & d_ok[None, :],
-    )
-    rn = tl.rsqrt(eps + tl.sum(tile * tile, axis=1))
-    u = tl.load(u_ptr + b * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    rows = mr_ptr + ((b * C_OUT + o) * M_ROWS).to(tl.int64) * D + offs_i[:, None] * D
+    tl.store(rows + offs_d1[None, :], tile1.to(mr_ptr.dtype.element_ty),
+             mask=i_ok[:, None] & ok1[None, :])  # fmt: skip
+    tl.store(rows + offs_d2[None, :], tile2.to(mr_ptr.dtype.element_ty),
+             mask=i_ok[:, None] & ok2[None, :])  # fmt: skip
+    rn = tl.rsqrt(eps + tl.sum(tile1 * tile1, axis=1) + tl.sum(tile2 * tile2, axis=1))
+    u1 = tl.load(u_ptr + b * D + offs_d1, mask=ok1, other=0.0).to(tl.float32)
+    u2 = tl.load(u_ptr + b * D + offs_d2, mask=ok2, other=0.0).to(tl.float32)
     part = b * (C_OUT * N_I_BLOCKS) + blk
-    _softmax_block(
-        tile,
-        u,
-        rn,
-        i_ok,
-        z_ptr + (b * C_OUT + o) * M_ROWS + offs_i,
-        pm_ptr + part,
-        pl_ptr + part,
-        pacc_ptr + part.to(tl.int64) * D + offs_d,
-        d_ok,
-        sharp,
-    )
+    acc = pacc_ptr + part.to(tl.int64) * D
+    _softmax_block_split(
+        tile1, tile2, u1, u2, rn, i_ok,
+        z_ptr + (b * C_OUT + o) * M_ROWS + offs_i, pm_ptr + part, pl_ptr + part,
+        acc + offs_d1, acc + offs_d2, ok1, ok2, sharp,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -301,7 +313,8 @@ def _read_conv_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_I: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D1: tl.constexpr,
+    BLOCK_D2: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -312,18 +325,21 @@ def _read_conv_fwd_kernel(
     blk = tl.program_id(1)
     o = blk // N_I_BLOCKS
     offs_i = (blk % N_I_BLOCKS) * BLOCK_I + tl.arange(0, BLOCK_I)
-    offs_d = tl.arange(0, BLOCK_D)
-    y = _spectral_conv_rows(
-        xs_ptr, g_ptr, bias_ptr, u_ptr, h2_ptr, s2_ptr, tab_ptr, b, o, offs_i, offs_d,
-        C_IN, N_ROWS, M_ROWS, KH, STRIDE, PAD_TOP,
-        D, K, HAS_BIAS, PRECISION, BLOCK_I, BLOCK_D, BLOCK_K, BLOCK_N,
+    offs_d1 = tl.arange(0, BLOCK_D1)
+    offs_d2 = BLOCK_D1 + tl.arange(0, BLOCK_D2)
+    y1, y2 = _spectral_conv_rows(
+        xs_ptr, g_ptr, bias_ptr, u_ptr, h2_ptr, s2_ptr, tab_ptr, b, o, offs_i, offs_d1,
+        offs_d2, C_IN, N_ROWS, M_ROWS, KH, STRIDE, PAD_TOP,
+        D, K, HAS_BIAS, PRECISION, BLOCK_I, BLOCK_D1, BLOCK_D2, BLOCK_K, BLOCK_N,
     )  # fmt: skip
     # A 64-bit base per (question, channel) and int32 offsets within it (at most m * d):
-    # 64-bit addresses for the whole [64, 512] tile cost registers the store can spare less.
-    first = out_ptr + ((b * C_OUT + o) * M_ROWS).to(tl.int64) * D
-    ok = (offs_i < M_ROWS)[:, None] & (offs_d < D)[None, :]
-    out = tl.maximum(y, 0.0).to(out_ptr.dtype.element_ty)
-    tl.store(first + offs_i[:, None] * D + offs_d[None, :], out, mask=ok)
+    # 64-bit addresses for the whole tile cost registers the store can spare less.
+    rows = out_ptr + ((b * C_OUT + o) * M_ROWS).to(tl.int64) * D + offs_i[:, None] * D
+    i_ok = (offs_i < M_ROWS)[:, None]
+    tl.store(rows + offs_d1[None, :], tl.maximum(y1, 0.0).to(out_ptr.dtype.element_ty),
+             mask=i_ok & (offs_d1 < D)[None, :])  # fmt: skip
+    tl.store(rows + offs_d2[None, :], tl.maximum(y2, 0.0).to(out_ptr.dtype.element_ty),
+             mask=i_ok & (offs_d2 < D)[None, :])  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------
@@ -400,12 +416,13 @@ def read_config(
     has_bias: bool,
 ) -> LaunchConfig:
     """Launch configuration of _read_fwd_kernel and _read_conv_fwd_kernel: one program per
-    (question, output channel, BLOCK_I slots), each tile spanning the whole width pow2(d).
-    bf16/fp16: 64 slots, the M of a wgmma tile; fp32 (ieee on CUDA cores): 16 (the
-    conv-attention kernel's tiles)."""
+    (question, output channel, BLOCK_I slots), each holding the whole width in two column
+    chunks (split_width(d)). bf16/fp16: 64 slots, the M of a wgmma tile; fp32 (ieee on
+    CUDA cores): 16 (the conv-attention kernel's tiles)."""
     half = dtype != torch.float32
     block_i = BLOCK_I_WGMMA if half else BLOCK_I_SMALL
     bins = BLOCK_BINS_HALF if half else BLOCK_BINS
+    d1, d2 = split_width(d)
     return LaunchConfig(
         grid=(n_batch, c_out * triton.cdiv(m, block_i)),
         constexprs=dict(
@@ -414,7 +431,8 @@ def read_config(
             HAS_BIAS=has_bias,
             PRECISION=dot_precision(dtype),
             BLOCK_I=block_i,
-            BLOCK_D=pow2_at_least(d),
+            BLOCK_D1=d1,
+            BLOCK_D2=d2,
             BLOCK_K=bins,
             BLOCK_N=BLOCK_N,
         ),

@@ -39,6 +39,24 @@ def embed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> t
     return unit_norm(F.linear(unit_norm(x), weight, bias))
 
 
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    keep: torch.Tensor | None = None,
+    legacy: bool = False,
+) -> torch.Tensor:
+    """Mean softmax cross-entropy of logits [B, A] (in fp32) against target [B]; of
+    softmax(logits) in the release's legacy form; with ``keep`` (a padded batch's question
+    mask) the mean over the kept questions (docs/model.md section 6)."""
+    scores = logits.float()
+    if legacy:
+        scores = torch.softmax(scores, dim=-1)
+    if keep is None:
+        return F.cross_entropy(scores, target)
+    per_question = F.cross_entropy(scores, target, reduction="none")
+    return torch.where(keep, per_question, 0.0).sum() / keep.sum()
+
+
 def hop_update(o: torch.Tensor, u: torch.Tensor, a: float, b: float) -> torch.Tensor:
     """The controller's update between hops, unit_norm(a unit_norm(o) + b u) (docs/model.md
     section 5: a = alpha, b = 1 - alpha; the release's legacy form: a = b = 1)."""
@@ -249,6 +267,7 @@ __all__ = [
     "cbp",
     "conv_attention_read",
     "count_sketch",
+    "cross_entropy",
     "embed",
     "hop_update",
     "memory_conv",

@@ -288,7 +288,8 @@ def _conv_attn_bwd(a, grid) -> Work:
 
 def _spectral_rows(a, rows: int) -> Work:
     """_spectral_conv_rows of one program: question spectrum, [Re P | Im P] x G."""
-    bi, bk, bd, bn = a["BLOCK_I"], a["BLOCK_K"], a["BLOCK_D"], a["BLOCK_N"]
+    bi, bk, bn = a["BLOCK_I"], a["BLOCK_K"], a["BLOCK_N"]
+    bd = a["BLOCK_D1"] + a["BLOCK_D2"]
     k, d = a["K"], a["D"]
     taps = a["C_IN"] * a["KH"]
     esize_g = _esize(a["g_ptr"])
@@ -549,6 +550,20 @@ def _hop_update_fwd(a, grid) -> Work:
 def _hop_update_bwd(a, grid) -> Work:
     tensors = ("o_ptr", "u_ptr", "g_ptr", "do_ptr", "du_ptr")
     return Work(0, a["R"] * a["D"] * sum(_esize(a[p]) for p in tensors))
+
+
+# --------------------------------------------------------------------------------------
+# The answer loss (kernels/cross_entropy.py)
+# --------------------------------------------------------------------------------------
+
+
+@_formula("_ce_fwd_kernel", "_ce_bwd_kernel")
+def _cross_entropy(a, grid) -> Work:
+    """Scores and targets in (the mask, the loss gradient), the loss or dx out."""
+    rows, width = a["B"], a["A"]
+    scores = rows * width * _esize(a["x_ptr"])
+    out = scores if "dx_ptr" in a else F32
+    return Work(0, scores + rows * (_esize(a["t_ptr"]) + _esize(a["keep_ptr"])) + out)
 
 
 def formulas() -> tuple[str, ...]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rwmn import ops
@@ -168,14 +167,7 @@ class RWMN(nn.Module):
     ) -> torch.Tensor:
         """Softmax cross-entropy (of softmax(scores) in legacy mode) + reg * sum ||p||^2 / 2;
         with ``keep`` (a padded batch's question mask) the mean over the kept questions."""
-        scores = logits.float()
-        if self.cfg.legacy:
-            scores = torch.softmax(scores, dim=-1)
-        if keep is None:
-            loss = F.cross_entropy(scores, target)
-        else:
-            per_question = F.cross_entropy(scores, target, reduction="none")
-            loss = torch.where(keep, per_question, 0.0).sum() / keep.sum()
+        loss = ops.cross_entropy(logits, target, keep, self.cfg.legacy)
         if self.cfg.reg:
             loss = loss + self.cfg.reg * 0.5 * sum(
                 p.float().pow(2).sum() for p in self.parameters()

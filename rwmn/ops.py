@@ -144,7 +144,9 @@ def check_device(device: torch.device, backend: str | None = None) -> None:
         )
 
 
-KERNEL_MODULES = ("cbp", "memconv", "attention", "read_network", "unit_norm", "embedding")
+KERNEL_MODULES = (
+    "cbp", "memconv", "attention", "read_network", "unit_norm", "embedding", "cross_entropy",
+)  # fmt: skip
 
 
 def preload_kernels() -> None:
@@ -271,6 +273,19 @@ def embed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> t
     if resolve_backend("embed", *_tensors(x, weight, bias)) == "triton":
         return _fused("embedding", "embed")(x, weight, bias)
     return reference.embed(x, weight, bias)
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    keep: torch.Tensor | None = None,
+    legacy: bool = False,
+) -> torch.Tensor:
+    """Mean softmax cross-entropy over the (kept) questions; see
+    :func:`rwmn.reference.cross_entropy`."""
+    if resolve_backend("cross_entropy", logits) == "triton":
+        return _fused("cross_entropy", "cross_entropy")(logits, target, keep, legacy)
+    return reference.cross_entropy(logits, target, keep, legacy)
 
 
 def hop_update(o: torch.Tensor, u: torch.Tensor, a: float, b: float) -> torch.Tensor:

@@ -1,0 +1,75 @@
+"""kernels/cross_entropy.py: the answer loss, one launch each way."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_helpers import (
+    LOW_PRECISION_RATIO,
+    LOW_PRECISION_REL_ATOL,
+    check_against_float64,
+    gpu_semantics,  # noqa: F401  (fixture)
+)
+
+import rwmn.ops
+from kernels import cross_entropy as ce
+from kernels._common import record_launches
+from rwmn import reference
+
+# A GPU's semantics on the interpreter, every allocation NaN-poisoned (kernel_helpers).
+pytestmark = pytest.mark.usefixtures("gpu_semantics")
+
+# (B, A): the model's, one row, several row steps ending in a partial one, A not a power
+# of two and wider than one.
+SHAPES = [(32, 5), (1, 5), (130, 7), (3, 2)]
+
+
+def _fns(target, keep, legacy):
+    fused = lambda x: ce.cross_entropy(x, target, keep, legacy)
+    ref = lambda x: reference.cross_entropy(x, target, keep, legacy)
+    return fused, ref
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["paper", "legacy"])
+@pytest.mark.parametrize("masked", [False, True], ids=["all", "keep"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_float64(shape, masked, legacy):
+    batch, a = shape
+    target = torch.randint(0, a, (batch,))
+    keep = None
+    if masked:
+        keep = torch.rand(batch) < 0.7
+        keep[0] = True
+    check_against_float64(*_fns(target, keep, legacy), [torch.randn(batch, a) * 3.0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_scores(dtype):
+    """bf16/fp16 scores (the model's under autocast) are read as they are; the loss is
+    fp32 and the gradient in the scores' dtype."""
+    target = torch.randint(0, 5, (32,))
+    check_against_float64(
+        *_fns(target, None, False), [torch.randn(32, 5)], dtype=dtype,
+        ratio=LOW_PRECISION_RATIO, rel_atol=LOW_PRECISION_REL_ATOL[dtype],
+    )  # fmt: skip
+
+
+def test_one_launch_each_way_and_dispatch():
+    x = torch.randn(32, 5, dtype=torch.bfloat16, requires_grad=True)
+    target = torch.randint(0, 5, (32,))
+    with rwmn.ops.use_backend("triton"), record_launches() as forward:
+        loss = rwmn.ops.cross_entropy(x, target)
+    assert [k.name for k in forward] == ["_ce_fwd_kernel"] and loss.dtype == torch.float32
+    with record_launches() as backward:
+        loss.backward()
+    assert [k.name for k in backward] == ["_ce_bwd_kernel"]
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor")
+    args = (torch.randn(4, 3, requires_grad=True), torch.tensor([0, 2, 1, 1]), None, False)
+    torch.library.opcheck(torch.ops.rwmn.cross_entropy.default, args, test_utils=tests)
+
+
+def test_bad_shapes_raise():
+    with pytest.raises(ValueError, match=r"must be \[B, A\]"):
+        ce.cross_entropy(torch.randn(4, 3), torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="keep"):
+        ce.cross_entropy(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), torch.ones(3) > 0)
