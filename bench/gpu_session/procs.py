@@ -150,8 +150,10 @@ def finish_tests(proc: subprocess.Popen, info: dict, deadline: float) -> dict:
 
 
 def compile_jobs(cfg: SessionConfig) -> list[dict]:
-    """Every torch.compile the timing sections will do, in their order."""
+    """Every torch.compile the timing sections will do, in their order, except that the
+    longest compiles (max-autotune: inductor benchmarks its choices) go first."""
     from bench import cases as C
+    from bench.e2e import COMPILE_MODES
 
     jobs = []
     if "ops" in cfg.sections and "compiled" in cfg.backends:
@@ -160,13 +162,14 @@ def compile_jobs(cfg: SessionConfig) -> list[dict]:
                 jobs.append({"kind": "op", "case": case.id, "dtype": dtype})
     if "step" in cfg.sections:
         for config, mode, precision, backend in cfg.step.cases():
-            if mode != "eager":
+            if mode in COMPILE_MODES:  # not eager, nor cuda-graphs (captured, not compiled)
                 jobs.append(
                     {
                         "kind": "step", "config": config, "mode": mode,
                         "precision": precision, "backend": backend,
                     }
                 )  # fmt: skip
+    jobs.sort(key=lambda job: job.get("mode") != "max-autotune")
     return jobs[: cfg.warm_jobs]
 
 
