@@ -15,11 +15,11 @@ story of n elements, crossed over
   marked with ``torch.compiler.cudagraph_mark_step_begin``; on the CPU there are no CUDA
   graphs and it runs as ``compiled``, which its row notes), ``max-autotune``
   (``torch.compile(model, mode="max-autotune")``: inductor benchmarks its matmul and
-  kernel choices while compiling, and uses CUDA graphs as ``reduce-overhead`` does; with
-  another backend or on the CPU it runs as ``compiled``, noted likewise) or
-  ``cuda-graphs`` (train.py
-  --cuda_graphs: the whole eager step, fused Adagrad included, replayed from a CUDA graph
-  of the padded batch, rwmn.graphs; CUDA only, skipped elsewhere);
+  kernel choices while compiling, and uses CUDA graphs as ``reduce-overhead`` does; off
+  CUDA without them, and with another backend than inductor as ``compiled``: its row
+  notes either) or ``cuda-graphs`` (train.py --cuda_graphs: the whole eager step, fused
+  Adagrad included, replayed from a CUDA graph of the padded batch, rwmn.graphs; CUDA
+  only, skipped elsewhere);
 * precision: ``fp32``, or ``bf16`` (``torch.autocast`` bf16 around forward and loss; the
   parameters and the optimiser stay fp32);
 * backend: ``reference`` or ``fused`` (``rwmn.ops.use_backend("triton")``; skipped with
@@ -253,10 +253,14 @@ def measure_step(
         from rwmn.padding import story_bucket
 
         row["padded_n"] = story_bucket(n)
-    if mode != "eager":
+    if mode in COMPILE_MODES:
         row["compile_backend"] = compile_backend
-    if mode in GRAPHED_COMPILE_MODES and (kind != "cuda" or compile_backend != "inductor"):
-        row["note"] = f"no {mode} here (it needs CUDA and inductor): runs as compiled"
+    if mode in GRAPHED_COMPILE_MODES and compile_backend != "inductor":
+        row["note"] = f"{mode} is an inductor mode: with {compile_backend} it runs as compiled"
+    elif mode in GRAPHED_COMPILE_MODES and kind != "cuda":
+        row["note"] = "no CUDA graphs off CUDA" + (
+            ": runs as compiled" if mode == "reduce-overhead" else ""
+        )
     try:
         step = build_step(
             config, mode, precision, backend, device, n, batch, smoke,

@@ -1,6 +1,6 @@
 """One command that checks and measures everything on a GPU, within a time budget.
 
-    python -m bench gpu_session [--out DIR]      # CUDA: about 9 minutes
+    python -m bench gpu_session [--out DIR]      # CUDA: at most 7 minutes
     python -m bench gpu_session --part sweep      # the size sweeps
     python -m bench gpu_session --smoke           # CPU, tiny, < 1 minute
 

@@ -126,10 +126,17 @@ def compare(
 
 
 def device_kernels(events) -> list[str]:
-    """The names of a profile's device (CUDA) events, in launch order."""
+    """The names of a profile's device (CUDA) events that do work, in launch order: not
+    the GPU-side copies of annotated ranges (``Optimizer.step#...``), which torch's own
+    tables leave out too."""
     from torch.autograd import DeviceType
 
-    found = [e for e in events if e.device_type == DeviceType.CUDA]
+    def work(e) -> bool:
+        if e.device_type != DeviceType.CUDA or getattr(e, "is_user_annotation", False):
+            return False
+        return "annotation" not in str(getattr(e, "activity_type", "") or "").lower()
+
+    found = [e for e in events if work(e)]
     return [e.name for e in sorted(found, key=lambda e: e.time_range.start)]
 
 

@@ -80,17 +80,23 @@ def _first_line(text: str | None) -> str | None:
     return text.splitlines()[0] if text else None
 
 
+#: Lines of a failing test's report kept in the results (its log stays outside them).
+DETAIL_LINES = 25
+
+
 def parse_junit(path: Path) -> list[dict]:
     """Per test: name, outcome (passed, failed, error, skipped), seconds, first line of
-    the message."""
+    the message, and for a failure or an error the last DETAIL_LINES of its report."""
     tests = []
     for case in ET.parse(path).getroot().iter("testcase"):
-        outcome, message = "passed", None
+        outcome, message, detail = "passed", None, None
         for child in case:
             tag = {"failure": "failed", "error": "error", "skipped": "skipped"}.get(child.tag)
             if tag:
                 outcome = tag
                 message = _first_line(child.get("message") or child.text)
+                if tag in ("failed", "error") and child.text:
+                    detail = child.text.strip().splitlines()[-DETAIL_LINES:]
                 break
         tests.append(
             {
@@ -98,6 +104,7 @@ def parse_junit(path: Path) -> list[dict]:
                 "outcome": outcome,
                 "time_s": float(case.get("time") or 0.0),
                 "message": message,
+                "detail": detail,
             }
         )
     return tests

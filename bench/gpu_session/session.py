@@ -473,9 +473,10 @@ def run_session(cfg: SessionConfig, args: argparse.Namespace, argv: list[str], s
     if (out_dir / f"{stem}.json").exists():
         stem += "-" + datetime.datetime.now(datetime.UTC).strftime("%H%M%S")
     meta["json"] = str(out_dir / f"{stem}.json")
-    # The subprocesses' logs (tests, warmers) beside the results, not among them.
-    logs = out_dir / f"{stem}-logs"
-    logs.mkdir(exist_ok=True)
+    # The subprocesses' logs (tests, warmers) outside the output folder, which holds the
+    # results alone (at most MAX_RESULT_FILES files); the JSON keeps what they say.
+    logs = args.logs or Path(tempfile.mkdtemp(prefix=f"rwmn-{stem}-logs-"))
+    logs.mkdir(parents=True, exist_ok=True)
     meta["logs"] = str(logs)
     s = Session(cfg, meta, out_dir, stem, start)
     print(rep.provenance(meta), flush=True)
