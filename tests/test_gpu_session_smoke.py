@@ -71,9 +71,10 @@ def _session(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-session")
+    logs = tmp_path_factory.mktemp("gpu-session-logs")
     injected = [a for case in INJECTED for a in ("--inject-error", case)]
     t0 = time.monotonic()
-    proc = _session("--smoke", "--out", str(out), "--seed", "7", *injected)
+    proc = _session("--smoke", "--out", str(out), "--logs", str(logs), "--seed", "7", *injected)
     wall = time.monotonic() - t0
     found = sorted(out.glob("cpu-smoke-*.json"))
     assert len(found) == 1, (found, proc.stderr[-4000:])
@@ -213,7 +214,7 @@ def test_summary_is_last_and_short(smoke):
 def test_sweep_part(tmp_path):
     proc = _session(
         "--smoke", "--part", "sweep", "--ops", "attention_read", "--warm-processes", "0",
-        "--out", str(tmp_path),
+        "--out", str(tmp_path), "--logs", str(tmp_path / "logs"),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     data = json.loads(next(tmp_path.glob("cpu-smoke-*-sweep.json")).read_text())
