@@ -161,10 +161,17 @@ def _base(func) -> str:
 def classify(func) -> str | None:
     """The kind of launch an aten op makes, "sync" for a host synchronisation, or None for
     an op that launches nothing (a view, an allocation)."""
-    name = _base(func)
+    if func.is_view:
+        return None
+    return classify_name(_base(func))
+
+
+def classify_name(name: str) -> str | None:
+    """:func:`classify` by the op's base name alone (``mm``, ``_fused_adagrad_``), for
+    op lists without the ops themselves (a profiler's); views only by their usual names."""
     if name in _SYNC:
         return "sync"
-    if name in _FREE or func.is_view or name in ("detach", "alias", "view", "t"):
+    if name in _FREE or name in ("detach", "alias", "view", "t"):
         return None
     if name == "sum_to_size":  # a reduction only where it sums (else a view)
         return "reduction"

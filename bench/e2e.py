@@ -10,12 +10,16 @@ story of n elements, crossed over
 
 * config: the default ``sub`` and ``video_sub`` RWMNConfig (write "40-30-3", read "3-1-3");
 * mode: ``eager``, ``compiled`` (``torch.compile(model)``; the optimiser step stays
-  eager; compilation happens in the untimed warm-up steps) or ``reduce-overhead``
+  eager; compilation happens in the untimed warm-up steps), ``reduce-overhead``
   (``torch.compile(model, mode="reduce-overhead")``: inductor with CUDA graphs, each step
   marked with ``torch.compiler.cudagraph_mark_step_begin``; on the CPU there are no CUDA
-  graphs and it runs as ``compiled``, which its row notes) or ``cuda-graphs`` (train.py
-  --cuda_graphs: the whole eager step, fused Adagrad included, replayed from a CUDA graph
-  of the padded batch, rwmn.graphs; CUDA only, skipped elsewhere);
+  graphs and it runs as ``compiled``, which its row notes), ``max-autotune``
+  (``torch.compile(model, mode="max-autotune")``: inductor benchmarks its matmul and
+  kernel choices while compiling, and uses CUDA graphs as ``reduce-overhead`` does; off
+  CUDA without them, and with another backend than inductor as ``compiled``: its row
+  notes either) or ``cuda-graphs`` (train.py --cuda_graphs: the whole eager step, fused
+  Adagrad included, replayed from a CUDA graph of the padded batch, rwmn.graphs; CUDA
+  only, skipped elsewhere);
 * precision: ``fp32``, or ``bf16`` (``torch.autocast`` bf16 around forward and loss; the
   parameters and the optimiser stay fp32);
 * backend: ``reference`` or ``fused`` (``rwmn.ops.use_backend("triton")``; skipped with
@@ -37,9 +41,15 @@ from pathlib import Path
 from bench import cli
 
 CONFIGS = ("sub", "video_sub")
-MODES = ("eager", "compiled", "reduce-overhead", "cuda-graphs")
+MODES = ("eager", "compiled", "reduce-overhead", "max-autotune", "cuda-graphs")
 #: torch.compile modes of the compiled MODES (None: torch.compile's default).
-COMPILE_MODES = {"compiled": None, "reduce-overhead": "reduce-overhead"}
+COMPILE_MODES = {
+    "compiled": None,
+    "reduce-overhead": "reduce-overhead",
+    "max-autotune": "max-autotune",
+}
+#: The compiled MODES in which inductor captures CUDA graphs (on CUDA, with inductor).
+GRAPHED_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 PRECISIONS = ("fp32", "bf16")
 BACKENDS = ("reference", "fused")
 #: Optimiser of the release (SPEC section 5).
@@ -130,7 +140,7 @@ def build_step(
         forward = torch.compile(model, backend=compile_backend, mode=compile_mode)
     # CUDA graphs replay into the same output buffers: each step starts a new generation so
     # that the previous step's outputs (already consumed) may be overwritten.
-    mark_step = mode == "reduce-overhead" and kind == "cuda"
+    mark_step = mode in GRAPHED_COMPILE_MODES and kind == "cuda"
     autocast = (
         torch.autocast(kind, dtype=torch.bfloat16)
         if precision == "bf16"
@@ -239,10 +249,18 @@ def measure_step(
 
     row = base_row(config, mode, precision, backend, n, batch, smoke)
     kind = torch.device(device).type
-    if mode != "eager":
+    if mode == "cuda-graphs":  # the story length the captured step runs on
+        from rwmn.padding import story_bucket
+
+        row["padded_n"] = story_bucket(n)
+    if mode in COMPILE_MODES:
         row["compile_backend"] = compile_backend
-    if mode == "reduce-overhead" and (kind != "cuda" or compile_backend != "inductor"):
-        row["note"] = "no CUDA graphs here (they need CUDA and inductor): runs as compiled"
+    if mode in GRAPHED_COMPILE_MODES and compile_backend != "inductor":
+        row["note"] = f"{mode} is an inductor mode: with {compile_backend} it runs as compiled"
+    elif mode in GRAPHED_COMPILE_MODES and kind != "cuda":
+        row["note"] = "no CUDA graphs off CUDA" + (
+            ": runs as compiled" if mode == "reduce-overhead" else ""
+        )
     try:
         step = build_step(
             config, mode, precision, backend, device, n, batch, smoke,

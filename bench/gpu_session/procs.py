@@ -80,17 +80,23 @@ def _first_line(text: str | None) -> str | None:
     return text.splitlines()[0] if text else None
 
 
+#: Lines of a failing test's report kept in the results (its log stays outside them).
+DETAIL_LINES = 25
+
+
 def parse_junit(path: Path) -> list[dict]:
     """Per test: name, outcome (passed, failed, error, skipped), seconds, first line of
-    the message."""
+    the message, and for a failure or an error the last DETAIL_LINES of its report."""
     tests = []
     for case in ET.parse(path).getroot().iter("testcase"):
-        outcome, message = "passed", None
+        outcome, message, detail = "passed", None, None
         for child in case:
             tag = {"failure": "failed", "error": "error", "skipped": "skipped"}.get(child.tag)
             if tag:
                 outcome = tag
                 message = _first_line(child.get("message") or child.text)
+                if tag in ("failed", "error") and child.text:
+                    detail = child.text.strip().splitlines()[-DETAIL_LINES:]
                 break
         tests.append(
             {
@@ -98,6 +104,7 @@ def parse_junit(path: Path) -> list[dict]:
                 "outcome": outcome,
                 "time_s": float(case.get("time") or 0.0),
                 "message": message,
+                "detail": detail,
             }
         )
     return tests
@@ -150,8 +157,10 @@ def finish_tests(proc: subprocess.Popen, info: dict, deadline: float) -> dict:
 
 
 def compile_jobs(cfg: SessionConfig) -> list[dict]:
-    """Every torch.compile the timing sections will do, in their order."""
+    """Every torch.compile the timing sections will do, in their order, except that the
+    longest compiles (max-autotune: inductor benchmarks its choices) go first."""
     from bench import cases as C
+    from bench.e2e import COMPILE_MODES
 
     jobs = []
     if "ops" in cfg.sections and "compiled" in cfg.backends:
@@ -160,13 +169,14 @@ def compile_jobs(cfg: SessionConfig) -> list[dict]:
                 jobs.append({"kind": "op", "case": case.id, "dtype": dtype})
     if "step" in cfg.sections:
         for config, mode, precision, backend in cfg.step.cases():
-            if mode != "eager":
+            if mode in COMPILE_MODES:  # not eager, nor cuda-graphs (captured, not compiled)
                 jobs.append(
                     {
                         "kind": "step", "config": config, "mode": mode,
                         "precision": precision, "backend": backend,
                     }
                 )  # fmt: skip
+    jobs.sort(key=lambda job: job.get("mode") != "max-autotune")
     return jobs[: cfg.warm_jobs]
 
 

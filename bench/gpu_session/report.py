@@ -6,7 +6,8 @@ training step, the fused time, its speedup over the eager and the torch.compile'
 reference, the fraction of the run's own copy bandwidth or matmul ceiling, and peak
 memory. The markdown holds everything else; bench.report renders its timing tables.
 
-May import: bench.gpu_session.config, bench.cases and bench.report.
+May import: bench.gpu_session.config, .kernel_census (its KINDS), bench.cases and
+bench.report.
 """
 
 from __future__ import annotations
@@ -106,6 +107,8 @@ SUMMARY_PASS = "forward+backward"
 #: The step target: (config, mode, precision, backend) vs the eager fp32 reference.
 STEP_TARGET = ("video_sub", "compiled", "bf16", "fused")
 STEP_BASELINE = ("video_sub", "eager", "fp32", "reference")
+#: The baseline the fused step is to beat: the reference compiled with max-autotune, bf16.
+STEP_AUTOTUNED = ("video_sub", "max-autotune", "bf16", "reference")
 
 
 def summary_lines(cfg: SessionConfig, results: dict) -> list[str]:
@@ -136,6 +139,10 @@ def summary_lines(cfg: SessionConfig, results: dict) -> list[str]:
             "step target (video_sub bf16 fused compiled vs eager fp32 reference, target >= 4x): "
             + _ratio(_ms(baseline), _ms(target))
         )
+        if STEP_AUTOTUNED[1] in cfg.step.mode_names:
+            tail.append(_baseline_line(steps))
+    if results.get("census"):
+        tail.append(_census_line(results["census"], cfg.census.tolerance))
     if results["pipeline"]:
         tail.append(_pipeline_line(results["pipeline"]))
     rule = "|" + "---|" * (header.count("|") - 1)
@@ -166,19 +173,55 @@ def _op_rows(cfg: SessionConfig, ops: dict) -> list[str]:
 
 
 def _step_rows(cfg: SessionConfig, steps: dict) -> list[str]:
+    """One line per fused step case (modes that run the reference only, max-autotune,
+    appear in the baseline line instead)."""
     lines = []
-    for mode in cfg.step.modes:
-        for config in cfg.step.configs:
-            for precision in cfg.step.precisions:
-                fused = steps.get((config, mode, precision, "fused"))
-                eager = steps.get((config, "eager", precision, "reference"))
-                comp = steps.get((config, "compiled", precision, "reference"))
-                lines.append(
-                    f"| step {config} {mode} | {precision} | {_cell(fused)} | "
-                    f"{_ratio(_ms(eager), _ms(fused))} | {_ratio(_ms(comp), _ms(fused))} | - "
-                    f"| {_peaks(fused, eager)} |"
-                )
+    st = cfg.step
+    for config, mode, precision, backend in st.cases():
+        if backend != "fused":
+            continue
+        fused = steps.get((config, mode, precision, "fused"))
+        eager = steps.get((config, "eager", precision, "reference"))
+        comp = steps.get((config, "compiled", precision, "reference"))
+        lines.append(
+            f"| step {config} {mode} | {precision} | {_cell(fused)} | "
+            f"{_ratio(_ms(eager), _ms(fused))} | {_ratio(_ms(comp), _ms(fused))} | - "
+            f"| {_peaks(fused, eager)} |"
+        )
     return lines
+
+
+def _baseline_line(steps: dict) -> str:
+    """The fused step's modes against the max-autotune reference (STEP_AUTOTUNED)."""
+    config, mode, precision, backend = STEP_AUTOTUNED
+    base = _ms(steps.get(STEP_AUTOTUNED))
+    cells = [
+        f"{m} {_ratio(base, _ms(steps.get((config, m, precision, 'fused'))))}"
+        for m in ("eager", "cuda-graphs", "compiled")
+    ]
+    return (
+        f"step vs {config} {precision} {backend} {mode} "
+        f"({_cell(steps.get(STEP_AUTOTUNED))} ms), fused: " + ", ".join(cells)
+    )
+
+
+def _census_line(rows: list[dict], tolerance: float) -> str:
+    """The fused steps' census ratios (device kernels over the CPU count)."""
+    cells = []
+    for r in rows:
+        if r["backend"] != "fused":
+            continue
+        what = f"{r['config']} {r['precision']}"
+        if r["status"] != "ok":
+            cells.append(f"{what} {r['status']}")
+            continue
+        verdict = {True: "ok", False: "OFF", None: "CPU stand-in"}[r["within_tolerance"]]
+        cells.append(
+            f"{what} {r['device_kernels']}/{r['cpu_launches']} = {r['ratio']:.3g} ({verdict})"
+        )
+    return f"census, fused step kernels/CPU count (target within {tolerance:.0%}): " + (
+        ", ".join(cells) or "-"
+    )
 
 
 SWEEP_HEADER = "| op/family | dtype | swept | fused ms | x eager | x compiled |"
@@ -275,6 +318,57 @@ def _check_table(rows: list[dict], what: tuple[str, ...]) -> list[str]:
     return lines
 
 
+def census_markdown(cfg: SessionConfig, rows: list[dict]) -> list[str]:
+    """The GPU census section: per configuration the kernel count against bench.census's,
+    then both counts per kind."""
+    from bench.gpu_session.kernel_census import KINDS
+
+    lines = [
+        "## GPU census: the kernels of one training step against bench.census",
+        "",
+        f"One steady-state step (n {cfg.census.n}, B {cfg.census.batch}; after "
+        f"{cfg.census.warmup_steps} untimed) under torch.profiler: its device kernels "
+        "(copies and fills by the driver included), classified by name, against "
+        "`python -m bench census`'s CPU count of the same step (one launch per aten op, "
+        f"the fused kernels' launches recorded). Ratio = kernels / CPU count; the fused "
+        f"step's target is within {cfg.census.tolerance:.0%}.",
+        "",
+        "| step | source | CPU count | kernels | ratio | within | distinct | status |",
+        "|---|---|---:|---:|---:|---|---:|---|",
+    ]
+    for r in rows:
+        step = f"{r['config']}-{r['precision']}-{r['backend']}"
+        if r["status"] != "ok":
+            lines.append(f"| {step} | | | | | | | {r['status']}: {_first(r['reason'])} |")
+            continue
+        within = {True: "yes", False: "**no**", None: "-"}[r["within_tolerance"]]
+        lines.append(
+            f"| {step} | {r['source']} | {r['cpu_launches']} | {r['device_kernels']} | "
+            f"{r['ratio']:.3g} | {within} | {r['distinct_kernels']} | ok |"
+        )
+    measured = [r for r in rows if r["status"] == "ok"]
+    if measured:
+        kinds = [k for k in KINDS if any(k in r["by_kind"] for r in measured)]
+        lines += [
+            "",
+            "Per kind, CPU count / kernels:",
+            "",
+            "| step | " + " | ".join(kinds) + " |",
+            "|---|" + "---:|" * len(kinds),
+        ]
+        for r in measured:
+            cells = [r["by_kind"].get(k, {"cpu": 0, "device": 0}) for k in kinds]
+            lines.append(
+                f"| {r['config']}-{r['precision']}-{r['backend']} | "
+                + " | ".join(f"{c['cpu']}/{c['device']}" for c in cells)
+                + " |"
+            )
+        lines += ["", "The JSON's `census` rows list the most launched kernels by name."]
+    if not rows:
+        lines.append("- not run")
+    return [*lines, ""]
+
+
 def markdown(cfg: SessionConfig, results: dict) -> str:
     """The run's report: provenance, ceilings, tests, checks, timing tables, notes, and the
     summary last."""
@@ -350,6 +444,7 @@ def markdown(cfg: SessionConfig, results: dict) -> str:
         "||float64||. Every buffer the fused call allocates starts as NaN.",
         "",
     ]
+    lines += census_markdown(cfg, results.get("census", []))
     lines.append(report.markdown([{**meta, "file": meta.get("json")}], results["rows"]))
     lines += [
         "## Input pipeline",

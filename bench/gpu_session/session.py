@@ -2,8 +2,8 @@
 
 ``python -m bench gpu_session`` (and ``python -m bench.gpu_session``) run :func:`main`; the
 package docstring says what a run does. May import: bench.gpu_session.config, .procs,
-.report, bench's measuring modules (cases, checks, harness, pipeline, e2e, timing, run),
-rwmn and torch.
+.kernel_census, .report, bench's measuring modules (cases, checks, harness, pipeline,
+e2e, timing, run), rwmn and torch.
 """
 
 from __future__ import annotations
@@ -95,6 +95,7 @@ class Session:
             "meta": meta,
             "tests": None,
             "checks": {"ops": [], "model": []},
+            "census": [],
             "warm": None,
             "rows": [],
             "pipeline": [],
@@ -260,6 +261,34 @@ def section_checks(s: Session) -> None:
             s.write()
 
 
+def section_census(s: Session) -> None:
+    """Per configuration, the kernels of one profiled training step against bench.census's
+    CPU count (bench.gpu_session.kernel_census); each configuration in its own guard."""
+    from bench import harness
+    from bench.gpu_session import kernel_census
+
+    cfg, cc = s.cfg, s.cfg.census
+    dims = dict(cfg.step.dims)
+    for config, precision, backend in cc.cases:
+        base = {
+            "kind": "census", "config": config, "precision": precision, "backend": backend,
+            "n": cc.n, "batch": cc.batch,
+        }  # fmt: skip
+
+        def run(config=config, precision=precision, backend=backend, base=base):
+            try:
+                row = kernel_census.census_row(
+                    cc, config, precision, backend, cfg.device, dims, cfg.smoke
+                )
+            except harness.Skip as exc:
+                return {**base, "status": "skipped", "reason": str(exc)}
+            return {**base, **row}
+
+        case_id = f"census/{config}/{precision}/{backend}"
+        s.results["census"].append(s.run_case(case_id, base, run, cfg.budget.census_by))
+        s.write()
+
+
 def section_ops(s: Session) -> None:
     from bench import cases as C
     from bench import harness
@@ -369,6 +398,11 @@ def _print_row(row: dict) -> None:
     if row["status"] == "ok":
         if "verdict" in row:
             tail = f"{row['verdict']} (worst {row['worst']}, rel err {row['worst_rel_err']:.2e})"
+        elif row.get("kind") == "census":
+            tail = (
+                f"{row['device_kernels']} kernels / {row['cpu_launches']} CPU-counted "
+                f"launches = {row['ratio']}"
+            )
         else:
             tail = f"{row.get('median_ms', 0):.4g} ms"
     else:
@@ -439,9 +473,10 @@ def run_session(cfg: SessionConfig, args: argparse.Namespace, argv: list[str], s
     if (out_dir / f"{stem}.json").exists():
         stem += "-" + datetime.datetime.now(datetime.UTC).strftime("%H%M%S")
     meta["json"] = str(out_dir / f"{stem}.json")
-    # The subprocesses' logs (tests, warmers) beside the results, not among them.
-    logs = out_dir / f"{stem}-logs"
-    logs.mkdir(exist_ok=True)
+    # The subprocesses' logs (tests, warmers) outside the output folder, which holds the
+    # results alone (at most MAX_RESULT_FILES files); the JSON keeps what they say.
+    logs = args.logs or Path(tempfile.mkdtemp(prefix=f"rwmn-{stem}-logs-"))
+    logs.mkdir(parents=True, exist_ok=True)
     meta["logs"] = str(logs)
     s = Session(cfg, meta, out_dir, stem, start)
     print(rep.provenance(meta), flush=True)
@@ -467,6 +502,10 @@ def _run_sections(s: Session, tests: tuple | None, warmers: list[dict]) -> int:
     if "checks" in cfg.sections:
         with s.section("checks"):
             section_checks(s)
+        s.write_markdown()
+    if "census" in cfg.sections:
+        with s.section("census"):
+            section_census(s)
         s.write_markdown()
     if tests:
         with s.section("tests (waiting)"):
@@ -514,9 +553,10 @@ def _row_order(cfg: SessionConfig):
 
 
 def exit_status(results: dict) -> int:
-    """1 when a case errored, a check failed or a CUDA test failed; else 0."""
+    """1 when a case errored (a census case too), a check failed or a CUDA test failed;
+    else 0. A census ratio outside its tolerance is a finding, not a failure."""
     checks = results["checks"]["ops"] + results["checks"]["model"]
-    everything = results["rows"] + results["pipeline"] + checks
+    everything = results["rows"] + results["pipeline"] + results.get("census", []) + checks
     bad = any(r["status"] == "error" for r in everything)
     bad |= any(r.get("verdict") == "FAIL" for r in checks)
     bad |= bool(results["meta"].get("section_errors"))
