@@ -92,7 +92,8 @@ def _all_rows(data: dict) -> list[dict]:
 def test_smoke_run_finishes_and_fails_only_for_the_injected_cases(smoke):
     # Exit status 1: four cases raised; everything else ran.
     assert smoke.proc.returncode == 1, smoke.proc.stderr[-4000:]
-    assert smoke.wall < 120, f"the smoke run took {smoke.wall:.0f} s"
+    # A hang guard, not a benchmark: the smoke run takes one to three minutes on 2 cores.
+    assert smoke.wall < 600, f"the smoke run took {smoke.wall:.0f} s"
     errors = {r["case_id"] for r in _all_rows(smoke.data) if r["status"] == "error"}
     assert errors == set(INJECTED)
     for r in _all_rows(smoke.data):
