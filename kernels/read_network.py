@@ -517,19 +517,30 @@ def inverse_dft_matrix(d: int, device, dtype: torch.dtype = torch.float32) -> to
     return torch.cat((scale * torch.cos(angle), -scale * torch.sin(angle))).to(dtype)
 
 
-def spectral_weights(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """G [c_out, c_in, k, 2K, d] = Finv T_{o,c,a} in ``dtype`` for a read layer's weight
-    [c_out, c_in, k, d], one launch: computed in float64 from the (master) weight and
-    rounded once (no matmul, so no global matmul precision reaches it), with no gradient
-    (the fused op returns the weight's gradient itself)."""
+@triton_op("rwmn::spectral_weights", mutates_args=())
+def _spectral_weights_op(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     c_out, c_in, kh, d = weight.shape
     g = torch.empty((c_out, c_in, kh, 2 * half_spectrum(d), d), device=weight.device, dtype=dtype)
-    rows = c_out * c_in * kh
     launch(
-        _spectral_weights_kernel, spectral_weights_config(rows, d),
-        weight.detach().contiguous(), g, d, half_spectrum(d), same_padding(d, d, 1)[1],
+        _spectral_weights_kernel, spectral_weights_config(c_out * c_in * kh, d),
+        weight, g, d, half_spectrum(d), same_padding(d, d, 1)[1],
     )  # fmt: skip
     return g
+
+
+@_spectral_weights_op.register_fake
+def _spectral_weights_fake(weight, dtype):
+    c_out, c_in, kh, d = weight.shape
+    return weight.new_empty((c_out, c_in, kh, 2 * half_spectrum(d), d), dtype=dtype)
+
+
+def spectral_weights(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """G [c_out, c_in, k, 2K, d] = Finv T_{o,c,a} in ``dtype`` for a read layer's weight
+    [c_out, c_in, k, d], one launch (a custom op, so torch.compile sees one node):
+    computed in float64 from the (master) weight and rounded once (no matmul, so no global
+    matmul precision reaches it), with no gradient (the fused op returns the weight's
+    gradient itself)."""
+    return torch.ops.rwmn.spectral_weights(weight.detach().contiguous(), dtype)
 
 
 # --------------------------------------------------------------------------------------
