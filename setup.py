@@ -29,6 +29,8 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-benchmark>=4",
+            # The suite runs on every core (python -m pytest -n auto; one file a worker).
+            "pytest-xdist>=3.5",
             "ruff>=0.6",
             "matplotlib>=3.7",
             "tensorboard>=2.14",
