@@ -48,15 +48,12 @@ from kernels._common import (
 from kernels.memconv import _toeplitz_conv_tile, conv_input_grads, fusable
 from kernels.reference import same_padding
 
-#: Rows of one attention block (one program); the width is one block of pow2(d). The
-#: backward holds three [rows, pow2(d)] fp32 tiles (rows, rhat, drhat): 16 rows keep them
-#: in registers at d = 300 (32 rows spilled 44-350 B per thread on sm_90a and sm_80).
+#: Rows of one attention block (one program; the width is one block of pow2(d)): the backward
+#: holds three [rows, pow2(d)] fp32 tiles, which fit in registers at 16 rows.
 BLOCK_R_FWD = 32
 BLOCK_R_BWD = 16
-#: Slots of one conv-attention tile. bf16/fp16 forward: 64, the M of a wgmma tile on
-#: sm_90a. The backward keeps five [slots, pow2(d)] fp32 tiles live in its epilogue (y, the
-#: rows, rhat, dr, dL/dy), which spill at 64 slots, and fp32 multiplies in exact fp32 on
-#: CUDA cores (ieee), whose operand tiles spill at 64 slots: those run 16 slots.
+#: Slots of one conv-attention tile: the M of a wgmma tile in the bf16/fp16 forward; 16 where
+#: the tiles live in registers (the backward's five epilogue tiles, fp32's ieee operands).
 BLOCK_I_WGMMA = 64
 BLOCK_I_SMALL = 16
 #: Reduction chunk of the width in the conv tile.
@@ -64,12 +61,11 @@ BLOCK_K = 32
 #: Widest row the kernels hold in registers (one tile spans the whole width).
 MAX_FUSED_D = 1024
 NUM_WARPS = 8
-#: The fp32 conv-attention backward: 16 warps and a 16-wide reduction chunk. At 8 warps
-#: its five [16, 512] fp32 epilogue tiles next to the CUDA-core dot operands spilled
-#: 16-28 B per thread; at 16 warps with 32-wide chunks triton 3.6 spilled 120 B on sm_90a.
+#: The fp32 conv-attention backward: warps and reduction chunk that hold its five epilogue
+#: tiles next to the CUDA-core dot operands in registers.
 CONV_ATTN_FP32_BWD_WARPS = 16
 CONV_ATTN_FP32_BWD_BLOCK_K = 16
-#: One pipeline stage: the conv tiles' K loops spilled with 3 (the default) on both targets.
+#: One pipeline stage: the conv tiles' K loops stay in registers only unpipelined.
 NUM_STAGES = 1
 
 

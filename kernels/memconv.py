@@ -51,9 +51,8 @@ from kernels._common import (
 )
 from kernels.reference import same_padding
 
-#: Output rows of one forward (and dx) tile. bf16/fp16: 64, the M of one warpgroup's wgmma
-#: on sm_90a (the model's m = 50 slots fill one tile). fp32 multiplies in exact fp32 on CUDA
-#: cores (ieee), whose register-resident operand tiles spill at 64 rows, so 32.
+#: Output rows of one forward tile: the M of one warpgroup's wgmma in bf16/fp16; fp32 (ieee,
+#: operands in registers) the most that stays in registers.
 BLOCK_I_HALF = 64
 BLOCK_I_FP32 = 32
 #: Output columns of a forward/dx tile and the reduction chunk of the width.
@@ -67,8 +66,7 @@ BLOCK_JW = 32
 #: dw: about this many (b, i) rows of the reduction per program before K is split.
 ROWS_PER_SPLIT = 64
 NUM_WARPS = 4
-#: Software pipelining of the K loops (num_stages) spilled the fp32 (ieee) tiles on both
-#: targets; one stage keeps them in registers. The half-precision tiles pipeline (3).
+#: Pipeline stages of the K loops: fp32 (ieee) operand tiles stay in registers only unpipelined.
 STAGES_FP32 = 1
 STAGES_HALF = 3
 
@@ -77,9 +75,8 @@ def _block_i(dtype: torch.dtype) -> int:
     return BLOCK_I_FP32 if dtype == torch.float32 else BLOCK_I_HALF
 
 
-#: dx: rows of one phase per tile and warps. fp32 (ieee) spilled 4-32 B at 32 rows with 2,
-#: 4 or 8 warps in some specialisations; 16 rows with 8 warps stay in registers. bf16/fp16
-#: take the wgmma tile (64 rows), with 8 warps (4 spilled on sm_80).
+#: dx: rows of one phase per tile (bf16/fp16: the wgmma tile) and warps, the largest tile and
+#: fewest warps that build without a spill on both targets.
 DX_BLOCK_Q = {torch.float32: 16}
 DX_WARPS = 8
 
@@ -463,8 +460,7 @@ def dw_shifts(c_out: int) -> int:
     return max(1, pow2_at_least(c_out, BLOCK_O_MIN) // c_out)
 
 
-#: dw warps: fp32 (ieee, both operand tiles in registers) spilled 4 B at 4 warps on sm_80
-#: under triton 3.6; bf16/fp16 (tensor cores) take one warpgroup.
+#: dw warps: fp32 (ieee) holds both operand tiles in registers, so twice the half's warpgroup.
 DW_WARPS = {torch.float32: 8}
 
 

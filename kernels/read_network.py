@@ -88,9 +88,8 @@ from kernels.cbp import (
 from kernels.memconv import conv_input_grads, memory_conv
 from kernels.reference import same_padding
 
-#: Spectrum bins per step of the spectral GEMM, whose K is twice that (Re and Im): 16 (K =
-#: 32) in fp32; 8 (K = 16, the smallest wgmma step) in bf16/fp16, where both kernels store
-#: a [64, 512] tile and 16 spilled on sm_80 under triton 3.6.
+#: Spectrum bins per step of the spectral GEMM, whose K is twice that (Re and Im); bf16/fp16:
+#: the smallest wgmma step (K = 16), which keeps the 64-slot tile in registers on sm_80.
 BLOCK_BINS = 16
 BLOCK_BINS_HALF = 8
 #: Question elements per step of the question spectrum ([BLOCK_N, bins] twiddle tiles).
@@ -171,10 +170,10 @@ def _spectral_conv_rows(
     acc2 = tl.zeros((BLOCK_I, BLOCK_D2), dtype=tl.float32)
     g_out = g_ptr + o.to(tl.int64) * C_IN * KH * (2 * K * D)
     # One GEMM step per chunk of BLOCK_K bins, K = 2 BLOCK_K: A = [Re P | Im P] of the
-    # chunk, B = the matching rows of G. (Two products into one accumulator per step, one
-    # for Re and one for Im, spilled ~4.7 KB per thread on sm_90a: two wgmma in flight.)
-    # Column c < BLOCK_K is Re of bin k0 + c, column BLOCK_K + c its Im; with X = [xr | xi]
-    # read at col and X' = [xi | xr] at swap, [Re P | Im P] = X [Qr | Qr] + X' [-Qi | Qi].
+    # chunk, B = the matching rows of G (one product per step, not one each for Re and
+    # Im: two wgmma in flight spill). Column c < BLOCK_K is Re of bin k0 + c, column
+    # BLOCK_K + c its Im; with X = [xr | xi] read at col and X' = [xi | xr] at swap,
+    # [Re P | Im P] = X [Qr | Qr] + X' [-Qi | Qi].
     cols = tl.arange(0, 2 * BLOCK_K)
     is_im = cols >= BLOCK_K
     for k0 in range(0, K, BLOCK_K):
