@@ -3,6 +3,8 @@
 Math (kernels.reference.embed is the ground truth), rows x [R, K], W [N, K], b [N],
 n(v) = (eps + |v|^2)^(-1/2) per row, eps = 1e-12:
     x^ = n(x) x,   z = x^ W^T + b,   y = n(z) z;
+with ``normalize_input`` False (the story's CBP output in video_sub, used as it is) n(x)
+is 1.
 backward from g = dL/dy:
     dz = n(z) (g - y <y, g>)                        (row by row)
     dW = dz^T x^,   db = sum_r dz_r,
@@ -66,19 +68,22 @@ DW_WARPS = 4
 @triton.jit
 def _embed_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, z_ptr, nx_ptr, R, K, N, eps,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    NORM_X: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     r_ok = rows < R
     x_rows = x_ptr + rows.to(tl.int64) * K
-    squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        xt = tl.load(x_rows[:, None] + ks[None, :], mask=r_ok[:, None] & (ks < K)[None, :],
-                     other=0.0).to(tl.float32)  # fmt: skip
-        squares += tl.sum(xt * xt, axis=1)
-    n_x = tl.rsqrt(eps + squares)
+    if NORM_X:
+        squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            xt = tl.load(x_rows[:, None] + ks[None, :], mask=r_ok[:, None] & (ks < K)[None, :],
+                         other=0.0).to(tl.float32)  # fmt: skip
+            squares += tl.sum(xt * xt, axis=1)
+        n_x = tl.rsqrt(eps + squares)
+    else:
+        n_x = tl.full((BLOCK_M,), 1.0, tl.float32)
     tl.store(nx_ptr + rows, n_x, mask=r_ok)
     cols1 = tl.arange(0, BLOCK_N1)
     cols2 = BLOCK_N1 + tl.arange(0, BLOCK_N2)
@@ -150,13 +155,16 @@ def _embed_dw_kernel(
 # --------------------------------------------------------------------------------------
 
 
-def embed_forward_config(rows: int, k: int, n: int, dtype: torch.dtype, has_bias: bool):
+def embed_forward_config(
+    rows: int, k: int, n: int, dtype: torch.dtype, has_bias: bool, normalize_input: bool
+) -> LaunchConfig:
     """Launch configuration of _embed_fwd_kernel: one program per BLOCK_M rows."""
     block_m = BLOCK_M_FP32 if dtype == torch.float32 else BLOCK_M_HALF
     n1, n2 = split_width(n)
     return LaunchConfig(
         grid=(triton.cdiv(rows, block_m),),
         constexprs=dict(
+            NORM_X=normalize_input,
             HAS_BIAS=has_bias,
             PRECISION=dot_precision(dtype),
             BLOCK_M=block_m,
@@ -182,7 +190,7 @@ def embed_dw_config(k: int, n: int, dtype: torch.dtype) -> LaunchConfig:
     )
 
 
-def embed_forward(x, weight, bias, dtype: torch.dtype):
+def embed_forward(x, weight, bias, dtype: torch.dtype, normalize_input: bool):
     """(y [R, N] in ``dtype``, z [R, N] fp32, n(x) [R] fp32) for contiguous x [R, K]."""
     rows, k = x.shape
     n = weight.shape[0]
@@ -191,7 +199,8 @@ def embed_forward(x, weight, bias, dtype: torch.dtype):
     n_x = torch.empty((rows,), device=x.device, dtype=torch.float32)
     if rows:
         launch(
-            _embed_fwd_kernel, embed_forward_config(rows, k, n, dtype, bias is not None),
+            _embed_fwd_kernel,
+            embed_forward_config(rows, k, n, dtype, bias is not None, normalize_input),
             x, weight, weight if bias is None else bias, y, z, n_x, rows, k, n, UNIT_NORM_EPS,
         )  # fmt: skip
     return y, z, n_x
@@ -215,11 +224,15 @@ def embed_backward(grad, z, x, n_x, weight, dtype: torch.dtype):
 
 @triton_op("rwmn::embed", mutates_args=())
 def _embed_op(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+    normalize_input: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, z, n(x)) of the embedding in the compute ``dtype`` (z and n(x) are the
     backward's, not differentiable)."""
-    return embed_forward(x, weight, bias, dtype)
+    return embed_forward(x, weight, bias, dtype, normalize_input)
 
 
 @triton_op("rwmn::embed_backward", mutates_args=())
@@ -236,7 +249,7 @@ def _embed_backward_op(
 
 # Explicit fakes: under TRITON_INTERPRET=1 the bodies cannot run on fake tensors.
 @_embed_op.register_fake
-def _embed_fake(x, weight, bias, dtype):
+def _embed_fake(x, weight, bias, dtype, normalize_input):
     rows, n = x.shape[0], weight.shape[0]
     f32 = torch.float32
     return (
@@ -253,8 +266,9 @@ def _embed_backward_fake(grad, z, x, n_x, weight, dtype):
 
 
 def _setup(ctx, inputs, output):
-    x, weight, bias, dtype = inputs
+    x, weight, bias, dtype, normalize_input = inputs
     _, z, n_x = output
+    ctx.normalize_input = normalize_input
     ctx.mark_non_differentiable(z, n_x)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weight, z, n_x)
@@ -266,10 +280,12 @@ def _backward(ctx, grad, _gz, _gnx):
     dz, dw, db = torch.ops.rwmn.embed_backward(grad.contiguous(), z, x, n_x, weight, ctx.dtype)
     dx = None
     if ctx.needs_input_grad[0]:
-        x_hat = x.float() * n_x[:, None]
-        dx_hat = dz.float() @ weight.float()
-        dx = (n_x[:, None] * (dx_hat - x_hat * (x_hat * dx_hat).sum(-1, keepdim=True))).to(x.dtype)
-    return dx, dw, db if ctx.has_bias else None, None
+        dx = dz.float() @ weight.float()
+        if ctx.normalize_input:
+            x_hat = x.float() * n_x[:, None]
+            dx = n_x[:, None] * (dx - x_hat * (x_hat * dx).sum(-1, keepdim=True))
+        dx = dx.to(x.dtype)
+    return dx, dw, db if ctx.has_bias else None, None, None
 
 
 _embed_op.register_autograd(_backward, setup_context=_setup)
@@ -280,10 +296,16 @@ _embed_op.register_autograd(_backward, setup_context=_setup)
 # --------------------------------------------------------------------------------------
 
 
-def embed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def embed(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    normalize_input: bool = True,
+) -> torch.Tensor:
     """Fused kernels.reference.embed: x [..., K], weight [N, K], bias [N] or None ->
-    unit_norm(unit_norm(x) W^T + b) [..., N] in the compute dtype (autocast's under
-    autocast, else the inputs' promoted dtype)."""
+    unit_norm(unit_norm(x) W^T + b) [..., N] (x used as it is without
+    ``normalize_input``) in the compute dtype (autocast's under autocast, else the inputs'
+    promoted dtype)."""
     n, k = weight.shape
     if x.dim() == 0 or x.shape[-1] != k or (bias is not None and tuple(bias.shape) != (n,)):
         raise ValueError(
@@ -298,9 +320,9 @@ def embed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> t
             f"fused kernels support {', '.join(str(t) for t in FUSED_DTYPES)} up to width "
             f"{MAX_FUSED_N}"
         )
-        return reference.embed(x, weight, bias)
+        return reference.embed(x, weight, bias, normalize_input)
     rows = x.reshape(-1, k).contiguous()
-    y, _, _ = torch.ops.rwmn.embed(rows, weight.contiguous(), bias, dtype)
+    y, _, _ = torch.ops.rwmn.embed(rows, weight.contiguous(), bias, dtype, normalize_input)
     return y.view(*x.shape[:-1], n)
 
 

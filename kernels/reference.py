@@ -33,10 +33,16 @@ def unit_norm(x: torch.Tensor, eps: float = UNIT_NORM_EPS) -> torch.Tensor:
     return (acc * torch.rsqrt(eps + (acc * acc).sum(-1, keepdim=True))).to(x.dtype)
 
 
-def embed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """unit_norm(unit_norm(x) W^T + b): the embedding of story rows, questions and answers
+def embed(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    normalize_input: bool = True,
+) -> torch.Tensor:
+    """unit_norm(unit_norm(x) W^T + b): the embedding of story rows, questions and answers;
+    unit_norm(x W^T + b) without ``normalize_input`` (the video story's CBP output)
     (docs/model.md section 1)."""
-    return unit_norm(F.linear(unit_norm(x), weight, bias))
+    return unit_norm(F.linear(unit_norm(x) if normalize_input else x, weight, bias))
 
 
 def cross_entropy(

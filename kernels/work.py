@@ -512,7 +512,7 @@ def _embed_fwd(a, grid) -> Work:
     width = a["BLOCK_N1"] + a["BLOCK_N2"]
     trips = -(-k // bk)
     macs = programs * bm * trips * bk * width
-    x_bytes = 2 * rows * k * _esize(a["x_ptr"])
+    x_bytes = (2 if a["NORM_X"] else 1) * rows * k * _esize(a["x_ptr"])
     w_bytes = programs * n * k * _esize(a["w_ptr"])
     out = rows * n * (_esize(a["y_ptr"]) + F32) + rows * F32
     return Work(macs, x_bytes + w_bytes + out)

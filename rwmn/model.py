@@ -95,7 +95,10 @@ class RWMN(nn.Module):
         if self.cfg.video:
             rgb, sub = story
             elements = self.story_cbp(ops.unit_norm(rgb), ops.unit_norm(sub))
-            return ops.embed(elements, self.story_embed.weight, self.story_embed.bias)
+            # The CBP's output goes into the linear map as it is (no unit_norm of it).
+            return ops.embed(
+                elements, self.story_embed.weight, self.story_embed.bias, normalize_input=False
+            )
         return self._embed_text(story)[0]
 
     def _embed_text(self, *rows: torch.Tensor) -> list[torch.Tensor]:

@@ -268,11 +268,17 @@ def unit_norm(x: torch.Tensor) -> torch.Tensor:
     return reference.unit_norm(x)
 
 
-def embed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """unit_norm(unit_norm(x) W^T + b) along the last axis; see :func:`rwmn.reference.embed`."""
+def embed(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    normalize_input: bool = True,
+) -> torch.Tensor:
+    """unit_norm(unit_norm(x) W^T + b) along the last axis (x as it is without
+    ``normalize_input``); see :func:`rwmn.reference.embed`."""
     if resolve_backend("embed", *_tensors(x, weight, bias)) == "triton":
-        return _fused("embedding", "embed")(x, weight, bias)
-    return reference.embed(x, weight, bias)
+        return _fused("embedding", "embed")(x, weight, bias, normalize_input)
+    return reference.embed(x, weight, bias, normalize_input)
 
 
 def cross_entropy(

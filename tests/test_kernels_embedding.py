@@ -34,9 +34,14 @@ def _inputs(lead, k, n, with_bias=True):
     return x, w, b
 
 
+@pytest.mark.parametrize("normalize_input", [True, False], ids=["normed", "as-is"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_matches_float64(shape):
-    check_against_float64(embedding.embed, reference.embed, _inputs(*shape))
+def test_matches_float64(shape, normalize_input):
+    check_against_float64(
+        lambda x, w, b: embedding.embed(x, w, b, normalize_input),
+        lambda x, w, b: reference.embed(x, w, b, normalize_input),
+        _inputs(*shape),
+    )
 
 
 def test_without_bias():
@@ -87,11 +92,11 @@ def test_dispatch_fake_and_opcheck():
     assert [k.name for k in launches] == ["_embed_fwd_kernel"]
     with FakeTensorMode() as mode:
         y, z, n_x = torch.ops.rwmn.embed(
-            mode.from_tensor(x), mode.from_tensor(w), mode.from_tensor(b), torch.bfloat16
+            mode.from_tensor(x), mode.from_tensor(w), mode.from_tensor(b), torch.bfloat16, True
         )
     assert y.shape == z.shape == (6, 12) and y.dtype == torch.bfloat16 and n_x.shape == (6,)
     tests = ("test_schema", "test_autograd_registration", "test_faketensor")
-    args = (x, w.requires_grad_(), b.requires_grad_(), torch.float32)
+    args = (x, w.requires_grad_(), b.requires_grad_(), torch.float32, False)
     torch.library.opcheck(torch.ops.rwmn.embed.default, args, test_utils=tests)
 
 
