@@ -1,16 +1,10 @@
-"""The ``@triton.jit`` functions of compact bilinear pooling (the math: kernels/cbp/__init__.py).
+"""The ``@triton.jit`` functions of compact bilinear pooling (the math: kernels/cbp/__init__).
 
-Dense path: the sketch-DFT (_sketch_dft) contracted with twiddle tiles built in registers,
-in _cbp_dense_fwd_kernel, _cbp_dense_bwd_kernel and _cbp_dense_spectra_kernel. FFT path:
-Stockham stages on tensor-core tiles (_fft_stage, _fft) in _cbp_spectra_kernel,
-_cbp_product_kernel, _cbp_bwd_kernel and the forward-only _cbp_fwd_kernel. The kernels'
-names are what the compile gate (bench/compile_report.py) and kernels.work key on; the
-launchers (kernels.cbp.ops) read them from this module at launch time. ``twiddle`` is
-public: the read network's kernels (kernels/read_network.py) build their twiddle tiles
-with it.
+Kernel names are what the compile gate (bench/compile_report.py) and kernels.work key on;
+kernels.cbp.ops reads them from this module at launch time. ``twiddle`` is public: the read
+network's kernels (kernels/read_network.py) build their twiddle tiles with it.
 
-May import: triton only (the source up to the first host-side function is what
-tests/test_gpu_semantics.py copies to plant bugs).
+May import: triton only (tests/test_gpu_semantics.py copies this source to plant bugs).
 """
 
 import triton
@@ -23,12 +17,9 @@ import triton.language as tl
 
 @triton.jit
 def _dot_operand(v, PRECISION: tl.constexpr):
-    """v as an fp32 tl.dot operand at PRECISION. A "tf32" product reads the operand's top 10
-    mantissa bits, truncated, which biases the CBP transforms (errors up to 3x the half
-    precision tests' limits); rounding v to the nearest tf32 first (ties away from zero, as
-    PTX cvt.rna.tf32.f32) removes the bias. Integer arithmetic rather than inline PTX: the
-    same code compiles for the GPU and runs in the interpreter. Other precisions take v as
-    it is."""
+    """v as an fp32 tl.dot operand at PRECISION. A "tf32" product truncates the operand to
+    10 mantissa bits, which biases the transforms; rounding v to the nearest tf32 first (as
+    PTX cvt.rna.tf32.f32, in integers so the interpreter runs it too) removes the bias."""
     if PRECISION == "tf32":
         bits = v.to(tl.uint32, bitcast=True)
         v = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
