@@ -77,13 +77,12 @@ from kernels.attention import (
     conv_attention_read,
 )
 from kernels.cbp import (
-    FACTORISED_MIN_DIM,
-    _twiddle,
     cached_twiddles,
     cbp,
     cbp_with_vjp,
     check_hash,
     half_spectrum,
+    twiddle,
 )
 from kernels.memconv import conv_input_grads, memory_conv
 from kernels.reference import same_padding
@@ -124,7 +123,7 @@ def _question_spectrum(
         v = tl.load(u_ptr + b * D + ns, mask=nm, other=0.0).to(tl.float32)
         v *= tl.load(s_ptr + ns, mask=nm, other=0.0).to(tl.float32)
         h = tl.load(h_ptr + ns, mask=nm, other=0).to(tl.int32)
-        cos, sin = _twiddle(h, ks, tab_ptr, D)
+        cos, sin = twiddle(h, ks, tab_ptr, D)
         re += tl.sum(v[:, None] * cos, axis=0)
         im -= tl.sum(v[:, None] * sin, axis=0)
     return re, im
@@ -473,7 +472,7 @@ def read_forward(spectra, g, bias, u, h2, s2, twiddles, n_rows: int, stride: int
     spectra [C * n_rows, 2K] fp32: the memory's half spectra (cbp_dense_spectra_launch);
     g [c_out, C, k, 2K, d] = spectral_weights(weight) in u's dtype; bias [c_out] or None;
     u [B, d] (contiguous); h2, s2 the question's hash and signs; twiddles =
-    kernels.cbp.twiddle_table(d)."""
+    kernels.cbp.plan.twiddle_table(d)."""
     n_batch, d = u.shape
     c_in, c_out, kh, m, top = _read_geometry(spectra, g, bias, u, h2, s2, twiddles, n_rows, stride)
     config = read_config(n_batch, c_out, m, d, u.dtype, bias is not None)
@@ -562,7 +561,6 @@ def _read_conv_attention_op(
     s2: torch.Tensor,
     twiddles: torch.Tensor,
     sharp: float,
-    factorised_min_dim: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(o, p, lse, Mr) of the one-layer read network. spectra and g must be the memory's
     spectra and spectral_weights(weight) (prepare): the forward reads only them; the
@@ -574,7 +572,7 @@ def _read_conv_attention_op(
 
 @_read_conv_attention_op.register_fake
 def _read_conv_attention_fake(
-    memory, spectra, u, weight, g, bias, stride, h1, s1, h2, s2, twiddles, sharp, min_dim
+    memory, spectra, u, weight, g, bias, stride, h1, s1, h2, s2, twiddles, sharp
 ):
     # Explicit, as for kernels.cbp's ops: under TRITON_INTERPRET=1 the body cannot run on
     # fake tensors.
@@ -589,21 +587,18 @@ def _read_conv_attention_fake(
 
 
 def _read_setup(ctx, inputs, output):
-    memory, _, u, weight, _, bias, stride, h1, s1, h2, s2, _, sharp, min_dim = inputs
+    memory, _, u, weight, _, bias, stride, h1, s1, h2, s2, _, sharp = inputs
     o, p, lse, mr = output
     ctx.mark_non_differentiable(lse, mr)
     # Unused outputs' gradients stay None (no zero tensors filled for lse and Mr).
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(memory, u, weight, bias, h1, s1, h2, s2, o, p, lse, mr)
-    ctx.stride, ctx.sharp, ctx.min_dim = stride, sharp, min_dim
+    ctx.stride, ctx.sharp = stride, sharp
 
 
-def _recompute_mq(memory, u, h1, s1, h2, s2, factorised_min_dim):
+def _recompute_mq(memory, u, h1, s1, h2, s2):
     """Mq [B, C, m, d] again (the backward's recompute) and the CBP's vjp."""
-    return cbp_with_vjp(
-        memory.unsqueeze(0), u[:, None, None, :], h1, s1, h2, s2, u.shape[-1],
-        factorised_min_dim=factorised_min_dim,
-    )  # fmt: skip
+    return cbp_with_vjp(memory.unsqueeze(0), u[:, None, None, :], h1, s1, h2, s2, u.shape[-1])
 
 
 def _read_backward(ctx, go, gp, _glse, _gmr):
@@ -622,11 +617,11 @@ def _read_backward(ctx, go, gp, _glse, _gmr):
         True,
         True,
     )
-    mq, cbp_vjp = _recompute_mq(memory, u, h1, s1, h2, s2, ctx.min_dim)
+    mq, cbp_vjp = _recompute_mq(memory, u, h1, s1, h2, s2)
     dmq, dw, db = conv_input_grads(gy.view_as(mr), mq, weight, bias is not None, ctx.stride)
     dmemory, du_cbp = cbp_vjp(dmq)
     du = du + du_cbp.view_as(u)
-    return dmemory.view_as(memory), None, du, dw, None, db, *(None,) * 8
+    return dmemory.view_as(memory), None, du, dw, None, db, *(None,) * 7
 
 
 _read_conv_attention_op.register_autograd(_read_backward, setup_context=_read_setup)
@@ -646,7 +641,6 @@ def _read_conv_op(
     h2: torch.Tensor,
     s2: torch.Tensor,
     twiddles: torch.Tensor,
-    factorised_min_dim: int,
 ) -> torch.Tensor:
     """relu(memory_conv(CBP(memory, u))) [B, c_out, m, d], the first of several read layers,
     with the contract of rwmn::read_conv_attention (spectra and g from prepare)."""
@@ -654,23 +648,23 @@ def _read_conv_op(
 
 
 @_read_conv_op.register_fake
-def _read_conv_fake(memory, spectra, u, weight, g, bias, stride, h1, s1, h2, s2, twiddles, min_dim):
+def _read_conv_fake(memory, spectra, u, weight, g, bias, stride, h1, s1, h2, s2, twiddles):
     m = same_padding(memory.shape[1], weight.shape[2], stride)[0]
     return u.new_empty((u.shape[0], weight.shape[0], m, u.shape[1]))
 
 
 def _read_conv_setup(ctx, inputs, output):
-    memory, _, u, weight, _, bias, stride, h1, s1, h2, s2, _, min_dim = inputs
+    memory, _, u, weight, _, bias, stride, h1, s1, h2, s2, _ = inputs
     ctx.save_for_backward(memory, u, weight, bias, h1, s1, h2, s2, output)
-    ctx.stride, ctx.min_dim = stride, min_dim
+    ctx.stride = stride
 
 
 def _read_conv_backward(ctx, grad_out):
     memory, u, weight, bias, h1, s1, h2, s2, out = ctx.saved_tensors
-    mq, cbp_vjp = _recompute_mq(memory, u, h1, s1, h2, s2, ctx.min_dim)
+    mq, cbp_vjp = _recompute_mq(memory, u, h1, s1, h2, s2)
     dmq, dw, db = conv_input_grads(grad_out, mq, weight, bias is not None, ctx.stride, out)
     dmemory, du = cbp_vjp(dmq)
-    return dmemory.view_as(memory), None, du.view_as(u), dw, None, db, *(None,) * 7
+    return dmemory.view_as(memory), None, du.view_as(u), dw, None, db, *(None,) * 6
 
 
 _read_conv_op.register_autograd(_read_conv_backward, setup_context=_read_conv_setup)
@@ -741,12 +735,9 @@ def _check_read_inputs(memory, u, weights):
         )
 
 
-def _cbp_rows(memory, u, h1, s1, h2, s2, d, factorised_min_dim):
+def _cbp_rows(memory, u, h1, s1, h2, s2, d):
     """Mq [B, C, m, d] = CBP of every memory row with every question vector."""
-    return cbp(
-        memory.unsqueeze(0), u[:, None, None, :], h1, s1, h2, s2, d,
-        factorised_min_dim=factorised_min_dim,
-    )  # fmt: skip
+    return cbp(memory.unsqueeze(0), u[:, None, None, :], h1, s1, h2, s2, d)
 
 
 def read_network(
@@ -758,21 +749,18 @@ def read_network(
     strides: Sequence[int],
     sharp: float,
     prepared: ReadMemory | None = None,
-    *,
-    factorised_min_dim: int = FACTORISED_MIN_DIM,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused kernels.reference.read_network: memory [C, m, d], u [B, d] -> (o [B, d], p [B, R]).
 
     prepared: prepare(memory, ...) of this memory, computed once for several hops (else
-    computed here). factorised_min_dim: the CBP's FFT threshold (kernels.cbp.cbp), for the
-    backward's recompute and the several-layer path; tests lower it."""
+    computed here)."""
     _check_read_inputs(memory, u, weights)
     h1, s1, h2, s2 = hashes
     d = memory.shape[-1]
     dtype = _spectral_dtype(memory, weights, biases, u)
     layers = list(zip(weights, biases, strides, strict=True))
     if dtype is None:
-        mq = _cbp_rows(memory, u, h1, s1, h2, s2, d, factorised_min_dim)
+        mq = _cbp_rows(memory, u, h1, s1, h2, s2, d)
         for w, b, s in layers[:-1]:
             mq = memory_conv(mq, w, b, s)
         w, b, s = layers[-1]
@@ -792,9 +780,9 @@ def read_network(
     spectral = (prepared.memory, prepared.spectra, u, w.contiguous(), prepared.spectral_weight,
                 b, s, h1, s1, h2, s2, prepared.twiddles)  # fmt: skip
     if len(layers) == 1:
-        o, p, _, _ = torch.ops.rwmn.read_conv_attention(*spectral, float(sharp), factorised_min_dim)
+        o, p, _, _ = torch.ops.rwmn.read_conv_attention(*spectral, float(sharp))
         return o, p
-    x = torch.ops.rwmn.read_conv(*spectral, factorised_min_dim)
+    x = torch.ops.rwmn.read_conv(*spectral)
     for w, b, s in layers[1:-1]:
         x = memory_conv(x, w, b, s)
     w, b, s = layers[-1]

@@ -331,7 +331,7 @@ def _read_conv_fwd(a, grid) -> Work:
 
 
 # --------------------------------------------------------------------------------------
-# Compact bilinear pooling (kernels/cbp.py): dense path
+# Compact bilinear pooling (kernels/cbp/): dense path
 # --------------------------------------------------------------------------------------
 
 

@@ -42,6 +42,15 @@ def gpu_semantics():
         context.__exit__(None, None, None)
 
 
+def cbp_fft_threshold(monkeypatch, min_dim: int) -> None:
+    """For this test, the smallest CBP output size D that takes the FFT path (where D has a
+    radix plan): kernels.cbp.plan.FACTORISED_MIN_DIM, read at call time. 1 runs the FFT
+    kernels at tiny D; a value above D forces the dense kernels."""
+    from kernels.cbp import plan
+
+    monkeypatch.setattr(plan, "FACTORISED_MIN_DIM", min_dim)
+
+
 def autocast(fn, dtype, device="cuda"):
     """fn run under torch.autocast(device, dtype)."""
 

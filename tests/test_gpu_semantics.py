@@ -11,10 +11,16 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from kernel_helpers import LOW_PRECISION_RATIO, LOW_PRECISION_REL_ATOL, check_against_float64
+from kernel_helpers import (
+    LOW_PRECISION_RATIO,
+    LOW_PRECISION_REL_ATOL,
+    cbp_fft_threshold,
+    check_against_float64,
+)
 from test_kernels_cbp import _errors, half_precision_limit, make_inputs
 
 import kernels.cbp as kcbp
+import kernels.cbp.kernels as cbp_kernels
 import kernels.memconv as kmemconv
 import tests.gpu_semantics as gs
 from kernels import reference
@@ -204,14 +210,14 @@ def plant(monkeypatch, tmp_path, module, old: str, new: str):
             monkeypatch.setattr(module, name, value)
 
 
-def _cbp_check(x_shape, y_shape, out_dim, dtype=torch.float32, **kwargs):
+def _cbp_check(x_shape, y_shape, out_dim, dtype=torch.float32):
     """kcbp.cbp forward and both gradients against the reference and float64."""
     x, y, h1, s1, h2, s2 = make_inputs(x_shape, y_shape, out_dim, 3)
     tol = {}
     if dtype != torch.float32:
         tol = dict(ratio=LOW_PRECISION_RATIO, rel_atol=LOW_PRECISION_REL_ATOL[dtype])
     check_against_float64(
-        lambda x, y: kcbp.cbp(x, y, h1, s1, h2, s2, out_dim, **kwargs),
+        lambda x, y: kcbp.cbp(x, y, h1, s1, h2, s2, out_dim),
         lambda x, y: reference.cbp(x, y, h1, s1, h2, s2, out_dim),
         [x, y], dtype, **tol,
     )  # fmt: skip
@@ -230,18 +236,21 @@ def _cbp_check(x_shape, y_shape, out_dim, dtype=torch.float32, **kwargs):
 def test_a_deleted_barrier_is_caught(barrier, monkeypatch, tmp_path):
     """FFT path (D = 15 = 3 x 5): with a barrier deleted the plain interpreter still gets
     every value right; the barrier-epoch checker raises."""
-    plant(monkeypatch, tmp_path, kcbp, barrier, barrier.replace("tl.debug_barrier()", "pass"))
+    plant(
+        monkeypatch, tmp_path, cbp_kernels, barrier, barrier.replace("tl.debug_barrier()", "pass")
+    )
+    cbp_fft_threshold(monkeypatch, 1)
     with gs.gpu_semantics(PLAIN):
-        _cbp_check((3, 13), (3, 11), 15, factorised_min_dim=1)
+        _cbp_check((3, 13), (3, 11), 15)
     with semantics(), pytest.raises(Exception, match="BarrierRace"):
-        _cbp_check((3, 13), (3, 11), 15, factorised_min_dim=1)
+        _cbp_check((3, 13), (3, 11), 15)
 
 
 def test_a_removed_other_is_caught(monkeypatch, tmp_path):
     """Dense path (D = 17): the sketch-DFT's input tile is masked past n; without
     ``other=0.0`` its masked lanes enter tl.dot, 0 on the interpreter, undefined on a GPU."""
     old = "mask=rmask[:, None] & nmask[None, :],\n            other=0.0,\n        ).to(tl.float32)"
-    plant(monkeypatch, tmp_path, kcbp, old, old.replace("other=0.0,", ""))
+    plant(monkeypatch, tmp_path, cbp_kernels, old, old.replace("other=0.0,", ""))
     with gs.gpu_semantics(PLAIN):
         _cbp_check((3, 13), (3, 11), 17)
     with semantics(), pytest.raises(AssertionError, match="non-finite"):
@@ -260,7 +269,7 @@ def test_removed_tf32_rounding_is_caught(monkeypatch, tmp_path):
     with semantics():
         assert within_limit()
     old = 'if PRECISION == "tf32":\n        bits'
-    plant(monkeypatch, tmp_path, kcbp, old, old.replace('PRECISION == "tf32"', "False"))
+    plant(monkeypatch, tmp_path, cbp_kernels, old, old.replace('PRECISION == "tf32"', "False"))
     with gs.gpu_semantics(PLAIN):
         assert within_limit()
     with semantics():

@@ -1,4 +1,4 @@
-"""Fused compact bilinear pooling (kernels/cbp.py) against rwmn.reference.cbp and an
+"""Fused compact bilinear pooling (kernels/cbp/) against rwmn.reference.cbp and an
 independent float64 numpy implementation (direct circular convolution, no FFT).
 
 On CPU the kernels run in the Triton interpreter (fp32, tiny shapes); the CUDA-marked
@@ -21,11 +21,14 @@ if not torch.cuda.is_available():
 from kernel_helpers import (  # noqa: E402
     LOW_PRECISION_RATIO,
     LOW_PRECISION_REL_ATOL,
+    cbp_fft_threshold,
     check_against_float64,
     gpu_semantics,  # noqa: F401  (fixture)
 )
 
 import kernels.cbp as kcbp  # noqa: E402
+from kernels.cbp import ops as cbp_ops  # noqa: E402
+from kernels.cbp import plan as cbp_plan  # noqa: E402
 from kernels.work import executed_work  # noqa: E402
 from rwmn import ops, reference  # noqa: E402
 
@@ -151,12 +154,12 @@ def fresh_seed(request):
 # --------------------------------------------------------------------------------------
 
 
-def check_cbp_output_and_grads(x_shape, y_shape, out_dim, sum_pool, seed, **kwargs):
-    """kcbp.cbp(..., **kwargs) and its gradients vs the reference vs float64 truth."""
+def check_cbp_output_and_grads(x_shape, y_shape, out_dim, sum_pool, seed):
+    """kcbp.cbp and its gradients vs the reference vs float64 truth."""
     x, y, h1, s1, h2, s2 = make_inputs(x_shape, y_shape, out_dim, seed)
     x.requires_grad_(True)
     y.requires_grad_(True)
-    out = kcbp.cbp(x, y, h1, s1, h2, s2, out_dim, sum_pool, **kwargs)
+    out = kcbp.cbp(x, y, h1, s1, h2, s2, out_dim, sum_pool)
     ref = reference.cbp(x, y, h1, s1, h2, s2, out_dim, sum_pool)
     g = torch.randn_like(ref)
     gx, gy = torch.autograd.grad(out, (x, y), g)
@@ -205,18 +208,20 @@ def check_dense_launchers_write_every_element(x_shape, y_shape, out_dim, seed):
     """Dense path. Outputs, gradients and workspaces start as NaN: every output element
     must be written and no workspace element read before it is written."""
     x, y, h1, s1, h2, s2, lead, g = _launch_inputs(x_shape, y_shape, out_dim, seed)
-    xoff = kcbp.row_offsets(x, lead).reshape(-1)
-    yoff = kcbp.row_offsets(y, lead).reshape(-1)
+    xoff = cbp_plan.row_offsets(x, lead).reshape(-1)
+    yoff = cbp_plan.row_offsets(y, lead).reshape(-1)
     rows = xoff.numel()
-    twiddles = kcbp.twiddle_table(out_dim, DEVICE)
+    twiddles = cbp_plan.twiddle_table(out_dim, DEVICE)
     nan = float("nan")
     out = torch.full((rows, out_dim), nan, device=DEVICE)
-    ws = torch.full((kcbp.workspace_numel("dense_forward", out_dim, rows),), nan, device=DEVICE)
-    kcbp.cbp_dense_forward_launch(x, y, xoff, yoff, h1, s1, h2, s2, twiddles, out, ws)
+    ws = torch.full((cbp_plan.workspace_numel("dense_forward", out_dim, rows),), nan, device=DEVICE)
+    cbp_ops.cbp_dense_forward_launch(x, y, xoff, yoff, h1, s1, h2, s2, twiddles, out, ws)
     gx = torch.full((rows, x.shape[-1]), nan, device=DEVICE)
     gy = torch.full((rows, y.shape[-1]), nan, device=DEVICE)
-    ws = torch.full((kcbp.workspace_numel("dense_backward", out_dim, rows),), nan, device=DEVICE)
-    kcbp.cbp_dense_backward_launch(
+    ws = torch.full(
+        (cbp_plan.workspace_numel("dense_backward", out_dim, rows),), nan, device=DEVICE
+    )
+    cbp_ops.cbp_dense_backward_launch(
         g.reshape(rows, out_dim), x, y, xoff, yoff, h1, s1, h2, s2, twiddles, gx, gy, ws
     )
     _check_against_truth(x, y, h1, s1, h2, s2, lead, g, out, gx, gy)
@@ -225,22 +230,22 @@ def check_dense_launchers_write_every_element(x_shape, y_shape, out_dim, seed):
 def check_fft_launchers_write_every_element(x_shape, y_shape, out_dim, seed):
     """FFT path (spectra, product, backward launches). Spectra, outputs, gradients and every
     workspace start as NaN; the spectra must equal the float64 DFT of the sketches."""
-    radices = kcbp.fft_plan(out_dim, min_dim=1)
+    radices = cbp_plan.fft_plan(out_dim, min_dim=1)
     assert radices is not None
     x, y, h1, s1, h2, s2, lead, g = _launch_inputs(x_shape, y_shape, out_dim, seed)
     x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-    xidx = kcbp.row_offsets(x, lead).reshape(-1) // x.shape[-1]
-    yidx = kcbp.row_offsets(y, lead).reshape(-1) // y.shape[-1]
-    rows, k = xidx.numel(), kcbp.half_spectrum(out_dim)
-    twiddles = kcbp.twiddle_table(out_dim, DEVICE)
+    xidx = cbp_plan.row_offsets(x, lead).reshape(-1) // x.shape[-1]
+    yidx = cbp_plan.row_offsets(y, lead).reshape(-1) // y.shape[-1]
+    rows, k = xidx.numel(), cbp_plan.half_spectrum(out_dim)
+    twiddles = cbp_plan.twiddle_table(out_dim, DEVICE)
     nan = float("nan")
 
     def poisoned(*shape):
         return torch.full(shape, nan, device=DEVICE)
 
     xs, ys = poisoned(x2.shape[0], 2 * k), poisoned(y2.shape[0], 2 * k)
-    ws = poisoned(kcbp.workspace_numel("spectra", out_dim, x2.shape[0], y2.shape[0]))
-    kcbp.cbp_spectra_launch(x2, y2, h1, s1, h2, s2, twiddles, xs, ys, ws, radices)
+    ws = poisoned(cbp_plan.workspace_numel("spectra", out_dim, x2.shape[0], y2.shape[0]))
+    cbp_ops.cbp_spectra_launch(x2, y2, h1, s1, h2, s2, twiddles, xs, ys, ws, radices)
     for name, v, h, s, spec in (("x", x2, h1, s1, xs), ("y", y2, h2, s2, ys)):
         nv, nh, ns = to_np(v, h, s)
         dft = np.fft.rfft(np_sketch(nv, nh.astype(np.int64), ns, out_dim), axis=-1)
@@ -249,11 +254,11 @@ def check_fft_launchers_write_every_element(x_shape, y_shape, out_dim, seed):
         )
 
     out = poisoned(rows, out_dim)
-    ws = poisoned(kcbp.workspace_numel("product", out_dim, rows))
-    kcbp.cbp_product_launch(xs, ys, xidx, yidx, twiddles, out, ws, radices, "ieee")
+    ws = poisoned(cbp_plan.workspace_numel("product", out_dim, rows))
+    cbp_ops.cbp_product_launch(xs, ys, xidx, yidx, twiddles, out, ws, radices, "ieee")
     gx, gy = poisoned(rows, x.shape[-1]), poisoned(rows, y.shape[-1])
-    ws = poisoned(kcbp.workspace_numel("backward", out_dim, rows))
-    kcbp.cbp_backward_launch(
+    ws = poisoned(cbp_plan.workspace_numel("backward", out_dim, rows))
+    cbp_ops.cbp_backward_launch(
         g.reshape(rows, out_dim), xs, ys, xidx, yidx, h1, s1, h2, s2, twiddles, gx, gy, ws,
         radices, "ieee",
     )  # fmt: skip
@@ -265,8 +270,8 @@ def check_fft_launchers_write_every_element(x_shape, y_shape, out_dim, seed):
 def test_launchers_write_every_element(x_shape, y_shape, out_dim, sum_pool, path, request):
     if path == "dense":
         check_dense_launchers_write_every_element(x_shape, y_shape, out_dim, fresh_seed(request))
-    elif kcbp.fft_plan(out_dim, min_dim=1) is None:
-        pytest.skip(f"D = {out_dim} has no radix plan (a prime factor > {kcbp.MAX_RADIX})")
+    elif cbp_plan.fft_plan(out_dim, min_dim=1) is None:
+        pytest.skip(f"D = {out_dim} has no radix plan (a prime factor > {cbp_plan.MAX_RADIX})")
     else:
         check_fft_launchers_write_every_element(x_shape, y_shape, out_dim, fresh_seed(request))
 
@@ -294,12 +299,12 @@ FFT_IDS = [f"x{xs}-y{ys}-D{d}" for xs, ys, d in FFT_CASES]
 def small_tiles(monkeypatch):
     """Stage tiles of 16 rows and 1-D chunks of 16, so at these D every j loop of a stage
     and every chunk loop (sketch, spectrum, gather) runs more than once."""
-    monkeypatch.setattr(kcbp, "BLOCK_S", 16)
-    monkeypatch.setattr(kcbp, "FFT_BLOCK_J", 16)
-    monkeypatch.setattr(kcbp, "FFT_BLOCK_J_ONE_TILE", 0)
-    kcbp._plan.cache_clear()
+    monkeypatch.setattr(cbp_plan, "BLOCK_S", 16)
+    monkeypatch.setattr(cbp_plan, "FFT_BLOCK_J", 16)
+    monkeypatch.setattr(cbp_plan, "FFT_BLOCK_J_ONE_TILE", 0)
+    cbp_plan._plan.cache_clear()
     yield
-    kcbp._plan.cache_clear()
+    cbp_plan._plan.cache_clear()
 
 
 @pytest.mark.parametrize(("x_shape", "y_shape", "out_dim"), FFT_CASES, ids=FFT_IDS)
@@ -308,26 +313,28 @@ def test_fft_launchers_write_every_element(x_shape, y_shape, out_dim, small_tile
 
 
 def test_fft_cases_run_one_to_three_stages(small_tiles):
-    assert {len(kcbp.fft_plan(d, min_dim=1)) for _, _, d in FFT_CASES} == {1, 2, 3}
+    assert {len(cbp_plan.fft_plan(d, min_dim=1)) for _, _, d in FFT_CASES} == {1, 2, 3}
 
 
 def test_fft_four_stages(request):
     """D = 16000 = 10 x 10 x 10 x 16 (default tiles): the four-stage transform."""
-    assert len(kcbp.fft_plan(16000)) == 4
+    assert len(cbp_plan.fft_plan(16000)) == 4
     check_fft_launchers_write_every_element((3, 5), (3, 4), 16000, fresh_seed(request))
 
 
 def check_fft_forward_launcher_writes_every_element(shape1, shape2, out_dim, seed):
     """The forward-only FFT launch (unbroadcast rows, nothing saved) with its output and
     workspace NaN-poisoned, against the float64 truth."""
-    radices = kcbp.fft_plan(out_dim, min_dim=1)
+    radices = cbp_plan.fft_plan(out_dim, min_dim=1)
     x, y, h1, s1, h2, s2 = make_inputs(shape1, shape2, out_dim, seed)
     x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
     rows = x2.shape[0]
     out = torch.full((rows, out_dim), float("nan"), device=DEVICE)
-    ws = torch.full((kcbp.workspace_numel("forward", out_dim, rows),), float("nan"), device=DEVICE)
-    twiddles = kcbp.twiddle_table(out_dim, DEVICE)
-    kcbp.cbp_forward_launch(x2, y2, h1, s1, h2, s2, twiddles, out, ws, radices)
+    ws = torch.full(
+        (cbp_plan.workspace_numel("forward", out_dim, rows),), float("nan"), device=DEVICE
+    )
+    twiddles = cbp_plan.twiddle_table(out_dim, DEVICE)
+    cbp_ops.cbp_forward_launch(x2, y2, h1, s1, h2, s2, twiddles, out, ws, radices)
     npx, npy, nh1, ns1, nh2, ns2 = to_np(x2, y2, h1, s1, h2, s2)
     truth = np_cbp(npx, npy, nh1.astype(np.int64), ns1, nh2.astype(np.int64), ns2, out_dim, False)
     assert_close_to_truth(out, truth, what="forward-only out")
@@ -343,16 +350,17 @@ def test_fft_forward_launcher_writes_every_element(x_shape, y_shape, out_dim, sm
 
 
 def spy_launchers(monkeypatch, *names):
-    """Wrap the named kcbp launchers so each call appends its name to the returned list."""
+    """Wrap the named launchers (kernels.cbp.ops) so each call appends its name to the
+    returned list."""
     seen = []
     for name in names:
-        launch = getattr(kcbp, name)
+        launch = getattr(cbp_ops, name)
 
         def spy(*args, _launch=launch, _name=name):
             seen.append(_name)
             return _launch(*args)
 
-        monkeypatch.setattr(kcbp, name, spy)
+        monkeypatch.setattr(cbp_ops, name, spy)
     return seen
 
 
@@ -383,12 +391,12 @@ def test_fft_programs_loop_over_pairs(pairs_per_program, small_tiles, request, m
     """A small scratch budget makes each program own several pairs of rows (the pair loop
     runs more than once, reusing the NaN-poisoned scratch); 19 rows leave a half pair."""
     x_shape, y_shape, out_dim = FFT_CASES[0]
-    floats = max(kcbp.scratch_floats(out_dim, kind) for kind in kcbp.SCRATCH_VECTORS)
+    floats = max(cbp_plan.scratch_floats(out_dim, kind) for kind in cbp_plan.SCRATCH_VECTORS)
     programs = -(-10 // pairs_per_program)
-    monkeypatch.setattr(kcbp, "SCRATCH_BUDGET", 4 * floats * programs)
-    assert kcbp.pairs_per_program(10, out_dim, "backward") == pairs_per_program
-    assert kcbp.pairs_per_program(10, out_dim, "product") > 1
-    assert kcbp.pairs_per_program(10, out_dim, "forward") == pairs_per_program
+    monkeypatch.setattr(cbp_plan, "SCRATCH_BUDGET", 4 * floats * programs)
+    assert cbp_plan.pairs_per_program(10, out_dim, "backward") == pairs_per_program
+    assert cbp_plan.pairs_per_program(10, out_dim, "product") > 1
+    assert cbp_plan.pairs_per_program(10, out_dim, "forward") == pairs_per_program
     check_fft_launchers_write_every_element(x_shape, y_shape, out_dim, fresh_seed(request))
     check_fft_forward_launcher_writes_every_element(x_shape, y_shape, out_dim, fresh_seed(request))
 
@@ -407,28 +415,29 @@ def test_fft_cbp_output_and_grads_fp32(x_shape, y_shape, out_dim, sum_pool, requ
     seen = spy_launchers(
         monkeypatch, "cbp_spectra_launch", "cbp_product_launch", "cbp_backward_launch"
     )
-    check_cbp_output_and_grads(
-        x_shape, y_shape, out_dim, sum_pool, fresh_seed(request), factorised_min_dim=1
-    )
+    cbp_fft_threshold(monkeypatch, 1)
+    check_cbp_output_and_grads(x_shape, y_shape, out_dim, sum_pool, fresh_seed(request))
     assert seen == ["cbp_spectra_launch", "cbp_product_launch", "cbp_backward_launch"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
-    ("x_shape", "y_shape", "out_dim", "sum_pool", "factorised_min_dim"),
-    [((3, 13), (3, 11), 15, False, 1), ((2, 1, 9), (1, 3, 7), 17, True, kcbp.FACTORISED_MIN_DIM)],
+    ("x_shape", "y_shape", "out_dim", "sum_pool", "fft_threshold"),
+    [((3, 13), (3, 11), 15, False, 1), ((2, 1, 9), (1, 3, 7), 17, True, None)],
     ids=["fft", "dense"],
 )
-def test_cbp_every_dtype(x_shape, y_shape, out_dim, sum_pool, factorised_min_dim, dtype, request):
+def test_cbp_every_dtype(
+    x_shape, y_shape, out_dim, sum_pool, fft_threshold, dtype, request, monkeypatch
+):
     """Output and both gradients in fp32, bf16 and fp16 on both paths (the half ones
     multiply fp32 scratch at "tf32", truncated as the hardware does), against the reference
     in the same dtype and float64."""
+    if fft_threshold is not None:
+        cbp_fft_threshold(monkeypatch, fft_threshold)
     x, y, h1, s1, h2, s2 = make_inputs(x_shape, y_shape, out_dim, fresh_seed(request))
 
     def fused(x, y):
-        return kcbp.cbp(
-            x, y, h1, s1, h2, s2, out_dim, sum_pool, factorised_min_dim=factorised_min_dim
-        )
+        return kcbp.cbp(x, y, h1, s1, h2, s2, out_dim, sum_pool)
 
     def ref(x, y):
         return reference.cbp(x, y, h1, s1, h2, s2, out_dim, sum_pool)
@@ -445,32 +454,32 @@ def test_cbp_every_dtype(x_shape, y_shape, out_dim, sum_pool, factorised_min_dim
      (16384, (16, 32, 32))],
 )  # fmt: skip
 def test_fft_plans(out_dim, radices):
-    assert kcbp.fft_plan(out_dim) == radices
-    assert math.prod(radices) == out_dim and max(radices) <= kcbp.MAX_RADIX
+    assert cbp_plan.fft_plan(out_dim) == radices
+    assert math.prod(radices) == out_dim and max(radices) <= cbp_plan.MAX_RADIX
 
 
 @pytest.mark.parametrize("out_dim", [37, 97, 257, 4099, 12289, 16381, 2 * 4099, 3 * 4099])
 def test_sizes_with_a_large_prime_factor_stay_dense(out_dim):
     """A prime factor > MAX_RADIX leaves no radix plan: the dense path."""
-    assert kcbp.fft_plan(out_dim) is None
-    assert kcbp.fft_plan(out_dim, min_dim=1) is None
+    assert cbp_plan.fft_plan(out_dim) is None
+    assert cbp_plan.fft_plan(out_dim, min_dim=1) is None
 
 
 def test_fft_threshold_is_a_parameter():
-    assert kcbp.fft_plan(255) is None  # 15 x 17, below FACTORISED_MIN_DIM
-    assert kcbp.fft_plan(255, min_dim=1) == (15, 17)
-    assert kcbp.fft_plan(12, min_dim=1) == (12,)
-    assert kcbp.fft_plan(256) == (16, 16)
+    assert cbp_plan.fft_plan(255) is None  # 15 x 17, below FACTORISED_MIN_DIM
+    assert cbp_plan.fft_plan(255, min_dim=1) == (15, 17)
+    assert cbp_plan.fft_plan(12, min_dim=1) == (12,)
+    assert cbp_plan.fft_plan(256) == (16, 16)
 
 
 def test_launcher_rejects_a_foreign_plan():
     x, y, h1, s1, h2, s2 = make_inputs((2, 9), (2, 7), 16, 0)
-    k = kcbp.half_spectrum(16)
+    k = cbp_plan.half_spectrum(16)
     xs, ys = torch.empty(2, 2 * k, device=DEVICE), torch.empty(2, 2 * k, device=DEVICE)
-    ws = torch.empty(kcbp.workspace_numel("spectra", 16, 2, 2), device=DEVICE)
-    twiddles = kcbp.twiddle_table(16, DEVICE)
+    ws = torch.empty(cbp_plan.workspace_numel("spectra", 16, 2, 2), device=DEVICE)
+    twiddles = cbp_plan.twiddle_table(16, DEVICE)
     with pytest.raises(ValueError, match="fft_plan"):
-        kcbp.cbp_spectra_launch(x, y, h1, s1, h2, s2, twiddles, xs, ys, ws, (4, 4))
+        cbp_ops.cbp_spectra_launch(x, y, h1, s1, h2, s2, twiddles, xs, ys, ws, (4, 4))
 
 
 def test_strided_inputs(request):
@@ -499,15 +508,15 @@ def test_twiddle_table_is_correctly_rounded():
     for out_dim in (15, 300, 4096):
         p = np.arange(out_dim) * (2 * np.pi / out_dim)
         expected = np.concatenate((np.cos(p), np.sin(p))).astype(np.float32)
-        assert np.array_equal(kcbp.twiddle_table(out_dim, "cpu").numpy(), expected)
+        assert np.array_equal(cbp_plan.twiddle_table(out_dim, "cpu").numpy(), expected)
 
 
 def test_row_offsets_use_strides_not_copies():
     x = torch.arange(6.0).view(2, 1, 3)
-    off = kcbp.row_offsets(x, torch.Size([2, 4]))
+    off = cbp_plan.row_offsets(x, torch.Size([2, 4]))
     assert off.tolist() == [[0, 0, 0, 0], [3, 3, 3, 3]]
     y = torch.arange(12.0).view(4, 3)
-    assert kcbp.row_offsets(y, torch.Size([2, 4])).tolist() == [[0, 3, 6, 9]] * 2
+    assert cbp_plan.row_offsets(y, torch.Size([2, 4])).tolist() == [[0, 3, 6, 9]] * 2
 
 
 # --------------------------------------------------------------------------------------
@@ -533,10 +542,10 @@ def test_ops_dispatch_calls_fused_kernel(monkeypatch, request):
 
 @pytest.mark.parametrize(
     ("out_dim", "dtype", "match"),
-    [(kcbp.MAX_FUSED_DIM + 1, torch.float32, "exceeds"), (16, torch.float64, "float64")],
+    [(cbp_plan.MAX_FUSED_DIM + 1, torch.float32, "exceeds"), (16, torch.float64, "float64")],
 )
 def test_fallback_warns_once(out_dim, dtype, match, request):
-    kcbp._warn_fallback.cache_clear()
+    cbp_ops._warn_fallback.cache_clear()
     x, y, h1, s1, h2, s2 = make_inputs((2, 9), (2, 7), out_dim, fresh_seed(request), dtype)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -550,18 +559,18 @@ def test_fallback_warns_once(out_dim, dtype, match, request):
 
 def test_sizes_up_to_the_limit_are_fused():
     x, y = torch.zeros(2, 3), torch.zeros(2, 5, dtype=torch.bfloat16)
-    for out_dim in (300, 600, 4096, 16000, kcbp.MAX_FUSED_DIM):
-        assert kcbp._fallback_reason(x, y, out_dim) is None
-    assert kcbp._fallback_reason(x, y, kcbp.MAX_FUSED_DIM + 1) is not None
+    for out_dim in (300, 600, 4096, 16000, cbp_plan.MAX_FUSED_DIM):
+        assert cbp_ops._fallback_reason(x, y, out_dim) is None
+    assert cbp_ops._fallback_reason(x, y, cbp_plan.MAX_FUSED_DIM + 1) is not None
 
 
 @pytest.mark.cuda
 @requires_cuda
-@pytest.mark.parametrize("out_dim", [16000, kcbp.MAX_FUSED_DIM])
+@pytest.mark.parametrize("out_dim", [16000, cbp_plan.MAX_FUSED_DIM])
 def test_large_out_dim_exact(out_dim):
     """The largest sizes run the kernel (no warning) with exact phases: with 3 x 2 inputs
     the truth is 6 sketch products, cheap even at D = 16384."""
-    kcbp._warn_fallback.cache_clear()
+    cbp_ops._warn_fallback.cache_clear()
     x, y, h1, s1, h2, s2 = make_inputs((4, 3), (4, 2), out_dim, 4)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -593,10 +602,10 @@ def test_custom_op_registration(request):
     """Schema, fake-tensor (meta) kernel and autograd registration of the custom ops."""
     x, y, h1, s1, h2, s2 = make_inputs((1, 2, 11), (3, 1, 7), 12, fresh_seed(request))
     lead = torch.Size([3, 2])
-    xoff, yoff = kcbp.row_offsets(x, lead), kcbp.row_offsets(y, lead)
+    xoff, yoff = cbp_plan.row_offsets(x, lead), cbp_plan.row_offsets(y, lead)
     x.requires_grad_(True)
     y.requires_grad_(True)
-    twiddles = kcbp.twiddle_table(12, DEVICE)
+    twiddles = cbp_plan.twiddle_table(12, DEVICE)
     tests = ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(
         torch.ops.rwmn.cbp_dense.default,
@@ -609,7 +618,7 @@ def test_custom_op_registration(request):
         (g, x.detach(), y.detach(), xoff, yoff, h1, s1, h2, s2, twiddles),
         test_utils=("test_schema", "test_faketensor"),
     )
-    radices = list(kcbp.fft_plan(12, min_dim=1))
+    radices = list(cbp_plan.fft_plan(12, min_dim=1))
     xidx, yidx = xoff // 11, yoff // 7
     torch.library.opcheck(
         torch.ops.rwmn.cbp_fft.default,
@@ -739,20 +748,20 @@ def _hashes_for(n1, n2, out_dim):
     return (*make_hashes(n1, out_dim, gen), *make_hashes(n2, out_dim, gen))
 
 
-def _story_cbp_work(dtype, grad: bool, min_dim: int = kcbp.FACTORISED_MIN_DIM):
+def _story_cbp_work(dtype, grad: bool):
     x = torch.randn(1500, 2048, dtype=dtype, requires_grad=grad)
     y = torch.randn(1500, 300, dtype=dtype, requires_grad=grad)
     h1, s1, h2, s2 = _hashes_for(2048, 300, 4096)
 
     def call():
-        out = kcbp.cbp(x, y, h1, s1, h2, s2, 4096, factorised_min_dim=min_dim)
+        out = kcbp.cbp(x, y, h1, s1, h2, s2, 4096)
         if grad:
             out.backward(torch.zeros_like(out))
 
     return executed_work(call)
 
 
-def test_executed_work_at_the_story_size():
+def test_executed_work_at_the_story_size(monkeypatch):
     """What the kernels execute at the story size (1500 rows, 2048 x 300 -> 4096 = 16 x 16 x
     16), priced by kernels.work from the recorded launches, pinned. One complex 4096-point
     FFT is 3 stages x 256 tile rows x 16 x 16 x 3 real products = 589,824 MACs. The model's
@@ -767,7 +776,9 @@ def test_executed_work_at_the_story_size():
         work, _ = _story_cbp_work(dtype, grad=True)
         assert work.macs == 4500 * transform
         assert work.flops / 1e9 == pytest.approx(5.308, abs=0.001)
-    dense, _ = _story_cbp_work(torch.bfloat16, grad=False, min_dim=10**9)
+    with monkeypatch.context() as patch:
+        cbp_fft_threshold(patch, 10**9)
+        dense, _ = _story_cbp_work(torch.bfloat16, grad=False)
     assert dense.macs > 25 * 2250 * transform
     # Broadcast operands are transformed once per distinct row (the read network's memory).
     h1, s1, h2, s2 = _hashes_for(300, 300, 300)
@@ -790,7 +801,7 @@ def test_inverse_hash_is_the_csr_of_the_sketch():
     n, out_dim = 100, 37
     h = torch.randint(out_dim, (n,), generator=gen)
     s = torch.randint(2, (n,), generator=gen).float() * 2 - 1
-    order, start, sign = kcbp.inverse_hash(h, s, out_dim)
+    order, start, sign = cbp_plan.inverse_hash(h, s, out_dim)
     assert order.dtype == start.dtype == torch.int32 and sign.dtype == torch.float32
     assert start[0] == 0 and start[-1] == n
     assert torch.equal(start[1:] - start[:-1], torch.bincount(h, minlength=out_dim).int())

@@ -5,11 +5,11 @@ independent float64 numpy computation), never against the kernels' internals, so
 holds across rewrites of the kernels.
 
 D in {12, 15, 16, 45, 97 (prime), 300, 600, 4096}; for D < 256 both the default dispatch and
-factorised_min_dim=1 (the factorised transform forced at small D where D factors); at the
-model sizes 300 and 600 also a factorised_min_dim above D (the dense kernel forced). Each
-size runs the story form (x [R, n1], y [R, n2], R = 3 rows, no broadcast) and the read form
-(x [C, m, n1] against y [B, 1, 1, n2]) with sum_pool False and True. Output and both
-gradients (for a random upstream gradient g) are checked.
+an FFT threshold of 1 (kernel_helpers.cbp_fft_threshold: the factorised transform forced at
+small D where D factors); at the model sizes 300 and 600 also a threshold above D (the
+dense kernel forced). Each size runs the story form (x [R, n1], y [R, n2], R = 3 rows, no
+broadcast) and the read form (x [C, m, n1] against y [B, 1, 1, n2]) with sum_pool False and
+True. Output and both gradients (for a random upstream gradient g) are checked.
 
 Inputs are fresh on every run: the seed is drawn at random and written into every assertion
 message; set CBP_SIZES_SEED=<seed> to rerun a failure with the same inputs.
@@ -28,7 +28,10 @@ if not torch.cuda.is_available():
     # Must precede the first import of triton: @triton.jit reads it at decoration time.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kernel_helpers import gpu_semantics  # noqa: E402, F401  (fixture)
+from kernel_helpers import (  # noqa: E402
+    cbp_fft_threshold,
+    gpu_semantics,  # noqa: F401  (fixture)
+)
 
 import kernels.cbp as kcbp  # noqa: E402
 from kernels import reference  # noqa: E402
@@ -135,20 +138,20 @@ FORMS = [
 
 
 def paths(out_dim):
-    """factorised_min_dim settings: the default for every D; below the default threshold
+    """FFT threshold settings: the default for every D; below the default threshold
     (256) also 1 (forces the factorised transform wherever D factors; 97 is prime and stays
     dense either way); at 300 and 600 also D + 1 (forces the dense kernel)."""
     if out_dim < 256:
-        return [("default", None), ("fmd1", 1)]
+        return [("default", None), ("fft1", 1)]
     if out_dim <= 600:
         return [("default", None), ("dense", out_dim + 1)]
     return [("default", None)]
 
 
 CASES = [
-    pytest.param(out_dim, fmd, form, id=f"D{out_dim}-{path}-{form[0]}")
+    pytest.param(out_dim, threshold, form, id=f"D{out_dim}-{path}-{form[0]}")
     for out_dim in SIZES
-    for path, fmd in paths(out_dim)
+    for path, threshold in paths(out_dim)
     for form in FORMS
 ]
 
@@ -180,19 +183,18 @@ def rel_error(actual, truth):
     return np.abs(actual - truth).max() / np.abs(truth).max()
 
 
-def cbp_errors(out_dim, fmd, form, seed, fused_cbp=None):
+def cbp_errors(out_dim, form, seed, fused_cbp=None):
     """Normalised errors {(name, pair): error} of out, grad x and grad y for one case."""
     _, x_shape, y_shape, sum_pool = form
     gen = torch.Generator().manual_seed(seed)
     x, y, h1, s1, h2, s2 = make_inputs(x_shape, y_shape, out_dim, gen)
     x.requires_grad_(True)
     y.requires_grad_(True)
-    kwargs = {} if fmd is None else {"factorised_min_dim": fmd}
     fused_cbp = kcbp.cbp if fused_cbp is None else fused_cbp
     with warnings.catch_warnings():
         # A silent fallback to the reference would pass every comparison below.
         warnings.simplefilter("error")
-        out = fused_cbp(x, y, h1, s1, h2, s2, out_dim, sum_pool, **kwargs)
+        out = fused_cbp(x, y, h1, s1, h2, s2, out_dim, sum_pool)
     ref = reference.cbp(x, y, h1, s1, h2, s2, out_dim, sum_pool)
     assert out.dtype == ref.dtype == torch.float32 and out.shape == ref.shape
     g = torch.randn(ref.shape, generator=gen).to(DEVICE)
@@ -232,17 +234,19 @@ def test_truth_matches_float64_fft():
         assert err < 1e-12, f"[seed={seed}] D={out_dim}: direct vs fft {err:.2e}"
 
 
-@pytest.mark.parametrize(("out_dim", "fmd", "form"), CASES)
-def test_cbp_sizes_output_and_grads_fp32(out_dim, fmd, form):
+@pytest.mark.parametrize(("out_dim", "threshold", "form"), CASES)
+def test_cbp_sizes_output_and_grads_fp32(out_dim, threshold, form, monkeypatch):
     seed = fresh_seed()
+    if threshold is not None:
+        cbp_fft_threshold(monkeypatch, threshold)
     tol = rtol(out_dim)
-    errors = cbp_errors(out_dim, fmd, form, seed)
+    errors = cbp_errors(out_dim, form, seed)
     failures = []
     for (name, pair), err in errors.items():
         bound = 2 * tol if pair == "fused vs reference" else tol
         if not err <= bound:
             failures.append(f"{name} {pair}: {err:.2e} > {bound:.2e}")
     assert not failures, (
-        f"[CBP_SIZES_SEED={seed}] D={out_dim} factorised_min_dim={fmd} form={form[0]}: "
+        f"[CBP_SIZES_SEED={seed}] D={out_dim} fft_threshold={threshold} form={form[0]}: "
         + "; ".join(failures)
     )

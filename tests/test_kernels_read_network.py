@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import pytest
 import torch
@@ -12,15 +10,17 @@ from kernel_helpers import (
     LOW_PRECISION_RATIO,
     LOW_PRECISION_REL_ATOL,
     autocast,
+    cbp_fft_threshold,
     check_against_float64,
     cuda,
     gpu_semantics,  # noqa: F401  (fixture)
 )
 
-import kernels.cbp as kcbp
 import rwmn.ops
 from kernels import read_network as fused_read
 from kernels._common import record_launches
+from kernels.cbp import ops as cbp_ops
+from kernels.cbp import plan as cbp_plan
 from kernels.work import executed_work
 from rwmn import reference
 
@@ -106,27 +106,34 @@ FFT_CASES = [
     (2, 9, 15, 3, [(3, 2, 2), (2, 1, 3)]),
     (1, 8, 16, 2, [(3, 1, 2), (2, 2, 2), (3, 1, 1)]),
 ]
-fft_read_network = functools.partial(fused_read.read_network, factorised_min_dim=1)
+
+
+def read_on(path: str, monkeypatch):
+    """fused_read.read_network with its CBP on ``path`` for the rest of the test: "fft"
+    lowers the CBP's FFT threshold to 1 (the FFT kernels at these tiny d, in the forward
+    and the backward's recompute), "dense" keeps the default (dense below 256)."""
+    if path == "fft":
+        cbp_fft_threshold(monkeypatch, 1)
+    return fused_read.read_network
 
 
 @pytest.mark.parametrize("case", FFT_CASES, ids=str)
-def test_fft_path_matches_float64(case):
-    check_read_network_against_float64(case, fft_read_network)
+def test_fft_path_matches_float64(case, monkeypatch):
+    check_read_network_against_float64(case, read_on("fft", monkeypatch))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
-    ("case", "read"),
-    [((1, 7, 7, 2, [(4, 3, 2)]), fused_read.read_network),
-     ((2, 5, 12, 2, [(3, 1, 2), (2, 2, 1)]), fft_read_network)],
+    ("case", "path"),
+    [((1, 7, 7, 2, [(4, 3, 2)]), "dense"), ((2, 5, 12, 2, [(3, 1, 2), (2, 2, 1)]), "fft")],
     ids=["dense", "fft-two-layers"],
-)  # fmt: skip
-def test_low_precision_autocast_cpu(case, read, dtype):
+)
+def test_low_precision_autocast_cpu(case, path, dtype, monkeypatch):
     """bf16/fp16 under autocast, every output and gradient, on both CBP paths (on the
     interpreter with the gpu_semantics fixture: bf16 tiles reach tl.dot as values, the
     CBP's fp32 scratch is truncated to tf32 as the tensor cores read it)."""
     torch.manual_seed(0)
-    check_read_network_against_float64(case, read, dtype)
+    check_read_network_against_float64(case, read_on(path, monkeypatch), dtype)
 
 
 def _hops(read, prepare, memory, u, hashes, weights, biases, strides, hops=2):
@@ -147,9 +154,9 @@ HOP_CASES = [
 ]
 
 
-@pytest.mark.parametrize("read", [fused_read.read_network, fft_read_network], ids=["dense", "fft"])
+@pytest.mark.parametrize("path", ["dense", "fft"])
 @pytest.mark.parametrize("case", HOP_CASES, ids=str)
-def test_two_hops_match_float64(case, read):
+def test_two_hops_match_float64(case, path, monkeypatch):
     """Two hops sharing one prepare (the memory spectra and spectral weights): every output
     and every gradient, the memory's summed over both hops."""
     c, m, d, batch, spec = case
@@ -170,7 +177,7 @@ def test_two_hops_match_float64(case, read):
 
     inputs = [torch.randn(c, m, d), torch.randn(batch, d), *weights, *biases]
     check_against_float64(
-        run(read, fused_read.prepare), run(ref_read, lambda *a: None), inputs,
+        run(read_on(path, monkeypatch), fused_read.prepare), run(ref_read, lambda *a: None), inputs,
         ratio=2 * ERROR_RATIO,
     )  # fmt: skip
 
@@ -193,6 +200,7 @@ def test_launches_and_no_torch_fft(case, monkeypatch):
     softmax partials. Mq is never materialised. The backward runs too. torch.fft is never
     called."""
     _ban_torch_fft(monkeypatch)
+    fft_read_network = read_on("fft", monkeypatch)
     c, m, d, batch, spec = case
     hashes = _hashes(d, d)
     weights, biases, strides = _layers(c, spec, d)
@@ -346,7 +354,7 @@ def test_dense_spectra_match_numpy(rows, n, d):
     row blocks, n = 40 and 300 several input chunks, d = 97 and 300 several bin chunks."""
     x = torch.randn(rows, n)
     h1, s1, _, _ = _hashes(n, d)
-    spec = kcbp.cbp_dense_spectra(x, h1, s1, kcbp.twiddle_table(d, "cpu"))
+    spec = cbp_ops.cbp_dense_spectra(x, h1, s1, cbp_plan.twiddle_table(d, "cpu"))
     sketch = np.zeros((rows, d))
     np.add.at(sketch.T, h1.numpy(), (x.double() * s1.double()).numpy().T)
     want = np.fft.rfft(sketch, axis=-1)
@@ -399,7 +407,7 @@ def test_read_ops_pass_opcheck():
     )
     args = (prepared.memory, prepared.spectra, u, weights[0].requires_grad_(),
             prepared.spectral_weight, biases[0].requires_grad_(), strides[0], h1, s1, h2, s2,
-            prepared.twiddles, SHARP, kcbp.FACTORISED_MIN_DIM)  # fmt: skip
+            prepared.twiddles, SHARP)  # fmt: skip
     torch.library.opcheck(torch.ops.rwmn.read_conv_attention.default, args, test_utils=tests)
 
 
