@@ -89,7 +89,7 @@ def _softmax_block(tile, u, rn, r_ok, z_ptrs, pm_ptr, pl_ptr, acc_ptrs, d_ok, sh
 
 
 @triton.jit
-def _softmax_block_split(
+def softmax_block_split(
     tile1, tile2, u1, u2, rn, r_ok, z_ptrs, pm_ptr, pl_ptr, acc_ptrs1, acc_ptrs2, ok1, ok2,
     sharp,
 ):  # fmt: skip
@@ -467,7 +467,7 @@ def merge_config(n_batch: int, n_blocks: int, d: int) -> LaunchConfig:
     )
 
 
-def _merge_blocks(z, pm, pl, pacc, dtype):
+def merge_blocks(z, pm, pl, pacc, dtype):
     """Merge per-block softmax partials in one launch: (o, p, lse) as in the module
     docstring."""
     n_batch, r = z.shape
@@ -482,7 +482,7 @@ def _merge_blocks(z, pm, pl, pacc, dtype):
     return o, p, lse
 
 
-def _partials(n_batch: int, n_blocks: int, r: int, d: int, device):
+def softmax_partials(n_batch: int, n_blocks: int, r: int, d: int, device):
     z = torch.empty((n_batch, r), device=device, dtype=torch.float32)
     pm = torch.empty((n_batch, n_blocks), device=device, dtype=torch.float32)
     pl = torch.empty((n_batch, n_blocks), device=device, dtype=torch.float32)
@@ -520,13 +520,13 @@ def attention_forward(rows: torch.Tensor, u: torch.Tensor, sharp: float, normali
     r = rows.shape[-2]
     config = attention_config(n_batch, r, d, normalize)
     n_blocks = config.grid[1]
-    z, pm, pl, pacc = _partials(n_batch, n_blocks, r, d, u.device)
+    z, pm, pl, pacc = softmax_partials(n_batch, n_blocks, r, d, u.device)
     launch(
         _attn_fwd_kernel, config,
         rows, u, z, pm, pl, pacc, r, d, 0 if rows.dim() == 2 else r * d, n_blocks,
         float(sharp), UNIT_NORM_EPS,
     )  # fmt: skip
-    return _merge_blocks(z, pm, pl, pacc, rows.dtype)
+    return merge_blocks(z, pm, pl, pacc, rows.dtype)
 
 
 def attention_backward(
@@ -599,14 +599,14 @@ def conv_attention_forward(x, weight, bias, stride: int, u, sharp: float):
     c_in, c_out, n, m, d, k, top, left = _conv_geometry(x, weight, stride)
     config = conv_attention_config(n_batch, c_out, m, d, x.dtype, bias is not None, False)
     n_blocks = config.grid[1]
-    z, pm, pl, pacc = _partials(n_batch, n_blocks, c_out * m, d, x.device)
+    z, pm, pl, pacc = softmax_partials(n_batch, n_blocks, c_out * m, d, x.device)
     launch(
         _conv_attn_fwd_kernel, config,
         x, weight, bias if bias is not None else weight, u, z, pm, pl, pacc,
         c_in, c_out, n, m, d, k, stride, top, left, n_blocks // c_out,
         float(sharp), UNIT_NORM_EPS,
     )  # fmt: skip
-    return _merge_blocks(z, pm, pl, pacc, x.dtype)
+    return merge_blocks(z, pm, pl, pacc, x.dtype)
 
 
 def conv_attention_backward(go, gp, x, weight, bias, stride: int, u, sharp: float, o, p, lse):
@@ -657,7 +657,7 @@ def _attention_read_backward_op(
     return attention_backward(go, gp, rows, u, o, p, lse, sharp, normalize, relu)
 
 
-def _zeros_if_none(grad, like):
+def zeros_if_none(grad, like):
     """The output gradient the backward kernels read (any float dtype), zero if unused."""
     return torch.zeros_like(like) if grad is None else grad
 
@@ -675,7 +675,7 @@ def _attention_setup(ctx, inputs, output):
 def _attention_backward(ctx, go, gp, _glse):
     rows, u, o, p, lse = ctx.saved_tensors
     drows, du = torch.ops.rwmn.attention_read_backward(
-        _zeros_if_none(go, o), gp, rows, u, o, p, lse, ctx.sharp, ctx.normalize, False
+        zeros_if_none(go, o), gp, rows, u, o, p, lse, ctx.sharp, ctx.normalize, False
     )
     return drows, du, None, None
 
@@ -724,7 +724,7 @@ def _conv_attention_setup(ctx, inputs, output):
 def _conv_attention_backward(ctx, go, gp, _glse):
     x, weight, bias, u, o, p, lse = ctx.saved_tensors
     gy, du = torch.ops.rwmn.conv_attention_read_backward(
-        _zeros_if_none(go, o), gp, x, weight, bias, ctx.stride, u, ctx.sharp, o, p, lse
+        zeros_if_none(go, o), gp, x, weight, bias, ctx.stride, u, ctx.sharp, o, p, lse
     )
     dx, dw, db = conv_input_grads(gy, x, weight, bias is not None, ctx.stride)
     return dx, dw, db, None, du, None

@@ -70,11 +70,11 @@ from kernels.attention import (
     BLOCK_I_SMALL,
     BLOCK_I_WGMMA,
     MAX_FUSED_D,
-    _merge_blocks,
-    _partials,
-    _softmax_block_split,
-    _zeros_if_none,
     conv_attention_read,
+    merge_blocks,
+    softmax_block_split,
+    softmax_partials,
+    zeros_if_none,
 )
 from kernels.cbp import (
     cached_twiddles,
@@ -281,7 +281,7 @@ def _read_fwd_kernel(
     u2 = tl.load(u_ptr + b * D + offs_d2, mask=ok2, other=0.0).to(tl.float32)
     part = b * (C_OUT * N_I_BLOCKS) + blk
     acc = pacc_ptr + part.to(tl.int64) * D
-    _softmax_block_split(
+    softmax_block_split(
         tile1, tile2, u1, u2, rn, i_ok,
         z_ptr + (b * C_OUT + o) * M_ROWS + offs_i, pm_ptr + part, pl_ptr + part,
         acc + offs_d1, acc + offs_d2, ok1, ok2, sharp,
@@ -477,7 +477,7 @@ def read_forward(spectra, g, bias, u, h2, s2, twiddles, n_rows: int, stride: int
     c_in, c_out, kh, m, top = _read_geometry(spectra, g, bias, u, h2, s2, twiddles, n_rows, stride)
     config = read_config(n_batch, c_out, m, d, u.dtype, bias is not None)
     n_blocks = config.grid[1]
-    z, pm, pl, pacc = _partials(n_batch, n_blocks, c_out * m, d, u.device)
+    z, pm, pl, pacc = softmax_partials(n_batch, n_blocks, c_out * m, d, u.device)
     mr = torch.empty((n_batch, c_out, m, d), device=u.device, dtype=u.dtype)
     launch(
         _read_fwd_kernel, config,
@@ -485,7 +485,7 @@ def read_forward(spectra, g, bias, u, h2, s2, twiddles, n_rows: int, stride: int
         c_in, c_out, n_rows, m, kh, stride, top, n_blocks // c_out, float(sharp),
         UNIT_NORM_EPS,
     )  # fmt: skip
-    return (*_merge_blocks(z, pm, pl, pacc, u.dtype), mr)
+    return (*merge_blocks(z, pm, pl, pacc, u.dtype), mr)
 
 
 def read_conv_forward(spectra, g, bias, u, h2, s2, twiddles, n_rows: int, stride: int):
@@ -606,7 +606,7 @@ def _read_backward(ctx, go, gp, _glse, _gmr):
     # The readout's backward over the saved rows Mr (ReLU mask included): dL/dy.
     n_batch, c_out, m, d = mr.shape
     gy, du = torch.ops.rwmn.attention_read_backward(
-        _zeros_if_none(go, o),
+        zeros_if_none(go, o),
         gp,
         mr.view(n_batch, c_out * m, d),
         u,
