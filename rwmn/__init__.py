@@ -5,6 +5,9 @@
     logits = model(story, query, answers)        # [B, A]
 
 The hot ops go through ``rwmn.ops`` (reference PyTorch or fused Triton kernels).
+
+May import: kernels and third-party packages; never bench or tests (tests/test_layering.py
+checks the arrows: rwmn -> kernels, bench -> rwmn and kernels, never back).
 """
 
 from rwmn.config import ConfigError, LayerSpec, RWMNConfig, parse_layer_spec
