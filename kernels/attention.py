@@ -49,9 +49,9 @@ from kernels.memconv import _toeplitz_conv_tile, conv_input_grads, fusable
 from kernels.reference import same_padding
 
 #: Rows of one attention block (one program; the width is one block of pow2(d)): the backward
-#: holds three [rows, pow2(d)] fp32 tiles, which fit in registers at 16 rows.
+#: holds three [rows, pow2(d)] fp32 tiles and the softmax delta's, which fit in registers at 8.
 BLOCK_R_FWD = 32
-BLOCK_R_BWD = 16
+BLOCK_R_BWD = 8
 #: Slots of one conv-attention tile: the M of a wgmma tile in the bf16/fp16 forward; 16 where
 #: the tiles live in registers (the backward's five epilogue tiles, fp32's ieee operands).
 BLOCK_I_WGMMA = 64

@@ -1,4 +1,4 @@
-"""The embedding y = unit_norm(unit_norm(x) W^T + b): one launch forward, two backward.
+"""The embedding y = unit_norm(unit_norm(x) W^T + b): three launches forward, two backward.
 
 Math (kernels.reference.embed is the ground truth), rows x [R, K], W [N, K], b [N],
 n(v) = (eps + |v|^2)^(-1/2) per row, eps = 1e-12:
@@ -15,13 +15,13 @@ no gradient, so dx is left to plain torch ops; dW and db are the kernels' work.
 The reference takes about six launches forward under autocast (the input's norm, three
 casts, the GEMM, the output's norm) and six back. Here:
 
-* ``_embed_fwd_kernel``, one program per BLOCK_M rows: a first pass over K for the rows'
-  norms, then the GEMM with x^ formed in the prologue of each K chunk and rounded to the
-  compute dtype (as autocast rounds the linear's input) and W's tile rounded in-kernel
-  from its own dtype (no cast launch); the output width N is split into two power-of-two
-  accumulators (256 + 64 at N = 300: 7% padding, not 71% at 512), and the epilogue adds
-  the bias and normalises the row, which the tile holds whole. It stores y, z (fp32, the
-  backward's input) and n(x).
+* ``_row_norms_kernel``: the rows' norms (when x is normalised);
+* ``_embed_fwd_kernel``, one program per [BLOCK_M, BLOCK_N] tile of z: the GEMM on x and
+  W rounded in-kernel to the compute dtype from their own (no cast launch), the rows'
+  norms and the bias in the epilogue; z is stored in fp32 (the backward's input);
+* ``_unit_norm_fwd_kernel`` (kernels/unit_norm.py): y = n(z) z in the compute dtype.
+  (One launch for all three spilled: ptxas would not keep a whole row's accumulators, the
+  norms and the loops in registers.)
 * ``_unit_norm_bwd_kernel`` (kernels/unit_norm.py) gives dz from z and g, in the compute
   dtype (the GEMM operand).
 * ``_embed_dw_kernel``, one program per [BLOCK_WN, BLOCK_WK] tile of dW, reduces over all
@@ -45,19 +45,18 @@ from kernels._common import (
     compute_dtype,
     dot_precision,
     launch,
-    split_width,
     warn_once,
 )
-from kernels.unit_norm import unit_norm_backward
+from kernels.unit_norm import unit_norm_backward, unit_norm_forward
 
-#: The widest output row a forward tile holds (two accumulators of at most 512 columns).
-MAX_FUSED_N = 512
 #: Forward rows per program: one warpgroup's wgmma M in bf16/fp16; fp32 multiplies on CUDA
 #: cores (ieee) with register-resident operands, so half.
 BLOCK_M_HALF = 64
-BLOCK_M_FP32 = 32
+BLOCK_M_FP32 = 16
 BLOCK_K = 32
-NUM_WARPS = 8
+#: Output columns per tile (N = 300 pads to 320).
+BLOCK_N = 64
+NUM_WARPS = 4
 #: dW tile ([output columns, input columns]) and the rows of one reduction step.
 BLOCK_WN = 64
 BLOCK_WK = 64
@@ -66,57 +65,51 @@ DW_WARPS = 4
 
 
 @triton.jit
-def _embed_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, z_ptr, nx_ptr, R, K, N, eps,
-    NORM_X: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr,
-):  # fmt: skip
+def _row_norms_kernel(x_ptr, nx_ptr, R, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """n(x) [R] (fp32) of the rows of x [R, K]."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     r_ok = rows < R
+    squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        xt = tl.load(x_ptr + rows.to(tl.int64)[:, None] * K + ks[None, :],
+                     mask=r_ok[:, None] & (ks < K)[None, :], other=0.0).to(tl.float32)  # fmt: skip
+        squares += tl.sum(xt * xt, axis=1)
+    tl.store(nx_ptr + rows, tl.rsqrt(eps + squares), mask=r_ok)
+
+
+@triton.jit
+def _embed_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, nx_ptr, z_ptr, y_ptr, R, K, N,
+    NORM_X: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """One [BLOCK_M, BLOCK_N] tile of z = n(x) (x W^T) + b (fp32): x's and W's tiles
+    rounded to the compute dtype (y_ptr's, an empty tensor that carries it) from their
+    own."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    r_ok = rows < R
+    c_ok = cols < N
     x_rows = x_ptr + rows.to(tl.int64) * K
-    if NORM_X:
-        squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            xt = tl.load(x_rows[:, None] + ks[None, :], mask=r_ok[:, None] & (ks < K)[None, :],
-                         other=0.0).to(tl.float32)  # fmt: skip
-            squares += tl.sum(xt * xt, axis=1)
-        n_x = tl.rsqrt(eps + squares)
-    else:
-        n_x = tl.full((BLOCK_M,), 1.0, tl.float32)
-    tl.store(nx_ptr + rows, n_x, mask=r_ok)
-    cols1 = tl.arange(0, BLOCK_N1)
-    cols2 = BLOCK_N1 + tl.arange(0, BLOCK_N2)
-    ok1 = cols1 < N
-    ok2 = cols2 < N
-    acc1 = tl.zeros((BLOCK_M, BLOCK_N1), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_M, BLOCK_N2), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        xt = tl.load(x_rows[:, None] + ks[None, :], mask=r_ok[:, None] & k_ok[None, :],
-                     other=0.0).to(tl.float32)  # fmt: skip
-        a = (xt * n_x[:, None]).to(y_ptr.dtype.element_ty)
+        a = tl.load(x_rows[:, None] + ks[None, :], mask=r_ok[:, None] & k_ok[None, :],
+                    other=0.0).to(y_ptr.dtype.element_ty)  # fmt: skip
         # W rows (contiguous along K), transposed into the B operand.
-        w1 = tl.load(w_ptr + cols1[:, None] * K + ks[None, :], mask=ok1[:, None] & k_ok[None, :],
-                     other=0.0).to(a.dtype)  # fmt: skip
-        acc1 = tl.dot(a, tl.trans(w1), acc1, input_precision=PRECISION)
-        w2 = tl.load(w_ptr + cols2[:, None] * K + ks[None, :], mask=ok2[:, None] & k_ok[None, :],
-                     other=0.0).to(a.dtype)  # fmt: skip
-        acc2 = tl.dot(a, tl.trans(w2), acc2, input_precision=PRECISION)
+        w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=c_ok[:, None] & k_ok[None, :],
+                    other=0.0).to(a.dtype)  # fmt: skip
+        acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
+    if NORM_X:
+        acc = acc * tl.load(nx_ptr + rows, mask=r_ok, other=0.0)[:, None]
+    elif tl.program_id(1) == 0:
+        tl.store(nx_ptr + rows, tl.full((BLOCK_M,), 1.0, tl.float32), mask=r_ok)  # for dW
     if HAS_BIAS:
-        acc1 += tl.load(b_ptr + cols1, mask=ok1, other=0.0).to(tl.float32)[None, :]
-        acc2 += tl.load(b_ptr + cols2, mask=ok2, other=0.0).to(tl.float32)[None, :]
-    # Padding columns hold 0 (zero weights and bias), so the row norm is the row's.
-    n_z = tl.rsqrt(eps + tl.sum(acc1 * acc1, axis=1) + tl.sum(acc2 * acc2, axis=1))
-    offs1 = rows.to(tl.int64)[:, None] * N + cols1[None, :]
-    offs2 = rows.to(tl.int64)[:, None] * N + cols2[None, :]
-    mask1 = r_ok[:, None] & ok1[None, :]
-    mask2 = r_ok[:, None] & ok2[None, :]
-    tl.store(z_ptr + offs1, acc1, mask=mask1)
-    tl.store(z_ptr + offs2, acc2, mask=mask2)
-    tl.store(y_ptr + offs1, (acc1 * n_z[:, None]).to(y_ptr.dtype.element_ty), mask=mask1)
-    tl.store(y_ptr + offs2, (acc2 * n_z[:, None]).to(y_ptr.dtype.element_ty), mask=mask2)
+        acc += tl.load(b_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(z_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], acc,
+             mask=r_ok[:, None] & c_ok[None, :])  # fmt: skip
 
 
 @triton.jit
@@ -140,9 +133,9 @@ def _embed_dw_kernel(
         xt = tl.load(x_ptr + rs.to(tl.int64)[:, None] * K + ks[None, :],
                      mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
         n_x = tl.load(nx_ptr + rs, mask=r_ok, other=0.0)
-        # x^ rounded exactly as the forward rounded its A operand.
-        x_hat = (xt * n_x[:, None]).to(dz.dtype)
-        acc = tl.dot(tl.trans(dz), x_hat, acc, input_precision=PRECISION)
+        # x rounded as the forward rounded its A operand; dW = dz^T (n(x) x) = (n(x) dz)^T x.
+        dzx = (dz.to(tl.float32) * n_x[:, None]).to(dz.dtype)
+        acc = tl.dot(tl.trans(dzx), xt.to(dz.dtype), acc, input_precision=PRECISION)
         db += tl.sum(dz.to(tl.float32), axis=0)
     tl.store(dw_ptr + ns[:, None] * K + ks[None, :], acc.to(dw_ptr.dtype.element_ty),
              mask=n_ok[:, None] & k_ok[None, :])  # fmt: skip
@@ -158,20 +151,29 @@ def _embed_dw_kernel(
 def embed_forward_config(
     rows: int, k: int, n: int, dtype: torch.dtype, has_bias: bool, normalize_input: bool
 ) -> LaunchConfig:
-    """Launch configuration of _embed_fwd_kernel: one program per BLOCK_M rows."""
+    """Launch configuration of _embed_fwd_kernel: one program per [BLOCK_M, BLOCK_N] tile
+    of z."""
     block_m = BLOCK_M_FP32 if dtype == torch.float32 else BLOCK_M_HALF
-    n1, n2 = split_width(n)
     return LaunchConfig(
-        grid=(triton.cdiv(rows, block_m),),
+        grid=(triton.cdiv(rows, block_m), triton.cdiv(n, BLOCK_N)),
         constexprs=dict(
             NORM_X=normalize_input,
             HAS_BIAS=has_bias,
             PRECISION=dot_precision(dtype),
             BLOCK_M=block_m,
             BLOCK_K=BLOCK_K,
-            BLOCK_N1=n1,
-            BLOCK_N2=n2,
+            BLOCK_N=BLOCK_N,
         ),
+        num_warps=NUM_WARPS,
+        num_stages=1,
+    )
+
+
+def row_norms_config(rows: int) -> LaunchConfig:
+    """Launch configuration of _row_norms_kernel: one program per BLOCK_M_HALF rows."""
+    return LaunchConfig(
+        grid=(triton.cdiv(rows, BLOCK_M_HALF),),
+        constexprs=dict(BLOCK_M=BLOCK_M_HALF, BLOCK_K=BLOCK_K),
         num_warps=NUM_WARPS,
         num_stages=1,
     )
@@ -191,19 +193,23 @@ def embed_dw_config(k: int, n: int, dtype: torch.dtype) -> LaunchConfig:
 
 
 def embed_forward(x, weight, bias, dtype: torch.dtype, normalize_input: bool):
-    """(y [R, N] in ``dtype``, z [R, N] fp32, n(x) [R] fp32) for contiguous x [R, K]."""
+    """(y [R, N] in ``dtype``, z [R, N] fp32, n(x) [R] fp32) for contiguous x [R, K]: the
+    rows' norms (if normalised), z tile by tile, y = unit_norm(z) (kernels/unit_norm.py)."""
     rows, k = x.shape
     n = weight.shape[0]
-    y = torch.empty((rows, n), device=x.device, dtype=dtype)
+    # y's dtype is the compute dtype the GEMM rounds its operands to (its dtype argument).
+    dtype_of = torch.empty((0,), device=x.device, dtype=dtype)
     z = torch.empty((rows, n), device=x.device, dtype=torch.float32)
     n_x = torch.empty((rows,), device=x.device, dtype=torch.float32)
     if rows:
+        if normalize_input:
+            launch(_row_norms_kernel, row_norms_config(rows), x, n_x, rows, k, UNIT_NORM_EPS)
         launch(
             _embed_fwd_kernel,
             embed_forward_config(rows, k, n, dtype, bias is not None, normalize_input),
-            x, weight, weight if bias is None else bias, y, z, n_x, rows, k, n, UNIT_NORM_EPS,
+            x, weight, weight if bias is None else bias, n_x, z, dtype_of, rows, k, n,
         )  # fmt: skip
-    return y, z, n_x
+    return unit_norm_forward(z, dtype), z, n_x
 
 
 def embed_backward(grad, z, x, n_x, weight, dtype: torch.dtype):
@@ -314,11 +320,10 @@ def embed(
             f"[{n}, {k}], [{n}])"
         )
     dtype = compute_dtype(x, weight, bias)
-    if dtype not in FUSED_DTYPES or n > MAX_FUSED_N:
+    if dtype not in FUSED_DTYPES:
         warn_once(
-            f"kernels: embed runs the reference for {dtype} inputs of output width {n}: the "
-            f"fused kernels support {', '.join(str(t) for t in FUSED_DTYPES)} up to width "
-            f"{MAX_FUSED_N}"
+            f"kernels: embed runs the reference for {dtype} inputs: the fused kernels "
+            f"support {', '.join(str(t) for t in FUSED_DTYPES)}"
         )
         return reference.embed(x, weight, bias, normalize_input)
     rows = x.reshape(-1, k).contiguous()

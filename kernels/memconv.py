@@ -79,6 +79,11 @@ def _block_i(dtype: torch.dtype) -> int:
 #: fewest warps that build without a spill on both targets.
 DX_BLOCK_Q = {torch.float32: 16}
 DX_WARPS = 8
+#: dx stages (fp32: see STAGES_FP32).
+DX_STAGES = {torch.float32: STAGES_FP32}
+#: dx columns per tile: half precision reads the kernel rows in fp32 (the master weight)
+#: next to the gradient and the ReLU output, so half the forward's.
+DX_BLOCK_J = {torch.bfloat16: BLOCK_J // 2, torch.float16: BLOCK_J // 2}
 
 
 def _stages(dtype: torch.dtype) -> int:
@@ -422,16 +427,20 @@ def memconv_dx_config(
     block_q = DX_BLOCK_Q.get(dtype, BLOCK_I_HALF)
     n_phase_blocks = triton.cdiv(triton.cdiv(n, stride), block_q)
     return LaunchConfig(
-        grid=(n_batch * c_in, stride * n_phase_blocks, triton.cdiv(d, BLOCK_J)),
+        grid=(
+            n_batch * c_in,
+            stride * n_phase_blocks,
+            triton.cdiv(d, DX_BLOCK_J.get(dtype, BLOCK_J)),
+        ),
         constexprs=dict(
             RELU=relu,
             PRECISION=dot_precision(dtype),
             BLOCK_Q=block_q,
-            BLOCK_J=BLOCK_J,
+            BLOCK_J=DX_BLOCK_J.get(dtype, BLOCK_J),
             BLOCK_K=BLOCK_K,
         ),
         num_warps=DX_WARPS,
-        num_stages=_stages(dtype),
+        num_stages=DX_STAGES.get(dtype, STAGES_HALF),
     )
 
 
@@ -464,6 +473,10 @@ def dw_shifts(c_out: int) -> int:
 DW_WARPS = {torch.float32: 8}
 
 
+#: dw rows (the M) per tile: fp32 (ieee) holds the Hankel tile in registers, so half.
+DW_BLOCK_F = {torch.float32: BLOCK_F // 2}
+
+
 def memconv_dw_config(
     n_batch: int, c_in: int, c_out: int, m: int, d: int, k: int, dtype: torch.dtype, relu: bool
 ) -> LaunchConfig:
@@ -473,15 +486,16 @@ def memconv_dw_config(
     rows = n_batch * m
     splits = triton.cdiv(rows, ROWS_PER_SPLIT)
     block_o = pow2_at_least(c_out, BLOCK_O_MIN)
+    block_f = DW_BLOCK_F.get(dtype, BLOCK_F)
     shifts = dw_shifts(c_out)
     return LaunchConfig(
-        grid=(1, triton.cdiv(c_in * k * triton.cdiv(d, shifts), BLOCK_F), splits),
+        grid=(1, triton.cdiv(c_in * k * triton.cdiv(d, shifts), block_f), splits),
         constexprs=dict(
             RELU=relu,
             PRECISION=dot_precision(dtype),
             SHIFTS=shifts,
             BLOCK_O=block_o,
-            BLOCK_F=BLOCK_F,
+            BLOCK_F=block_f,
             BLOCK_J=BLOCK_JW,
         ),
         num_warps=DW_WARPS.get(dtype, NUM_WARPS),
@@ -531,7 +545,8 @@ def _memory_conv_backward_op(
     """(dx, [dw flattened, dbias]) from dL/dout and the layer's ReLU output ``out`` (the
     mask out > 0 applied in the kernels), or from the pre-activation gradient when ``out``
     is None; dx in x's dtype, the parameters' gradients in the weight's."""
-    dx = memconv_backward_input(grad, out, weight, x.shape[2], stride)
+    # dx reads the kernel rows in the compute dtype (fp32 rows next to the ReLU mask spilled).
+    dx = memconv_backward_input(grad, out, weight.to(x.dtype), x.shape[2], stride)
     return dx, memconv_backward_weight(grad, out, x, weight.shape[2], stride).to(weight.dtype)
 
 

@@ -109,10 +109,10 @@ def unit_norm_config(rows: int, d: int, tile: int = TILE) -> LaunchConfig:
     )
 
 
-def unit_norm_forward(x: torch.Tensor) -> torch.Tensor:
-    """y [R, d] = unit_norm(x) for a contiguous x [R, d] (in x's dtype)."""
+def unit_norm_forward(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y [R, d] = unit_norm(x) for a contiguous x [R, d], in ``dtype`` (default x's)."""
     rows, d = x.shape
-    y = torch.empty_like(x)
+    y = torch.empty_like(x, dtype=dtype)
     if rows:
         launch(_unit_norm_fwd_kernel, unit_norm_config(rows, d), x, y, rows, d, UNIT_NORM_EPS)
     return y

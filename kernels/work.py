@@ -502,20 +502,22 @@ def _unit_norm_bwd(a, grid) -> Work:
 # --------------------------------------------------------------------------------------
 
 
+@_formula("_row_norms_kernel")
+def _row_norms(a, grid) -> Work:
+    return Work(0, a["R"] * (a["K"] * _esize(a["x_ptr"]) + F32))
+
+
 @_formula("_embed_fwd_kernel")
 def _embed_fwd(a, grid) -> Work:
-    """Both passes over x, the two accumulators' padded width, W's tiles once per program;
-    y, z (fp32) and the norms out."""
-    (programs,) = grid
+    """Per [BLOCK_M, BLOCK_N] tile: the x rows and W rows over K, the padded tile's
+    products; z (fp32) out, the norms in (or written once)."""
+    n_m, n_n = grid
     rows, k, n = a["R"], a["K"], a["N"]
-    bm, bk = a["BLOCK_M"], a["BLOCK_K"]
-    width = a["BLOCK_N1"] + a["BLOCK_N2"]
-    trips = -(-k // bk)
-    macs = programs * bm * trips * bk * width
-    x_bytes = (2 if a["NORM_X"] else 1) * rows * k * _esize(a["x_ptr"])
-    w_bytes = programs * n * k * _esize(a["w_ptr"])
-    out = rows * n * (_esize(a["y_ptr"]) + F32) + rows * F32
-    return Work(macs, x_bytes + w_bytes + out)
+    bm, bk, bn = a["BLOCK_M"], a["BLOCK_K"], a["BLOCK_N"]
+    macs = n_m * n_n * bm * bn * -(-k // bk) * bk
+    x_bytes = n_n * rows * k * _esize(a["x_ptr"])
+    w_bytes = n_m * n * k * _esize(a["w_ptr"])
+    return Work(macs, x_bytes + w_bytes + rows * n * F32 + rows * F32)
 
 
 @_formula("_embed_dw_kernel")

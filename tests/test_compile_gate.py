@@ -35,6 +35,7 @@ KERNELS = {
     "_merge_kernel", "_unit_norm_fwd_kernel", "_unit_norm_bwd_kernel",
     "_hop_update_fwd_kernel", "_hop_update_bwd_kernel", "_spectral_weights_kernel",
     "_embed_fwd_kernel", "_embed_dw_kernel", "_ce_fwd_kernel", "_ce_bwd_kernel",
+    "_row_norms_kernel",
 }  # fmt: skip
 
 pytest.importorskip("triton")
