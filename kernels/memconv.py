@@ -81,8 +81,8 @@ DX_BLOCK_Q = {torch.float32: 16}
 DX_WARPS = 8
 #: dx stages (fp32: see STAGES_FP32).
 DX_STAGES = {torch.float32: STAGES_FP32}
-#: dx columns per tile: half precision reads the kernel rows in fp32 (the master weight)
-#: next to the gradient and the ReLU output, so half the forward's.
+#: dx columns per tile: half precision streams the ReLU output next to the gradient, so
+#: half the forward's.
 DX_BLOCK_J = {torch.bfloat16: BLOCK_J // 2, torch.float16: BLOCK_J // 2}
 
 
@@ -545,6 +545,9 @@ def _memory_conv_backward_op(
     """(dx, [dw flattened, dbias]) from dL/dout and the layer's ReLU output ``out`` (the
     mask out > 0 applied in the kernels), or from the pre-activation gradient when ``out``
     is None; dx in x's dtype, the parameters' gradients in the weight's."""
+    if out is not None and x.dtype == torch.float32:
+        # fp32 (ieee) dx with the ReLU mask inside spilled: the mask goes first there.
+        grad, out = torch.where(out > 0, grad, 0.0), None
     # dx reads the kernel rows in the compute dtype (fp32 rows next to the ReLU mask spilled).
     dx = memconv_backward_input(grad, out, weight.to(x.dtype), x.shape[2], stride)
     return dx, memconv_backward_weight(grad, out, x, weight.shape[2], stride).to(weight.dtype)
