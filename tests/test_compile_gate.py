@@ -21,8 +21,9 @@ import pytest
 from bench import compile_report as cr
 
 ROOT = Path(__file__).resolve().parents[1]
-#: Wall-clock bound of the whole report on CI's 2 cores (it takes about 3-5 minutes there).
-REPORT_TIMEOUT_S = 1500
+#: A hang guard on the whole report: on CI's 2 cores, sharing them with the other test
+#: worker, it takes 15-25 minutes.
+REPORT_TIMEOUT_S = 2700
 #: CBP output sizes the gate must cover: the model's (300, 4096), a prime (dense path),
 #: a factorised size between them, and the largest fused one.
 CBP_DIMS = {97, 300, 600, 4096, 16000}
