@@ -186,6 +186,16 @@ def classify_name(name: str) -> str | None:
     return "elementwise"
 
 
+def _copied(args, out) -> bool:
+    """Whether an op that may return its input (a view or ``to``) returned new storage."""
+    return (
+        isinstance(out, torch.Tensor)
+        and bool(args)
+        and isinstance(args[0], torch.Tensor)
+        and out.untyped_storage().data_ptr() != args[0].untyped_storage().data_ptr()
+    )
+
+
 def _tensors(tree) -> list[torch.Tensor]:
     out = []
     for x in torch.utils._pytree.tree_leaves(tree):
@@ -282,6 +292,8 @@ class _CensusMode(TorchDispatchMode):
             return out
         out = func(*args, **kwargs)
         kind = classify(func)
+        if kind is None and _base(func) not in _FREE and _copied(args, out):
+            kind = "copy"  # an aliasing op that had to copy (``to`` a dtype, ``reshape``)
         if kind == "sync":
             self.census.syncs.append((self.stages.now(), _base(func)))
         elif kind is not None:
@@ -311,7 +323,7 @@ def count_step(cfg: StepConfig, model=None) -> Census:
     from bench.e2e import make_batch
     from kernels._common import record_launches
     from rwmn import ops
-    from rwmn.loop import make_adagrad
+    from rwmn.loop import backward, make_adagrad
 
     if cfg.precision not in PRECISIONS or cfg.backend not in BACKENDS:
         raise ValueError(f"census: unknown precision or backend in {cfg}")
@@ -333,7 +345,7 @@ def count_step(cfg: StepConfig, model=None) -> Census:
             logits = model(story, query, answers)
         with stages.stage("loss"):
             loss = model.loss(logits, targets)
-        loss.backward()
+        backward(loss)
         with stages.stage("optimizer"):
             opt.step()
 

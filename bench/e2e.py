@@ -117,6 +117,7 @@ def build_step(
 
     from bench.harness import Skip
     from rwmn import RWMN, RWMNConfig, ops
+    from rwmn.loop import backward
     from rwmn.ops import BackendUnavailableError
 
     kind = torch.device(device).type
@@ -154,7 +155,7 @@ def build_step(
         with ops.use_backend(ops_backend):
             with autocast:
                 loss = model.loss(forward(story, query, answers), targets)
-            loss.backward()
+            backward(loss)
             opt.step()
             opt.zero_grad(set_to_none=True)
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import triton
+import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
@@ -155,6 +157,61 @@ def derived(tensors: tuple[torch.Tensor, ...], key: tuple, make):
     return _DERIVED.get(tensors, key, make)
 
 
+class _Counters:
+    """The arrival counters of :func:`last_to_arrive`: int32, zero between launches (the
+    last program of a group resets its counter), one buffer per device, grown when a launch
+    needs more groups than it holds. Launches that use them run one after another on one
+    stream (the kernels of a step do); under torch.compile each launch gets fresh zeros."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[torch.device, torch.Tensor] = {}
+
+    def get(self, device: torch.device, n: int) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return torch.zeros(n, device=device, dtype=torch.int32)
+        buf = self._buffers.get(device)
+        if buf is None or buf.numel() < n:
+            buf = torch.zeros(pow2_at_least(n, 1024), device=device, dtype=torch.int32)
+            self._buffers[device] = buf
+        return buf
+
+
+_COUNTERS = _Counters()
+
+
+def arrival_counters(device: torch.device, groups: int) -> torch.Tensor:
+    """At least ``groups`` zeroed int32 counters on ``device`` for one launch that finishes
+    its reductions with :func:`last_to_arrive` (kept between launches: no fill a call)."""
+    return _COUNTERS.get(torch.device(device), groups)
+
+
+@triton.jit
+def last_to_arrive(counter_ptr, n):
+    """Whether this program is the last of the ``n`` programs sharing ``counter_ptr`` to get
+    here; that one resets the counter for the next launch. What the others stored before
+    their call is visible to it: a barrier orders every thread's stores before the
+    release-acquire counter; the last program loads them with ``cache_modifier=".cg"``
+    (from L2, past this SM's L1). The split-K "last block" reduction: partial results are
+    summed by the program that completes them, in a fixed order, with no extra launch."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    last = arrived == n - 1
+    tl.atomic_xchg(counter_ptr, 0, mask=last, sem="relaxed", scope="gpu")
+    return last
+
+
+@triton.jit
+def sum_rows(parts_ptr, n, out_ptr, D, BLOCK_D: tl.constexpr):
+    """out[:D] = sum_k parts[k, :D] over n fp32 rows in order, stored in out's dtype; for the
+    last program of a group (the loads read past L1, see last_to_arrive)."""
+    offs = tl.arange(0, BLOCK_D)
+    ok = offs < D
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for k in range(n):
+        acc += tl.load(parts_ptr + k * D + offs, mask=ok, other=0.0, cache_modifier=".cg")
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
 @functools.cache
 def _warn_once(message: str) -> None:
     warnings.warn(message, stacklevel=3)
@@ -164,6 +221,18 @@ def warn_once(message: str) -> None:
     """warnings.warn ``message`` the first time it is seen in this process."""
     if not torch.compiler.is_compiling():
         _warn_once(message)
+
+
+def dtype_fallback(op: str, *dtypes: torch.dtype) -> bool:
+    """Whether ``op`` runs the reference because the kernels do not run one of ``dtypes``
+    (float64, integers); warns once, naming the op and the dtypes."""
+    if all(t in FUSED_DTYPES for t in dtypes):
+        return False
+    warn_once(
+        f"kernels: {op} runs the reference for {'/'.join(dict.fromkeys(map(str, dtypes)))} "
+        f"inputs: the fused kernels support {', '.join(str(t) for t in FUSED_DTYPES)}"
+    )
+    return True
 
 
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:

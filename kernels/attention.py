@@ -6,10 +6,11 @@ question b with vector u and rows r_1..r_R (eps = 1e-12, s = sharp):
     z_r = s <u, rhat_r>,  p = softmax(z),  o = sum_r p_r rhat_r,  lse = log sum_r exp z_r.
 The forward is flash-decoding: each program owns one block of rows and writes the raw
 logits z, its block max m_blk, sum l_blk = sum exp(z - m_blk) and unnormalised readout
-acc_blk = sum exp(z - m_blk) rhat; a few tiny torch ops merge the blocks
-(M = max m_blk, L = sum e^(m_blk - M) l_blk, o = sum e^(m_blk - M) acc_blk / L,
-lse = M + log L, p = exp(z - lse)). Only [B, R] logits and [B, blocks, d] partials touch
-memory, never a normalised row.
+acc_blk = sum exp(z - m_blk) rhat; the last program of a question to finish its block
+merges them (M = max m_blk, L = sum e^(m_blk - M) l_blk, o = sum e^(m_blk - M) acc_blk / L,
+lse = M + log L, p = exp(z - lse)) in the same launch. Only [B, R] logits and [B, blocks,
+d] partials touch memory, never a normalised row. The backward's du partials of the row
+blocks are summed the same way, by the question's last block.
 
 Backward, from go = dL/do and gp = dL/dp, recomputing p from the saved lse:
     dp_r = <go, rhat_r> + gp_r,  delta = sum_r p_r dp_r = <go, o> + <p, gp>,
@@ -38,14 +39,18 @@ from kernels import reference
 from kernels._common import (
     UNIT_NORM_EPS,
     LaunchConfig,
+    arrival_counters,
     cast,
     compute_dtype,
     dot_precision,
+    dtype_fallback,
+    last_to_arrive,
     launch,
     pow2_at_least,
+    sum_rows,
     warn_once,
 )
-from kernels.memconv import _toeplitz_conv_tile, conv_input_grads, fusable
+from kernels.memconv import _toeplitz_conv_tile, conv_input_grads
 from kernels.reference import same_padding
 
 #: Rows of one attention block (one program; the width is one block of pow2(d)): the backward
@@ -108,6 +113,44 @@ def softmax_block_split(
 
 
 @triton.jit
+def merge_if_last(
+    count_ptr, z_ptr, pm_ptr, pl_ptr, pacc_ptr, o_ptr, p_ptr, lse_ptr, b, R, D, N_BLOCKS,
+    BLOCK_B: tl.constexpr, MERGE_R: tl.constexpr, MERGE_D: tl.constexpr,
+):  # fmt: skip
+    """The block merge of question b (module docstring), run by the last of its N_BLOCKS
+    programs to finish its block: M = max m_blk, L = sum e^(m_blk - M) l_blk,
+    o = sum e^(m_blk - M) acc_blk / L, lse = M + log L, p = exp(z - lse)."""
+    if last_to_arrive(count_ptr + b, N_BLOCKS):
+        blks = tl.arange(0, BLOCK_B)
+        b_ok = blks < N_BLOCKS
+        part = b * N_BLOCKS + blks
+        pm = tl.load(pm_ptr + part, mask=b_ok, other=float("-inf"), cache_modifier=".cg")
+        pl = tl.load(pl_ptr + part, mask=b_ok, other=0.0, cache_modifier=".cg")
+        big = tl.max(pm, axis=0)
+        scale = tl.where(b_ok, tl.exp(pm - big), 0.0)
+        total = tl.sum(scale * pl, axis=0)
+        cols = tl.arange(0, MERGE_D)
+        d_ok = cols < D
+        acc = tl.load(
+            pacc_ptr + part.to(tl.int64)[:, None] * D + cols[None, :],
+            mask=b_ok[:, None] & d_ok[None, :],
+            other=0.0,
+            cache_modifier=".cg",
+        )
+        o = tl.sum(scale[:, None] * acc, axis=0) / total
+        tl.store(o_ptr + b * D + cols, o.to(o_ptr.dtype.element_ty), mask=d_ok)
+        lse = big + tl.log(total)
+        tl.store(lse_ptr + b, lse)
+        for r0 in range(0, R, MERGE_R):
+            rs = r0 + tl.arange(0, MERGE_R)
+            r_ok = rs < R
+            z = tl.load(z_ptr + b.to(tl.int64) * R + rs, mask=r_ok, other=0.0,
+                        cache_modifier=".cg")  # fmt: skip
+            tl.store(p_ptr + b.to(tl.int64) * R + rs,
+                     tl.exp(z - lse).to(p_ptr.dtype.element_ty), mask=r_ok)  # fmt: skip
+
+
+@triton.jit
 def _attn_fwd_kernel(
     rows_ptr,
     u_ptr,
@@ -115,6 +158,10 @@ def _attn_fwd_kernel(
     pm_ptr,
     pl_ptr,
     pacc_ptr,
+    o_ptr,
+    p_ptr,
+    lse_ptr,
+    count_ptr,
     R,
     D,
     ROWS_BATCH_STRIDE,
@@ -124,6 +171,9 @@ def _attn_fwd_kernel(
     NORMALIZE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    MERGE_R: tl.constexpr,
+    MERGE_D: tl.constexpr,
 ):
     b = tl.program_id(0)
     blk = tl.program_id(1)
@@ -153,6 +203,10 @@ def _attn_fwd_kernel(
         d_ok,
         sharp,
     )
+    merge_if_last(
+        count_ptr, z_ptr, pm_ptr, pl_ptr, pacc_ptr, o_ptr, p_ptr, lse_ptr, b, R, D, N_BLOCKS,
+        BLOCK_B, MERGE_R, MERGE_D,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -185,6 +239,8 @@ def _attn_bwd_kernel(
     lse_ptr,
     drows_ptr,
     du_part_ptr,
+    du_ptr,
+    count_ptr,
     B,
     R,
     D,
@@ -242,6 +298,11 @@ def _attn_bwd_kernel(
         # The rows are a ReLU's output r = max(y, 0): dL/dy = [r > 0] dL/dr.
         drhat = tl.where(tile > 0, drhat, 0.0)
     tl.store(drows_ptr + tile_off, drhat.to(drows_ptr.dtype.element_ty), mask=tile_ok)
+    # du = the sum of the row blocks' partials, by the question's last block (rows shared
+    # by the questions: by the launcher; summing every question's in the last block spilled).
+    if not SHARED:  # noqa: SIM102  (a constexpr: the shared kernel makes no atomic)
+        if last_to_arrive(count_ptr + b_lo, N_BLOCKS):
+            sum_rows(du_part_ptr + b_lo * N_BLOCKS * D, N_BLOCKS, du_ptr + b_lo * D, D, BLOCK_D)
 
 
 @triton.jit
@@ -290,6 +351,10 @@ def _conv_attn_fwd_kernel(
     pm_ptr,
     pl_ptr,
     pacc_ptr,
+    o_ptr,
+    p_ptr,
+    lse_ptr,
+    count_ptr,
     C_IN,
     C_OUT,
     N_ROWS,
@@ -307,6 +372,9 @@ def _conv_attn_fwd_kernel(
     BLOCK_I: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    MERGE_R: tl.constexpr,
+    MERGE_D: tl.constexpr,
 ):
     b = tl.program_id(0)
     blk = tl.program_id(1)
@@ -336,6 +404,10 @@ def _conv_attn_fwd_kernel(
         d_ok,
         sharp,
     )
+    merge_if_last(
+        count_ptr, z_ptr, pm_ptr, pl_ptr, pacc_ptr, o_ptr, p_ptr, lse_ptr, b, C_OUT * M_ROWS,
+        D, n_blocks, BLOCK_B, MERGE_R, MERGE_D,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -416,78 +488,30 @@ def _conv_attn_bwd_kernel(
 # --------------------------------------------------------------------------------------
 
 
-@triton.jit
-def _merge_kernel(
-    z_ptr, pm_ptr, pl_ptr, pacc_ptr, o_ptr, p_ptr, lse_ptr, R, D, N_BLOCKS,
-    BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    """The block merge of one question (module docstring): M = max m_blk, L = sum
-    e^(m_blk - M) l_blk, o = sum e^(m_blk - M) acc_blk / L, lse = M + log L,
-    p = exp(z - lse)."""
-    b = tl.program_id(0)
-    blks = tl.arange(0, BLOCK_B)
-    b_ok = blks < N_BLOCKS
-    pm = tl.load(pm_ptr + b * N_BLOCKS + blks, mask=b_ok, other=float("-inf"))
-    pl = tl.load(pl_ptr + b * N_BLOCKS + blks, mask=b_ok, other=0.0)
-    big = tl.max(pm, axis=0)
-    scale = tl.where(b_ok, tl.exp(pm - big), 0.0)
-    total = tl.sum(scale * pl, axis=0)
-    cols = tl.arange(0, BLOCK_D)
-    d_ok = cols < D
-    acc = tl.load(
-        pacc_ptr + (b * N_BLOCKS + blks).to(tl.int64)[:, None] * D + cols[None, :],
-        mask=b_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
-    o = tl.sum(scale[:, None] * acc, axis=0) / total
-    tl.store(o_ptr + b * D + cols, o.to(o_ptr.dtype.element_ty), mask=d_ok)
-    lse = big + tl.log(total)
-    tl.store(lse_ptr + b, lse)
-    for r0 in range(0, R, BLOCK_R):
-        rs = r0 + tl.arange(0, BLOCK_R)
-        r_ok = rs < R
-        z = tl.load(z_ptr + b.to(tl.int64) * R + rs, mask=r_ok, other=0.0)
-        tl.store(p_ptr + b.to(tl.int64) * R + rs, tl.exp(z - lse).to(p_ptr.dtype.element_ty),
-                 mask=r_ok)  # fmt: skip
-
-
 #: Rows of the attention weights per step of the merge.
 MERGE_BLOCK_R = 256
 
 
-def merge_config(n_batch: int, n_blocks: int, d: int) -> LaunchConfig:
-    """Launch configuration of _merge_kernel: one program per question."""
-    return LaunchConfig(
-        grid=(n_batch,),
-        constexprs=dict(
-            BLOCK_B=pow2_at_least(n_blocks, 1), BLOCK_R=MERGE_BLOCK_R, BLOCK_D=pow2_at_least(d)
-        ),
-        num_warps=4,
-        num_stages=1,
+def merge_constexprs(n_blocks: int, d: int) -> dict:
+    """The merge's tile constants (blocks of a question, rows per step, width)."""
+    return dict(BLOCK_B=pow2_at_least(n_blocks, 1), MERGE_R=MERGE_BLOCK_R, MERGE_D=pow2_at_least(d))
+
+
+def readout_buffers(n_batch: int, n_blocks: int, r: int, d: int, dtype, device) -> tuple:
+    """The forward kernels' outputs and scratch, in their argument order: the softmax
+    partials (z, block max, sum, readout; fp32), o [B, d] and p [B, R] in ``dtype``, lse
+    [B] fp32, and the merge's arrival counters."""
+    f32 = dict(device=device, dtype=torch.float32)
+    return (
+        torch.empty((n_batch, r), **f32),
+        torch.empty((n_batch, n_blocks), **f32),
+        torch.empty((n_batch, n_blocks), **f32),
+        torch.empty((n_batch, n_blocks, d), **f32),
+        torch.empty((n_batch, d), device=device, dtype=dtype),
+        torch.empty((n_batch, r), device=device, dtype=dtype),
+        torch.empty((n_batch,), **f32),
+        arrival_counters(device, n_batch),
     )
-
-
-def merge_blocks(z, pm, pl, pacc, dtype):
-    """Merge per-block softmax partials in one launch: (o, p, lse) as in the module
-    docstring."""
-    n_batch, r = z.shape
-    n_blocks, d = pacc.shape[1], pacc.shape[2]
-    o = torch.empty((n_batch, d), device=z.device, dtype=dtype)
-    p = torch.empty((n_batch, r), device=z.device, dtype=dtype)
-    lse = torch.empty((n_batch,), device=z.device, dtype=torch.float32)
-    launch(
-        _merge_kernel, merge_config(n_batch, n_blocks, d),
-        z, pm, pl, pacc, o, p, lse, r, d, n_blocks,
-    )  # fmt: skip
-    return o, p, lse
-
-
-def softmax_partials(n_batch: int, n_blocks: int, r: int, d: int, device):
-    z = torch.empty((n_batch, r), device=device, dtype=torch.float32)
-    pm = torch.empty((n_batch, n_blocks), device=device, dtype=torch.float32)
-    pl = torch.empty((n_batch, n_blocks), device=device, dtype=torch.float32)
-    pacc = torch.empty((n_batch, n_blocks, d), device=device, dtype=torch.float32)
-    return z, pm, pl, pacc
 
 
 def attention_config(
@@ -507,7 +531,9 @@ def attention_config(
     block_r = BLOCK_R_FWD if shared is None else BLOCK_R_BWD
     n_blocks = triton.cdiv(r, block_r)
     constexprs = dict(NORMALIZE=normalize, BLOCK_R=block_r, BLOCK_D=pow2_at_least(d))
-    if shared is not None:
+    if shared is None:
+        constexprs.update(merge_constexprs(n_blocks, d))
+    else:
         constexprs.update(SHARED=shared, RELU=relu, HAS_GP=has_gp)
     return LaunchConfig(
         grid=(1 if shared else n_batch, n_blocks), constexprs=constexprs, num_warps=NUM_WARPS
@@ -519,14 +545,13 @@ def attention_forward(rows: torch.Tensor, u: torch.Tensor, sharp: float, normali
     n_batch, d = u.shape
     r = rows.shape[-2]
     config = attention_config(n_batch, r, d, normalize)
-    n_blocks = config.grid[1]
-    z, pm, pl, pacc = softmax_partials(n_batch, n_blocks, r, d, u.device)
+    buffers = readout_buffers(n_batch, config.grid[1], r, d, rows.dtype, u.device)
     launch(
         _attn_fwd_kernel, config,
-        rows, u, z, pm, pl, pacc, r, d, 0 if rows.dim() == 2 else r * d, n_blocks,
+        rows, u, *buffers, r, d, 0 if rows.dim() == 2 else r * d, config.grid[1],
         float(sharp), UNIT_NORM_EPS,
     )  # fmt: skip
-    return merge_blocks(z, pm, pl, pacc, rows.dtype)
+    return buffers[4:7]
 
 
 def attention_backward(
@@ -542,12 +567,15 @@ def attention_backward(
     n_blocks = config.grid[1]
     drows = torch.empty_like(rows)
     du_part = torch.empty((n_batch, n_blocks, d), device=u.device, dtype=torch.float32)
+    du = torch.empty_like(u)
     launch(
         _attn_bwd_kernel, config,
         rows, u, go.contiguous(), go if gp is None else gp.contiguous(), o, p, lse, drows,
-        du_part, n_batch, r, d, n_blocks, float(sharp), UNIT_NORM_EPS,
+        du_part, du, arrival_counters(u.device, config.grid[0]), n_batch, r, d, n_blocks,
+        float(sharp), UNIT_NORM_EPS,
     )  # fmt: skip
-    du = du_part.sum(dim=1).to(u.dtype)
+    if config.constexprs["SHARED"]:
+        du = du_part.sum(dim=1).to(u.dtype)
     return drows, du
 
 
@@ -583,10 +611,13 @@ def conv_attention_config(
         BLOCK_D=pow2_at_least(d),
         BLOCK_K=CONV_ATTN_FP32_BWD_BLOCK_K if fp32_bwd else BLOCK_K,
     )
+    n_blocks = c_out * triton.cdiv(m, block_i)
     if backward:
         constexprs.update(HAS_GP=has_gp)
+    else:
+        constexprs.update(merge_constexprs(n_blocks, d))
     return LaunchConfig(
-        grid=(n_batch, c_out * triton.cdiv(m, block_i)),
+        grid=(n_batch, n_blocks),
         constexprs=constexprs,
         num_warps=warps,
         num_stages=NUM_STAGES,
@@ -599,14 +630,14 @@ def conv_attention_forward(x, weight, bias, stride: int, u, sharp: float):
     c_in, c_out, n, m, d, k, top, left = _conv_geometry(x, weight, stride)
     config = conv_attention_config(n_batch, c_out, m, d, x.dtype, bias is not None, False)
     n_blocks = config.grid[1]
-    z, pm, pl, pacc = softmax_partials(n_batch, n_blocks, c_out * m, d, x.device)
+    buffers = readout_buffers(n_batch, n_blocks, c_out * m, d, x.dtype, x.device)
     launch(
         _conv_attn_fwd_kernel, config,
-        x, weight, bias if bias is not None else weight, u, z, pm, pl, pacc,
+        x, weight, bias if bias is not None else weight, u, *buffers,
         c_in, c_out, n, m, d, k, stride, top, left, n_blocks // c_out,
         float(sharp), UNIT_NORM_EPS,
     )  # fmt: skip
-    return merge_blocks(z, pm, pl, pacc, x.dtype)
+    return buffers[4:7]
 
 
 def conv_attention_backward(go, gp, x, weight, bias, stride: int, u, sharp: float, o, p, lse):
@@ -626,6 +657,8 @@ def conv_attention_backward(go, gp, x, weight, bias, stride: int, u, sharp: floa
         c_in, c_out, n, m, d, k, stride, top, left, n_blocks // c_out,
         float(sharp), UNIT_NORM_EPS,
     )  # fmt: skip
+    # The du partials are summed here: in the kernel (by the last block, as the attention
+    # backward does) the conv tile's registers spilled.
     return gy, du_part.sum(dim=1).to(u.dtype)
 
 
@@ -764,7 +797,7 @@ def attention_read(
             f"attention_read: rows {tuple(rows.shape)} and u {tuple(u.shape)} disagree on B"
         )
     dtype = compute_dtype(rows, u)
-    if not (fusable(dtype, "attention_read") and _width_fusable(u.shape[-1], "attention_read")):
+    if dtype_fallback("attention_read", dtype) or not _width_fusable(u.shape[-1], "attention_read"):
         return reference.attention_read(rows, u, sharp, normalize)
     o, p, _ = torch.ops.rwmn.attention_read(
         cast(rows, dtype), cast(u, dtype), float(sharp), normalize
@@ -798,7 +831,7 @@ def conv_attention_read(
         raise ValueError(f"conv_attention_read: stride must be >= 1, got {stride}")
     dtype = compute_dtype(x, weight, bias, u)
     op = "conv_attention_read"
-    if not (fusable(dtype, op) and _width_fusable(d, op)):
+    if dtype_fallback(op, dtype) or not _width_fusable(d, op):
         return reference.conv_attention_read(x, weight, bias, stride, u, sharp)
     o, p, _ = torch.ops.rwmn.conv_attention_read(
         cast(x, dtype), cast(weight, dtype), cast(bias, dtype), stride, cast(u, dtype), float(sharp)

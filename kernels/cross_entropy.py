@@ -20,7 +20,7 @@ import triton.language as tl
 from torch.library import triton_op
 
 from kernels import reference
-from kernels._common import FUSED_DTYPES, LaunchConfig, launch, warn_once
+from kernels._common import LaunchConfig, dtype_fallback, launch, warn_once
 
 #: Rows per step of the single program's loop, and the widest score row it holds.
 BLOCK_B = 64
@@ -190,12 +190,13 @@ def cross_entropy(
         )
     if keep is not None and keep.shape != target.shape:
         raise ValueError(f"cross_entropy: keep {tuple(keep.shape)} must be [B] like target")
-    if logits.dtype not in FUSED_DTYPES or logits.shape[1] > MAX_FUSED_A:
+    if logits.shape[1] > MAX_FUSED_A:
         warn_once(
-            f"kernels: cross_entropy runs the reference for {logits.dtype} scores of width "
-            f"{logits.shape[1]}: the fused kernels support "
-            f"{', '.join(str(t) for t in FUSED_DTYPES)} up to width {MAX_FUSED_A}"
+            f"kernels: cross_entropy runs the reference for {logits.shape[1]} scores a "
+            f"question: the fused kernel holds at most {MAX_FUSED_A}"
         )
+        return reference.cross_entropy(logits, target, keep, legacy)
+    if dtype_fallback("cross_entropy", logits.dtype):
         return reference.cross_entropy(logits, target, keep, legacy)
     return torch.ops.rwmn.cross_entropy(logits.contiguous(), target.contiguous(), keep, legacy)
 

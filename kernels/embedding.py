@@ -39,13 +39,12 @@ from torch.library import triton_op
 
 from kernels import reference
 from kernels._common import (
-    FUSED_DTYPES,
     UNIT_NORM_EPS,
     LaunchConfig,
     compute_dtype,
     dot_precision,
+    dtype_fallback,
     launch,
-    warn_once,
 )
 from kernels.unit_norm import unit_norm_backward, unit_norm_forward
 
@@ -320,11 +319,7 @@ def embed(
             f"[{n}, {k}], [{n}])"
         )
     dtype = compute_dtype(x, weight, bias)
-    if dtype not in FUSED_DTYPES:
-        warn_once(
-            f"kernels: embed runs the reference for {dtype} inputs: the fused kernels "
-            f"support {', '.join(str(t) for t in FUSED_DTYPES)}"
-        )
+    if dtype_fallback("embed", dtype):
         return reference.embed(x, weight, bias, normalize_input)
     rows = x.reshape(-1, k).contiguous()
     y, _, _ = torch.ops.rwmn.embed(rows, weight.contiguous(), bias, dtype, normalize_input)

@@ -42,12 +42,14 @@ from kernels import reference
 from kernels._common import (
     FUSED_DTYPES,
     LaunchConfig,
+    arrival_counters,
     cast,
     compute_dtype,
     dot_precision,
+    dtype_fallback,
+    last_to_arrive,
     launch,
     pow2_at_least,
-    warn_once,
 )
 from kernels.reference import same_padding
 
@@ -273,6 +275,8 @@ def _memconv_dw_kernel(
     out_ptr,
     x_ptr,
     dw_part_ptr,
+    dw_ptr,
+    count_ptr,
     N_BATCH,
     C_IN,
     C_OUT,
@@ -343,14 +347,29 @@ def _memconv_dw_kernel(
             )
             acc = tl.dot(ht, gt, acc, input_precision=PRECISION)
     # One split's partials: dw [C_OUT, C_IN*K*D], then dbias [C_OUT] (from the first
-    # column tile's programs), so one sum over the splits finishes both.
+    # column tile's programs); the column tile's last split sums them in split order into
+    # dw (and dbias), in the weight's dtype.
     weights = C_IN * K * D
-    split = dw_part_ptr + pid_s.to(tl.int64) * (C_OUT * (weights + 1))
+    stride_s = C_OUT * (weights + 1)
     t = t0[:, None] + delta[None, :]
-    part = split + (o * weights)[None, :] + (ca * D)[:, None] + t
-    tl.store(part, acc, mask=f_ok[:, None] & n_ok[None, :] & (t < D))
-    if pid_f == 0:
-        tl.store(split + C_OUT * weights + o, db, mask=delta == 0)
+    offs = (o * weights)[None, :] + (ca * D)[:, None] + t
+    ok = f_ok[:, None] & n_ok[None, :] & (t < D)
+    db_ok = delta + pid_f == 0  # the unshifted columns of the first column tile
+    split = dw_part_ptr + pid_s.to(tl.int64) * stride_s
+    tl.store(split + offs, acc, mask=ok)
+    tl.store(split + C_OUT * weights + o, db, mask=db_ok)
+    n_splits = tl.num_programs(2)
+    if last_to_arrive(count_ptr + pid_f, n_splits):
+        acc = tl.zeros((BLOCK_F, BLOCK_O), dtype=tl.float32)
+        db = tl.zeros((BLOCK_O,), dtype=tl.float32)
+        split = dw_part_ptr
+        for _ in range(n_splits):
+            acc += tl.load(split + offs, mask=ok, other=0.0, cache_modifier=".cg")
+            db += tl.load(split + C_OUT * weights + o, mask=db_ok, other=0.0,
+                          cache_modifier=".cg")  # fmt: skip
+            split += stride_s
+        tl.store(dw_ptr + offs, acc.to(dw_ptr.dtype.element_ty), mask=ok)
+        tl.store(dw_ptr + C_OUT * weights + o, db.to(dw_ptr.dtype.element_ty), mask=db_ok)
 
 
 # --------------------------------------------------------------------------------------
@@ -469,8 +488,9 @@ def dw_shifts(c_out: int) -> int:
     return max(1, pow2_at_least(c_out, BLOCK_O_MIN) // c_out)
 
 
-#: dw warps: fp32 (ieee) holds both operand tiles in registers, so twice the half's warpgroup.
-DW_WARPS = {torch.float32: 8}
+#: dw warps: two warpgroups; one warpgroup's registers cannot hold the tiles and the last
+#: split's reduction.
+DW_WARPS = 8
 
 
 #: dw rows (the M) per tile: fp32 (ieee) holds the Hankel tile in registers, so half.
@@ -498,17 +518,22 @@ def memconv_dw_config(
             BLOCK_F=block_f,
             BLOCK_J=BLOCK_JW,
         ),
-        num_warps=DW_WARPS.get(dtype, NUM_WARPS),
+        num_warps=DW_WARPS,
         num_stages=_stages(dtype),
     )
 
 
 def memconv_backward_weight(
-    grad: torch.Tensor, out: torch.Tensor | None, x: torch.Tensor, k: int, stride: int
+    grad: torch.Tensor,
+    out: torch.Tensor | None,
+    x: torch.Tensor,
+    k: int,
+    stride: int,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """dw [c_out, c_in, k, d] flattened, then dbias [c_out], in one fp32 vector, from grad
-    [N, c_out, m, d] (masked as in memconv_backward_input) and x [N, c_in, n, d]: one
-    launch and one sum of its per-split partials."""
+    """dw [c_out, c_in, k, d] flattened, then dbias [c_out], in one vector of ``dtype`` (the
+    parameters'), from grad [N, c_out, m, d] (masked as in memconv_backward_input) and x
+    [N, c_in, n, d]: one launch (its splits' partials summed by the last split)."""
     n_batch, c_out, m, d = grad.shape
     _, c_in, n, _ = x.shape
     _, top, _ = same_padding(n, k, stride)
@@ -518,12 +543,14 @@ def memconv_backward_weight(
     rows_per_program = triton.cdiv(n_batch * m, splits)
     n_weights = c_out * c_in * k * d
     parts = torch.empty((splits, n_weights + c_out), device=x.device, dtype=torch.float32)
+    dwb = torch.empty((n_weights + c_out,), device=x.device, dtype=dtype)
     launch(
         _memconv_dw_kernel, config,
-        grad, grad if out is None else out, x, parts,
+        grad, grad if out is None else out, x, parts, dwb,
+        arrival_counters(x.device, config.grid[1]),
         n_batch, c_in, c_out, n, m, d, k, stride, top, left, rows_per_program,
     )  # fmt: skip
-    return parts.sum(0)
+    return dwb
 
 
 # --------------------------------------------------------------------------------------
@@ -550,7 +577,7 @@ def _memory_conv_backward_op(
         grad, out = torch.where(out > 0, grad, 0.0), None
     # dx reads the kernel rows in the compute dtype (fp32 rows next to the ReLU mask spilled).
     dx = memconv_backward_input(grad, out, weight.to(x.dtype), x.shape[2], stride)
-    return dx, memconv_backward_weight(grad, out, x, weight.shape[2], stride).to(weight.dtype)
+    return dx, memconv_backward_weight(grad, out, x, weight.shape[2], stride, weight.dtype)
 
 
 def conv_input_grads(grad, x, weight, has_bias: bool, stride: int, out=None):
@@ -586,17 +613,6 @@ _memory_conv_op.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------------------
 
 
-def fusable(dtype: torch.dtype, op: str) -> bool:
-    """Whether the kernels run this dtype; warns once (naming the reason) if not."""
-    if dtype not in FUSED_DTYPES:
-        warn_once(
-            f"kernels: {op} runs the reference for {dtype} inputs: the fused kernels "
-            f"support {', '.join(str(t) for t in FUSED_DTYPES)}"
-        )
-        return False
-    return True
-
-
 def memory_conv(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -612,7 +628,7 @@ def memory_conv(
             f"{tuple(weight.shape)} (expected [..., {c_in}, n, {d}])"
         )
     dtype = compute_dtype(x, weight, bias)
-    if not fusable(dtype, "memory_conv"):
+    if dtype_fallback("memory_conv", dtype):
         return reference.memory_conv(x, weight, bias, stride, relu)
     lead, n = x.shape[:-3], x.shape[-2]
     x4 = cast(x.reshape(-1, c_in, n, d), dtype)

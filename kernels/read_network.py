@@ -72,9 +72,10 @@ from kernels.attention import (
     BLOCK_I_WGMMA,
     MAX_FUSED_D,
     conv_attention_read,
-    merge_blocks,
+    merge_constexprs,
+    merge_if_last,
+    readout_buffers,
     softmax_block_split,
-    softmax_partials,
     zeros_if_none,
 )
 from kernels.cbp import (
@@ -228,6 +229,10 @@ def _read_fwd_kernel(
     pm_ptr,
     pl_ptr,
     pacc_ptr,
+    o_ptr,
+    p_ptr,
+    lse_ptr,
+    count_ptr,
     mr_ptr,
     C_IN,
     C_OUT,
@@ -248,12 +253,15 @@ def _read_fwd_kernel(
     BLOCK_D2: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    MERGE_R: tl.constexpr,
+    MERGE_D: tl.constexpr,
 ):
     """One read layer and the attention readout for question b, output channel o and
     BLOCK_I slots: the spectral GEMM (module docstring), bias, ReLU (its output, the read
     memory Mr, stored for the backward), unit norm, and the softmax partials of
     kernels/attention.py (z, block max, block sum, block readout), on the row's two
-    column chunks."""
+    column chunks; the question's last block merges them (o, p, lse)."""
     b = tl.program_id(0)
     blk = tl.program_id(1)
     o = blk // N_I_BLOCKS
@@ -286,6 +294,10 @@ def _read_fwd_kernel(
         tile1, tile2, u1, u2, rn, i_ok,
         z_ptr + (b * C_OUT + o) * M_ROWS + offs_i, pm_ptr + part, pl_ptr + part,
         acc + offs_d1, acc + offs_d2, ok1, ok2, sharp,
+    )  # fmt: skip
+    merge_if_last(
+        count_ptr, z_ptr, pm_ptr, pl_ptr, pacc_ptr, o_ptr, p_ptr, lse_ptr, b, C_OUT * M_ROWS,
+        D, C_OUT * N_I_BLOCKS, BLOCK_B, MERGE_R, MERGE_D,
     )  # fmt: skip
 
 
@@ -423,28 +435,34 @@ def read_config(
     d: int,
     dtype: torch.dtype,
     has_bias: bool,
+    readout: bool = True,
 ) -> LaunchConfig:
     """Launch configuration of _read_fwd_kernel and _read_conv_fwd_kernel: one program per
     (question, output channel, BLOCK_I slots), each holding the whole width in two column
     chunks (split_width(d)). bf16/fp16: 64 slots, the M of a wgmma tile; fp32 (ieee on
-    CUDA cores): 16 (the conv-attention kernel's tiles)."""
+    CUDA cores): 16 (the conv-attention kernel's tiles). ``readout``: _read_fwd_kernel's
+    (with the merge's constants), else _read_conv_fwd_kernel's."""
     half = dtype != torch.float32
     block_i = BLOCK_I_WGMMA if half else BLOCK_I_SMALL
     bins = BLOCK_BINS_HALF if half else BLOCK_BINS
     d1, d2 = split_width(d)
+    n_blocks = c_out * triton.cdiv(m, block_i)
+    constexprs = dict(
+        D=d,
+        K=half_spectrum(d),
+        HAS_BIAS=has_bias,
+        PRECISION=dot_precision(dtype),
+        BLOCK_I=block_i,
+        BLOCK_D1=d1,
+        BLOCK_D2=d2,
+        BLOCK_K=bins,
+        BLOCK_N=BLOCK_N,
+    )
+    if readout:
+        constexprs.update(merge_constexprs(n_blocks, d))
     return LaunchConfig(
-        grid=(n_batch, c_out * triton.cdiv(m, block_i)),
-        constexprs=dict(
-            D=d,
-            K=half_spectrum(d),
-            HAS_BIAS=has_bias,
-            PRECISION=dot_precision(dtype),
-            BLOCK_I=block_i,
-            BLOCK_D1=d1,
-            BLOCK_D2=d2,
-            BLOCK_K=bins,
-            BLOCK_N=BLOCK_N,
-        ),
+        grid=(n_batch, n_blocks),
+        constexprs=constexprs,
         num_warps=NUM_WARPS,
         num_stages=1,
     )
@@ -488,15 +506,15 @@ def read_forward(spectra, g, bias, u, h2, s2, twiddles, n_rows: int, stride: int
     c_in, c_out, kh, m, top = _read_geometry(spectra, g, bias, u, h2, s2, twiddles, n_rows, stride)
     config = read_config(n_batch, c_out, m, d, u.dtype, bias is not None)
     n_blocks = config.grid[1]
-    z, pm, pl, pacc = softmax_partials(n_batch, n_blocks, c_out * m, d, u.device)
+    buffers = readout_buffers(n_batch, n_blocks, c_out * m, d, u.dtype, u.device)
     mr = torch.empty((n_batch, c_out, m, d), device=u.device, dtype=u.dtype)
     launch(
         _read_fwd_kernel, config,
-        spectra, g, bias if bias is not None else g, u, h2, s2, twiddles, z, pm, pl, pacc, mr,
+        spectra, g, bias if bias is not None else g, u, h2, s2, twiddles, *buffers, mr,
         c_in, c_out, n_rows, m, kh, stride, top, n_blocks // c_out, float(sharp),
         UNIT_NORM_EPS,
     )  # fmt: skip
-    return (*merge_blocks(z, pm, pl, pacc, u.dtype), mr)
+    return (*buffers[4:7], mr)
 
 
 def read_conv_forward(spectra, g, bias, u, h2, s2, twiddles, n_rows: int, stride: int):
@@ -504,7 +522,7 @@ def read_conv_forward(spectra, g, bias, u, h2, s2, twiddles, n_rows: int, stride
     read_forward (the first of several read layers), one launch."""
     n_batch, d = u.shape
     c_in, c_out, kh, m, top = _read_geometry(spectra, g, bias, u, h2, s2, twiddles, n_rows, stride)
-    config = read_config(n_batch, c_out, m, d, u.dtype, bias is not None)
+    config = read_config(n_batch, c_out, m, d, u.dtype, bias is not None, readout=False)
     out = torch.empty((n_batch, c_out, m, d), device=u.device, dtype=u.dtype)
     launch(
         _read_conv_fwd_kernel, config,
@@ -657,9 +675,9 @@ def _read_backward(ctx, go, gp, _glse, _gmr):
     )
     mq, cbp_vjp = _recompute_mq(memory, u, h1, s1, h2, s2)
     dmq, dw, db = conv_input_grads(gy.view_as(mr), mq, weight, bias is not None, ctx.stride)
-    dmemory, du_cbp = cbp_vjp(dmq)
-    du = du + du_cbp.view_as(u)
-    return dmemory.view_as(memory), None, du, dw, None, db, *(None,) * 7
+    # u's gradient from the CBP accumulates onto the readout's in the CBP's reduction.
+    dmemory, du = cbp_vjp(dmq, du.view(u.shape[0], 1, 1, u.shape[1]))
+    return dmemory.view_as(memory), None, du.view_as(u), dw, None, db, *(None,) * 7
 
 
 _read_conv_attention_op.register_autograd(_read_backward, setup_context=_read_setup)

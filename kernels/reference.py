@@ -69,6 +69,12 @@ def hop_update(o: torch.Tensor, u: torch.Tensor, a: float, b: float) -> torch.Te
     return unit_norm(a * unit_norm(o) + b * u)
 
 
+def answer_scores(o: torch.Tensor, u: torch.Tensor, g: torch.Tensor, a: float, b: float):
+    """The answer scores [B, A], <g[b, i], u'[b]>, of the answers g [B, A, d] against the
+    last hop's update u' = hop_update(o, u, a, b) [B, d]."""
+    return torch.einsum("bad,bd->ba", g, hop_update(o, u, a, b))
+
+
 # --------------------------------------------------------------------------------------
 # Compact bilinear pooling
 # --------------------------------------------------------------------------------------
@@ -269,6 +275,7 @@ def read_network(
 
 __all__ = [
     "UNIT_NORM_EPS",
+    "answer_scores",
     "attention_read",
     "cbp",
     "conv_attention_read",

@@ -14,6 +14,11 @@ The hop update u' = unit_norm(v), v = a unit_norm(o) + b u, runs whole in one pr
 block of rows (its reference: two normalisations, two scalings and a sum, each rounded to
 the inputs' dtype; here fp32 throughout and one rounding of u'); its backward, from
 g = dL/du': dv = n_v (g - u' <u', g>), du = b dv, do = n_o (a dv - o^ <o^, a dv>).
+
+The model's last hop ends in the answer scores s_i = <g_i, u'> (g_i the A embedded
+answers): that update and the scores run as one op (answer_scores) in one launch each way;
+its backward takes g = sum_i ds_i g_i as dL/du' and stores dg_i = ds_i u'. u' is rounded
+to the output dtype before the products, as the reference's separate product sees it.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import triton.language as tl
 from torch.library import triton_op
 
 from kernels import reference
-from kernels._common import FUSED_DTYPES, UNIT_NORM_EPS, LaunchConfig, launch, warn_once
+from kernels._common import UNIT_NORM_EPS, LaunchConfig, dtype_fallback, launch
 
 #: Elements of one program's tile (rows x pow2(d)): 4096 fp32 per tile, two tiles live in
 #: the backward, 32 or 64 registers a thread at 4 warps.
@@ -63,14 +68,33 @@ def _unit_norm_bwd_kernel(
 
 
 @triton.jit
+def _hop_rows(o_ptr, u_ptr, R, D, a, b, eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's rows of the hop update (fp32): o^ = n_o o, n_o, n_v and
+    u' = n_v (a o^ + b u), with the rows' offsets and mask."""
+    o, offs, ok, n_o = _rows(o_ptr, R, D, eps, BLOCK_R, BLOCK_D)
+    u = tl.load(u_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    o_hat = o * n_o[:, None]
+    v = a * o_hat + b * u
+    n_v = tl.rsqrt(eps + tl.sum(v * v, axis=1))
+    return o_hat, n_o, n_v, v * n_v[:, None], offs, ok
+
+
+@triton.jit
+def _hop_rows_backward(o_hat, n_o, n_v, y, g, offs, ok, do_ptr, du_ptr, a, b):
+    """Store do and du of the hop update from g = dL/du' (fp32)."""
+    dv = n_v[:, None] * (g - y * tl.sum(y * g, axis=1)[:, None])
+    tl.store(du_ptr + offs, (b * dv).to(du_ptr.dtype.element_ty), mask=ok)
+    do_hat = a * dv
+    do = n_o[:, None] * (do_hat - o_hat * tl.sum(o_hat * do_hat, axis=1)[:, None])
+    tl.store(do_ptr + offs, do.to(do_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _hop_update_fwd_kernel(
     o_ptr, u_ptr, y_ptr, R, D, a, b, eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    o, offs, ok, n_o = _rows(o_ptr, R, D, eps, BLOCK_R, BLOCK_D)
-    u = tl.load(u_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    v = a * (o * n_o[:, None]) + b * u
-    n_v = tl.rsqrt(eps + tl.sum(v * v, axis=1))
-    tl.store(y_ptr + offs, (v * n_v[:, None]).to(y_ptr.dtype.element_ty), mask=ok)
+    _, _, _, y, offs, ok = _hop_rows(o_ptr, u_ptr, R, D, a, b, eps, BLOCK_R, BLOCK_D)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -78,18 +102,49 @@ def _hop_update_bwd_kernel(
     o_ptr, u_ptr, g_ptr, do_ptr, du_ptr, R, D, a, b, eps,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    o, offs, ok, n_o = _rows(o_ptr, R, D, eps, BLOCK_R, BLOCK_D)
-    u = tl.load(u_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    o_hat, n_o, n_v, y, offs, ok = _hop_rows(o_ptr, u_ptr, R, D, a, b, eps, BLOCK_R, BLOCK_D)
     g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    o_hat = o * n_o[:, None]
-    v = a * o_hat + b * u
-    n_v = tl.rsqrt(eps + tl.sum(v * v, axis=1))
-    y = v * n_v[:, None]
-    dv = n_v[:, None] * (g - y * tl.sum(y * g, axis=1)[:, None])
-    tl.store(du_ptr + offs, (b * dv).to(du_ptr.dtype.element_ty), mask=ok)
-    do_hat = a * dv
-    do = n_o[:, None] * (do_hat - o_hat * tl.sum(o_hat * do_hat, axis=1)[:, None])
-    tl.store(do_ptr + offs, do.to(do_ptr.dtype.element_ty), mask=ok)
+    _hop_rows_backward(o_hat, n_o, n_v, y, g, offs, ok, do_ptr, du_ptr, a, b)
+
+
+@triton.jit
+def _answer_offsets(offs, i, A, D):
+    """Offsets in the answers [R, A, d] of answer i of the rows at ``offs`` in [R, d]."""
+    return offs + (offs // D * (A - 1) + i) * D
+
+
+@triton.jit
+def _answer_fwd_kernel(
+    o_ptr, u_ptr, g_ptr, s_ptr, R, D, A, a, b, eps,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    _, _, _, y, offs, ok = _hop_rows(o_ptr, u_ptr, R, D, a, b, eps, BLOCK_R, BLOCK_D)
+    # u' as the reference rounds it before its product with the answers.
+    y = y.to(s_ptr.dtype.element_ty).to(tl.float32)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    for i in range(A):
+        g_offs = _answer_offsets(offs, i, A, D)
+        g = tl.load(g_ptr + g_offs, mask=ok, other=0.0).to(tl.float32)
+        score = tl.sum(g * y, axis=1)
+        tl.store(s_ptr + rows * A + i, score.to(s_ptr.dtype.element_ty), mask=rows < R)
+
+
+@triton.jit
+def _answer_bwd_kernel(
+    o_ptr, u_ptr, g_ptr, gs_ptr, do_ptr, du_ptr, dg_ptr, R, D, A, a, b, eps,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    o_hat, n_o, n_v, y, offs, ok = _hop_rows(o_ptr, u_ptr, R, D, a, b, eps, BLOCK_R, BLOCK_D)
+    y_q = y.to(dg_ptr.dtype.element_ty).to(tl.float32)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    gy = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    for i in range(A):
+        g_offs = _answer_offsets(offs, i, A, D)
+        g = tl.load(g_ptr + g_offs, mask=ok, other=0.0).to(tl.float32)
+        gs = tl.load(gs_ptr + rows * A + i, mask=rows < R, other=0.0).to(tl.float32)
+        gy += gs[:, None] * g
+        tl.store(dg_ptr + g_offs, (gs[:, None] * y_q).to(dg_ptr.dtype.element_ty), mask=ok)
+    _hop_rows_backward(o_hat, n_o, n_v, y, gy, offs, ok, do_ptr, du_ptr, a, b)
 
 
 #: The hop update's backward holds about three times the tiles of unit_norm's: half the tile.
@@ -222,13 +277,74 @@ def _hop_backward(ctx, grad):
 _hop_update_op.register_autograd(_hop_backward, setup_context=_hop_setup)
 
 
+def answer_scores_forward(o, u, g, a: float, b: float) -> torch.Tensor:
+    """scores [R, A] = <g[r, i], hop_update(o, u, a, b)[r]> for contiguous o, u [R, d] and
+    g [R, A, d], in their promoted dtype."""
+    rows, d = o.shape
+    n_answers = g.shape[1]
+    dtype = torch.promote_types(torch.promote_types(o.dtype, u.dtype), g.dtype)
+    scores = torch.empty((rows, n_answers), device=o.device, dtype=dtype)
+    if rows:
+        config = unit_norm_config(rows, d, HOP_TILE)
+        launch(_answer_fwd_kernel, config, o, u, g, scores, rows, d, n_answers, a, b,
+               UNIT_NORM_EPS)  # fmt: skip
+    return scores
+
+
+def answer_scores_backward(o, u, g, grad, a: float, b: float):
+    """(do, du, dg) of answer_scores_forward for the gradient grad [R, A] (contiguous)."""
+    rows, d = o.shape
+    do, du, dg = torch.empty_like(o), torch.empty_like(u), torch.empty_like(g)
+    if rows:
+        config = unit_norm_config(rows, d, HOP_TILE)
+        launch(_answer_bwd_kernel, config, o, u, g, grad, do, du, dg, rows, d, g.shape[1], a,
+               b, UNIT_NORM_EPS)  # fmt: skip
+    return do, du, dg
+
+
+@triton_op("rwmn::answer_scores", mutates_args=())
+def _answer_scores_op(
+    o: torch.Tensor, u: torch.Tensor, g: torch.Tensor, a: float, b: float
+) -> torch.Tensor:
+    return answer_scores_forward(o, u, g, a, b)
+
+
+@triton_op("rwmn::answer_scores_backward", mutates_args=())
+def _answer_scores_backward_op(
+    o: torch.Tensor, u: torch.Tensor, g: torch.Tensor, grad: torch.Tensor, a: float, b: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return answer_scores_backward(o, u, g, grad, a, b)
+
+
+@_answer_scores_op.register_fake
+def _answer_scores_fake(o, u, g, a, b):
+    dtype = torch.promote_types(torch.promote_types(o.dtype, u.dtype), g.dtype)
+    return o.new_empty((o.shape[0], g.shape[1]), dtype=dtype)
+
+
+@_answer_scores_backward_op.register_fake
+def _answer_scores_backward_fake(o, u, g, grad, a, b):
+    return torch.empty_like(o), torch.empty_like(u), torch.empty_like(g)
+
+
+def _answer_setup(ctx, inputs, output):
+    o, u, g, a, b = inputs
+    ctx.save_for_backward(o, u, g)
+    ctx.a, ctx.b = a, b
+
+
+def _answer_backward(ctx, grad):
+    o, u, g = ctx.saved_tensors
+    do, du, dg = torch.ops.rwmn.answer_scores_backward(o, u, g, grad.contiguous(), ctx.a, ctx.b)
+    return do, du, dg, None, None
+
+
+_answer_scores_op.register_autograd(_answer_backward, setup_context=_answer_setup)
+
+
 def unit_norm(x: torch.Tensor) -> torch.Tensor:
     """Fused kernels.reference.unit_norm (default eps) along the last axis of x."""
-    if x.dtype not in FUSED_DTYPES:
-        warn_once(
-            f"kernels: unit_norm runs the reference for {x.dtype} inputs: the fused kernels "
-            f"support {', '.join(str(t) for t in FUSED_DTYPES)}"
-        )
+    if dtype_fallback("unit_norm", x.dtype):
         return reference.unit_norm(x)
     if x.dim() == 0:
         raise ValueError("unit_norm: the input needs a last axis")
@@ -247,15 +363,26 @@ def hop_update(o: torch.Tensor, u: torch.Tensor, a: float, b: float) -> torch.Te
             f"hop_update: o {tuple(o.shape)} and u {tuple(u.shape)} must have one shape with "
             "a last axis"
         )
-    if o.dtype not in FUSED_DTYPES or u.dtype not in FUSED_DTYPES:
-        warn_once(
-            f"kernels: hop_update runs the reference for {o.dtype}/{u.dtype} inputs: the "
-            f"fused kernels support {', '.join(str(t) for t in FUSED_DTYPES)}"
-        )
+    if dtype_fallback("hop_update", o.dtype, u.dtype):
         return reference.hop_update(o, u, a, b)
     d = o.shape[-1]
     o2, u2 = o.reshape(-1, d).contiguous(), u.reshape(-1, d).contiguous()
     return torch.ops.rwmn.hop_update(o2, u2, float(a), float(b)).view(o.shape)
 
 
-__all__ = ["hop_update", "unit_norm"]
+def answer_scores(o: torch.Tensor, u: torch.Tensor, g: torch.Tensor, a: float, b: float):
+    """Fused kernels.reference.answer_scores: the scores <g[.., i, :], u'> of the A answers
+    g [B, A, d] against the last hop's update u' = hop_update(o, u, a, b) (o, u [B, d])."""
+    if o.dim() != 2 or o.shape != u.shape or g.dim() != 3 or g.shape[::2] != o.shape:
+        raise ValueError(
+            f"answer_scores: o {tuple(o.shape)} and u {tuple(u.shape)} must be [B, d] and "
+            f"the answers {tuple(g.shape)} [B, A, d]"
+        )
+    if dtype_fallback("answer_scores", o.dtype, u.dtype, g.dtype):
+        return reference.answer_scores(o, u, g, a, b)
+    return torch.ops.rwmn.answer_scores(
+        o.contiguous(), u.contiguous(), g.contiguous(), float(a), float(b)
+    )
+
+
+__all__ = ["answer_scores", "hop_update", "unit_norm"]

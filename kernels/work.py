@@ -198,12 +198,36 @@ def _memconv_dw(a, grid) -> Work:
                 g_bytes = c_out * min(jv + shifts - 1, d) * gsize
                 bytes_ += rows * (g_bytes + min(cols * shifts + jv - 1, d) * esize)
             bytes_ += cols * min(bo, shifts * c_out) * F32
-    return Work(macs, bytes_)
+    # The last split of each column tile: every split's partials in, dw (and dbias) out.
+    wsize = _esize(a["dw_ptr"])
+    for pf in range(n_f):
+        tile = _valid(pf * bf, bf, f) * min(bo, shifts * c_out) + (c_out if pf == 0 else 0)
+        bytes_ += tile * (splits * F32 + wsize)
+    return Work(macs, bytes_ + _arrivals(n_f * splits))
 
 
 # --------------------------------------------------------------------------------------
 # Attention (kernels/attention.py) and the one-launch read (kernels/read_network.py)
 # --------------------------------------------------------------------------------------
+
+
+def _arrivals(programs: int) -> int:
+    """Bytes of the arrival counters (kernels._common.last_to_arrive): one read-modify-write
+    of an int32 a program."""
+    return programs * 2 * I32
+
+
+def _merge(a: dict, n_b: int, n_blocks: int, r: int, d: int) -> Work:
+    """The block merge of each question by its last block (attention.merge_if_last): block
+    maxima, sums and readouts in; o, lse out; z in and p out."""
+    eo = _esize(a["o_ptr"])
+    per_question = 2 * n_blocks * F32 + n_blocks * d * F32 + d * eo + F32 + r * (F32 + eo)
+    return Work(0, n_b * per_question + _arrivals(n_b * n_blocks))
+
+
+def _row_sums(n_b: int, n_blocks: int, d: int, esize: int) -> int:
+    """Bytes of the du partials summed by each question's last block (_common.sum_rows)."""
+    return n_b * (n_blocks * d * F32 + d * esize) + _arrivals(n_b * n_blocks)
 
 
 def _readout_epilogue(rows: int, d: int, esize_u: int) -> int:
@@ -220,7 +244,7 @@ def _attn_fwd(a, grid) -> Work:
         _valid(blk * br, br, r) * d * esize + _readout_epilogue(_valid(blk * br, br, r), d, 4)
         for blk in range(n_blocks)
     )
-    return Work(0, bytes_ * n_b)
+    return Work(0, bytes_ * n_b) + _merge(a, n_b, n_blocks, r, d)
 
 
 @_formula("_attn_bwd_kernel")
@@ -237,7 +261,8 @@ def _attn_bwd(a, grid) -> Work:
         bytes_ += questions * (2 * d * esize + F32 + d * F32 + _delta_bytes(a, r, d))
         if a["HAS_GP"]:
             bytes_ += questions * rows * _esize(a["gp_ptr"])
-    return Work(0, bytes_ * n_b)
+    sums = 0 if a["SHARED"] else _row_sums(n_b, n_blocks, d, _esize(a["du_ptr"]))
+    return Work(0, bytes_ * n_b + sums)
 
 
 def _delta_bytes(a: dict, r: int, d: int) -> int:
@@ -264,16 +289,10 @@ def _conv_attention(a, grid, backward: bool) -> Work:
         else:
             extra = _readout_epilogue(rows, d, esize)
         out = out + tile + Work(0, extra)
-    return out * (n_b * (n_blocks // n_i))
-
-
-@_formula("_merge_kernel")
-def _merge(a, grid) -> Work:
-    (n_b,) = grid
-    nb, r, d = a["N_BLOCKS"], a["R"], a["D"]
-    eo = _esize(a["o_ptr"])
-    # Block maxima, sums and readouts in; o, lse out; z in and p out.
-    return Work(0, n_b * (2 * nb * F32 + nb * d * F32 + d * eo + F32 + r * (F32 + eo)))
+    out = out * (n_b * (n_blocks // n_i))
+    if backward:
+        return out
+    return out + _merge(a, n_b, n_blocks, a["C_OUT"] * a["M_ROWS"], d)
 
 
 @_formula("_conv_attn_fwd_kernel")
@@ -319,9 +338,10 @@ def _spectral_read(a, grid, epilogue: Callable[[int], int]) -> Work:
 
 @_formula("_read_fwd_kernel")
 def _read_fwd(a, grid) -> Work:
-    # The readout's partials and the stored read memory Mr.
+    # The readout's partials, the stored read memory Mr, and the merge.
     d, esize = a["D"], _esize(a["mr_ptr"])
-    return _spectral_read(a, grid, lambda rows: _readout_epilogue(rows, d, 4) + rows * d * esize)
+    rows = _spectral_read(a, grid, lambda rows: _readout_epilogue(rows, d, 4) + rows * d * esize)
+    return rows + _merge(a, grid[0], grid[1], a["C_OUT"] * a["M_ROWS"], d)
 
 
 @_formula("_read_conv_fwd_kernel")
@@ -460,6 +480,22 @@ def _cbp_product(a, grid) -> Work:
     return per_pair * _pairs(a, grid)
 
 
+@_formula("_broadcast_sums_kernel")
+def _broadcast_sums(a, grid) -> Work:
+    # Each output row: its RED fp32 rows in (and the addend), the row out.
+    def rows(red, out_rows, n, g, out, add):
+        return out_rows * n * (red * _esize(g) + _esize(out) + (0 if add is None else _esize(add)))
+
+    rows_x = a["ROWS_X"]
+    rows_y = grid[0] - rows_x
+    add = a["add_ptr"] if a["HAS_ADD"] else None
+    return Work(
+        0,
+        rows(a["RED_X"], rows_x, a["N_X"], a["gx_ptr"], a["ox_ptr"], None)
+        + rows(a["RED_Y"], rows_y, a["N_Y"], a["gy_ptr"], a["oy_ptr"], add),
+    )
+
+
 @_formula("_cbp_fwd_kernel")
 def _cbp_fwd(a, grid) -> Work:
     d = a["D"]
@@ -552,6 +588,23 @@ def _hop_update_fwd(a, grid) -> Work:
 def _hop_update_bwd(a, grid) -> Work:
     tensors = ("o_ptr", "u_ptr", "g_ptr", "do_ptr", "du_ptr")
     return Work(0, a["R"] * a["D"] * sum(_esize(a[p]) for p in tensors))
+
+
+@_formula("_answer_fwd_kernel")
+def _answer_fwd(a, grid) -> Work:
+    # o, u in; each answer row in and its score out.
+    rows, d, n = a["R"], a["D"], a["A"]
+    update = rows * d * (_esize(a["o_ptr"]) + _esize(a["u_ptr"]))
+    return Work(0, update + rows * n * (d * _esize(a["g_ptr"]) + _esize(a["s_ptr"])))
+
+
+@_formula("_answer_bwd_kernel")
+def _answer_bwd(a, grid) -> Work:
+    # o, u in, do, du out; each answer row and its score's gradient in, dg out.
+    rows, d, n = a["R"], a["D"], a["A"]
+    update = rows * d * sum(_esize(a[p]) for p in ("o_ptr", "u_ptr", "do_ptr", "du_ptr"))
+    answers = rows * n * (d * (_esize(a["g_ptr"]) + _esize(a["dg_ptr"])) + _esize(a["gs_ptr"]))
+    return Work(0, update + answers)
 
 
 # --------------------------------------------------------------------------------------

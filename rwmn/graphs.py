@@ -22,6 +22,7 @@ import torch
 
 from rwmn.config import RWMNConfig
 from rwmn.data.movieqa import QABatch
+from rwmn.loop import backward
 from rwmn.padding import Padding, bucket_shape, padding_plan
 
 #: Eager steps run (and undone) before a capture: kernels compiled, libraries initialised.
@@ -101,7 +102,7 @@ def padded_step(
     with autocast():
         logits = model(static.story, static.query, static.answers, padding=static.padding)
     loss = model.loss(logits, static.target, keep)
-    loss.backward()
+    backward(loss)
     optimizer.step()
     return loss.detach(), model.correct(logits, static.target, keep)
 

@@ -1,8 +1,9 @@
-"""Pieces of the training step that keep the host from waiting on the device (issue 11).
+"""Pieces of the training step that keep the host from waiting on the device.
 
 * :class:`RunningMetrics`: the training loss and accuracy summed on the device, and the
   first non-finite loss remembered there, read once per ``--validation_step`` (one host
   synchronisation per progress line instead of three per step).
+* :func:`backward`: ``loss.backward()`` from a cached seed (no fill launched a step).
 * :func:`make_adagrad`: torch's Adagrad with its fused or foreach implementation where
   this torch has one for the device; the update rule (and so the schedule) is Adagrad's.
 * :func:`compile_model`: ``torch.compile`` with ``--compile_mode``.
@@ -96,6 +97,20 @@ def combine_windows(rows: list[list[float]]) -> tuple[float, float, int | None, 
         if row_bad != NO_BAD_STEP and (bad_step is None or row_bad < bad_step):
             bad_step, bad_loss = int(row_bad), row_bad_loss
     return loss, correct, bad_step, bad_loss, questions
+
+
+_SEEDS: dict[tuple, torch.Tensor] = {}
+
+
+def backward(loss: torch.Tensor, scale: float = 1.0) -> None:
+    """The gradients of ``scale * loss`` (``scale``: 1 / the batches a step accumulates):
+    ``loss.backward`` from a seed kept per device, dtype and scale, where a bare
+    ``backward()`` launches a fill of ones (and the scaling a multiply) every step."""
+    key = (loss.device, loss.dtype, float(scale))
+    seed = _SEEDS.get(key)
+    if seed is None:
+        seed = _SEEDS[key] = torch.full((), float(scale), device=loss.device, dtype=loss.dtype)
+    loss.backward(seed)
 
 
 def make_adagrad(

@@ -140,17 +140,18 @@ class RWMN(nn.Module):
         # The question-independent part of the read (the fused path's memory spectra), once.
         with nvtx_range("read/prepare"):
             prepared = self.read.prepare(memory) if padding is None else None
+        # Each hop's update is unit_norm(a unit_norm(o) + b u): the release adds (a = b = 1),
+        # the paper blends (a = alpha, b = 1 - alpha).
+        blend = (1.0, 1.0) if self.cfg.legacy else (self.cfg.alpha, 1.0 - self.cfg.alpha)
         for hop in range(self.cfg.num_hop):
             with nvtx_range(f"read/hop{hop}"):
                 o, p = self.read(memory, u, prepared, padding)
                 attention.append(p)
-                # unit_norm(a unit_norm(o) + b u): the release adds, the paper blends.
-                if self.cfg.legacy:
-                    u = ops.hop_update(o, u, 1.0, 1.0)
-                else:
-                    u = ops.hop_update(o, u, self.cfg.alpha, 1.0 - self.cfg.alpha)
+                if hop < self.cfg.num_hop - 1:
+                    u = ops.hop_update(o, u, *blend)
         with nvtx_range("answer"):
-            logits = torch.einsum("bad,bd->ba", g, u)
+            # The last hop's update and the answers' scores against it, as one op.
+            logits = ops.answer_scores(o, u, g, *blend)
         if return_attention:
             return RWMNOutput(logits, tuple(attention))
         return logits

@@ -300,3 +300,11 @@ def hop_update(o: torch.Tensor, u: torch.Tensor, a: float, b: float) -> torch.Te
     if resolve_backend("hop_update", o, u) == "triton":
         return _fused("unit_norm", "hop_update")(o, u, a, b)
     return reference.hop_update(o, u, a, b)
+
+
+def answer_scores(o: torch.Tensor, u: torch.Tensor, answers: torch.Tensor, a: float, b: float):
+    """The scores [B, A] of the answers [B, A, d] against the last hop's update
+    hop_update(o, u, a, b); see :func:`rwmn.reference.answer_scores`."""
+    if resolve_backend("answer_scores", o, u, answers) == "triton":
+        return _fused("unit_norm", "answer_scores")(o, u, answers, a, b)
+    return reference.answer_scores(o, u, answers, a, b)

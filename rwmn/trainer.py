@@ -61,7 +61,7 @@ from rwmn.data.prefetch import NoPrefetch, Prefetcher
 from rwmn.data.progress import ReadProgress
 from rwmn.distributed import Comm, Launch, slot_sampler
 from rwmn.graphs import GraphSteps
-from rwmn.loop import RunningMetrics, combine_windows, compile_model, make_adagrad
+from rwmn.loop import RunningMetrics, backward, combine_windows, compile_model, make_adagrad
 from rwmn.model import RWMN
 from rwmn.profiling import nvtx_range
 from rwmn.resume import (
@@ -396,7 +396,7 @@ class Trainer:
             accumulate = self.ddp is not None and k < count - 1
             with self.ddp.no_sync() if accumulate else contextlib.nullcontext():
                 logits, loss = self._run(batch, self.forward)
-                self.scaler.scale(loss / count if count > 1 else loss).backward()
+                backward(self.scaler.scale(loss), 1.0 / count)
             correct = (logits.detach().argmax(-1) == batch.target.to(logits.device)).sum()
             self.running.add(self.step + 1, loss, correct, len(batch.qids))
         self.scaler.step(self.optimizer)

@@ -33,6 +33,12 @@ context manager; the ``gpu_semantics`` fixture of tests/kernel_helpers.py turns 
     shape: it is the same thread when both accesses have the same shape and layout (the
     checker cannot see layouts, so it trusts same shape and index, as a kernel's in-place
     ``load(p); store(p, ...)`` needs). Programs are not compared with each other.
+``reversed_grid``
+    The interpreter runs the programs in grid order, so the program with the largest index
+    always finishes last; a GPU runs them in any order. The programs run from the last
+    grid index to the first instead, so a kernel that finishes a reduction in the last
+    program to arrive (``kernels._common.last_to_arrive``) must find it by its counter,
+    not by its index, and must not read a partial before its program has run.
 
 Not emulated: scans (``tl.cumsum``) of bf16 blocks, which the kernels never run; integer
 masked lanes and integer buffers, which keep 0 and
@@ -62,6 +68,7 @@ class Semantics:
     tf32: bool = True
     masked_nan: bool = True
     barriers: bool = True
+    reversed_grid: bool = True
 
 
 class Unsupported(RuntimeError):
@@ -429,12 +436,28 @@ def _patch_barriers(p: _Patcher, builder, tl):
     p.set(builder, "set_grid_idx", grid_idx)
 
 
+def _patch_reversed_grid(p: _Patcher, builder):
+    set_grid_idx = builder.set_grid_idx  # the barrier checker's, when it is on
+
+    def reversed_idx(self, x, y, z):
+        nx, ny, nz = self.grid_dim
+        return set_grid_idx(self, nx - 1 - x, ny - 1 - y, nz - 1 - z)
+
+    p.set(builder, "set_grid_idx", reversed_idx)
+
+
 @contextlib.contextmanager
 def gpu_semantics(semantics: Semantics = Semantics()) -> Iterator[Semantics]:
     """The interpreter (and the allocators) with the emulations ``semantics`` turns on.
 
     Raises :class:`Unsupported` before changing anything if an internal is missing."""
-    interp_on = semantics.bf16 or semantics.tf32 or semantics.masked_nan or semantics.barriers
+    interp_on = (
+        semantics.bf16
+        or semantics.tf32
+        or semantics.masked_nan
+        or semantics.barriers
+        or semantics.reversed_grid
+    )
     patcher = _Patcher()
     if interp_on:
         interp, builder, tl, ir = _interpreter()
@@ -447,6 +470,8 @@ def gpu_semantics(semantics: Semantics = Semantics()) -> Iterator[Semantics]:
                 _patch_masked_nan(patcher, interp, builder, tl)
             if semantics.barriers:
                 _patch_barriers(patcher, builder, tl)
+            if semantics.reversed_grid:
+                _patch_reversed_grid(patcher, builder)
         except Unsupported:
             patcher.restore()  # all or nothing
             raise

@@ -33,8 +33,9 @@ KERNELS = {
     "_read_fwd_kernel", "_read_conv_fwd_kernel",
     "_memconv_fwd_kernel", "_memconv_dx_kernel", "_memconv_dw_kernel",
     "_attn_fwd_kernel", "_attn_bwd_kernel", "_conv_attn_fwd_kernel", "_conv_attn_bwd_kernel",
-    "_merge_kernel", "_unit_norm_fwd_kernel", "_unit_norm_bwd_kernel",
+    "_unit_norm_fwd_kernel", "_unit_norm_bwd_kernel",
     "_hop_update_fwd_kernel", "_hop_update_bwd_kernel", "_spectral_weights_kernel",
+    "_answer_fwd_kernel", "_answer_bwd_kernel", "_broadcast_sums_kernel",
     "_embed_fwd_kernel", "_embed_dw_kernel", "_ce_fwd_kernel", "_ce_bwd_kernel",
     "_row_norms_kernel",
 }  # fmt: skip

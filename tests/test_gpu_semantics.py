@@ -24,13 +24,16 @@ import kernels.cbp.kernels as cbp_kernels
 import kernels.memconv as kmemconv
 import tests.gpu_semantics as gs
 from kernels import reference
+from kernels._common import arrival_counters, last_to_arrive
 
 pytestmark = pytest.mark.skipif(
     torch.cuda.is_available(), reason="emulates a GPU on the Triton interpreter"
 )
 
 #: Every emulation off: the plain interpreter.
-PLAIN = gs.Semantics(poison=False, bf16=False, tf32=False, masked_nan=False, barriers=False)
+PLAIN = gs.Semantics(
+    poison=False, bf16=False, tf32=False, masked_nan=False, barriers=False, reversed_grid=False
+)
 
 
 def semantics(**off):
@@ -158,6 +161,35 @@ def test_missing_barriers_raise():
         _overwrite_kernel[(1,)](torch.zeros(16), torch.zeros(16), False)
     with semantics():
         _overwrite_kernel[(1,)](torch.zeros(16), torch.zeros(16), True)
+
+
+@triton.jit
+def _group_sum_kernel(part_ptr, out_ptr, count_ptr, BY_COUNTER: tl.constexpr):
+    """Each of 4 programs stores a partial; the last to arrive (or, the planted bug, the
+    one with the largest index) sums them."""
+    pid = tl.program_id(0)
+    tl.store(part_ptr + pid, (pid + 1).to(tl.float32))
+    if BY_COUNTER:
+        last = last_to_arrive(count_ptr, 4)
+    else:
+        tl.debug_barrier()
+        last = pid == 3
+    if last:
+        tl.store(out_ptr, tl.sum(tl.load(part_ptr + tl.arange(0, 4)), axis=0))
+
+
+@pytest.mark.parametrize("by_counter", [True, False])
+def test_programs_run_in_reverse_grid_order(by_counter):
+    """The last program is found by its arrival, not its index: under the reversed grid
+    the index-based finish reads partials not yet written (poisoned), the counter's does
+    not; the plain interpreter lets both pass. The counter is back at zero after a launch."""
+    counters = arrival_counters("cpu", 1)
+    for sem, ok in ((gs.gpu_semantics(PLAIN), True), (semantics(), by_counter)):
+        with sem:
+            part, out = torch.empty(4), torch.empty(1)
+            _group_sum_kernel[(4,)](part, out, counters, by_counter)
+        assert (out.item() == 10.0) == ok
+        assert counters[0].item() == 0
 
 
 def test_every_allocation_path_is_poisoned_and_restored():

@@ -26,9 +26,12 @@ from kernel_helpers import (  # noqa: E402
     gpu_semantics,  # noqa: F401  (fixture)
 )
 
+import kernels._common as kernels_common  # noqa: E402
 import kernels.cbp as kcbp  # noqa: E402
+from kernels._common import record_launches  # noqa: E402
 from kernels.cbp import ops as cbp_ops  # noqa: E402
 from kernels.cbp import plan as cbp_plan  # noqa: E402
+from kernels.cbp.sums import broadcast_sums  # noqa: E402
 from kernels.work import executed_work  # noqa: E402
 from rwmn import ops, reference  # noqa: E402
 
@@ -545,7 +548,7 @@ def test_ops_dispatch_calls_fused_kernel(monkeypatch, request):
     [(cbp_plan.MAX_FUSED_DIM + 1, torch.float32, "exceeds"), (16, torch.float64, "float64")],
 )
 def test_fallback_warns_once(out_dim, dtype, match, request):
-    cbp_ops._warn_fallback.cache_clear()
+    kernels_common._warn_once.cache_clear()
     x, y, h1, s1, h2, s2 = make_inputs((2, 9), (2, 7), out_dim, fresh_seed(request), dtype)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -570,7 +573,7 @@ def test_sizes_up_to_the_limit_are_fused():
 def test_large_out_dim_exact(out_dim):
     """The largest sizes run the kernel (no warning) with exact phases: with 3 x 2 inputs
     the truth is 6 sketch products, cheap even at D = 16384."""
-    cbp_ops._warn_fallback.cache_clear()
+    kernels_common._warn_once.cache_clear()
     x, y, h1, s1, h2, s2 = make_inputs((4, 3), (4, 2), out_dim, 4)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -809,3 +812,49 @@ def test_inverse_hash_is_the_csr_of_the_sketch():
         idx = order[start[j] : start[j + 1]].long()
         assert torch.equal(idx, torch.nonzero(h == j).flatten())
         assert torch.equal(sign[start[j] : start[j + 1]], s[idx])
+
+
+# --------------------------------------------------------------------------------------
+# The broadcast operands' gradient sums (kernels/cbp/sums.py)
+# --------------------------------------------------------------------------------------
+
+#: (x shape, y shape): the read's (memory over the questions, u over the slots), x not
+#: broadcast, both along inner axes, and x along two separate runs of axes (torch's sums).
+BROADCAST_SUM_CASES = [
+    ((1, 3, 5, 7), (4, 1, 1, 9)),
+    ((4, 3, 5, 7), (4, 1, 1, 9)),
+    ((6, 1, 7), (1, 5, 9)),
+    ((1, 3, 1, 7), (2, 3, 5, 9)),
+]
+
+
+@pytest.mark.parametrize(("x_shape", "y_shape"), BROADCAST_SUM_CASES, ids=str)
+@pytest.mark.parametrize("with_add", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_broadcast_sums_match_float64(x_shape, y_shape, with_add, dtype):
+    """dL/dx, dL/dy (+ an addend) against float64 sums of the same fp32 rows, rounded once
+    to the operands' dtype; one launch (none where nothing is summed or added)."""
+
+    x, y = torch.randn(x_shape).to(dtype), torch.randn(y_shape).to(dtype)
+    lead = torch.broadcast_shapes(x_shape[:-1], y_shape[:-1])
+    rows = math.prod(lead)
+    gx = torch.randn(rows, x_shape[-1])
+    gy = torch.randn(rows, y_shape[-1])
+    if x.numel() == rows * x_shape[-1]:
+        gx = gx.to(dtype)  # not broadcast: the backward writes it in x's dtype
+    add = torch.randn(y_shape).to(dtype) if with_add else None
+    with record_launches() as launches:
+        broadcast_sums(gx, x, gy, y, lead, add)
+    out_x, out_y = broadcast_sums(gx, x, gy, y, lead, add)
+    want_x = gx.double().view(*lead, -1).sum_to_size(x_shape)
+    want_y = gy.double().view(*lead, -1).sum_to_size(y_shape)
+    if with_add:
+        want_y = want_y + add.double()
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-5)
+    assert out_x.dtype == out_y.dtype == dtype
+    torch.testing.assert_close(out_x.double(), want_x, **tol)
+    torch.testing.assert_close(out_y.double(), want_y, **tol)
+    if x_shape == (1, 3, 1, 7):
+        assert launches == []  # several runs of axes: torch's sums
+    else:
+        assert [k.name for k in launches] == ["_broadcast_sums_kernel"]

@@ -214,7 +214,6 @@ def test_launches_and_no_torch_fft(case, monkeypatch):
     else:
         expected += ["_read_conv_fwd_kernel"]
         expected += ["_memconv_fwd_kernel"] * (len(spec) - 2) + ["_conv_attn_fwd_kernel"]
-    expected.append("_merge_kernel")  # the softmax partials of the blocks, one launch
     assert [launch.name for launch in launches] == expected
     # The same path run for real (interpreter): outputs and a backward, still no torch.fft.
     o, p = fft_read_network(memory, u, hashes, weights, biases, strides, SHARP)
@@ -223,8 +222,8 @@ def test_launches_and_no_torch_fft(case, monkeypatch):
 
 
 def test_hops_share_the_memory_spectra(monkeypatch):
-    """Three hops: the memory spectra and the spectral weights once, then per hop the read
-    and its merge."""
+    """Three hops: the memory spectra and the spectral weights once, then one read launch a
+    hop (its blocks merged by the question's last block)."""
     _ban_torch_fft(monkeypatch)
     c, m, d, batch, spec = FFT_CASES[0]
     hashes = _hashes(d, d)
@@ -234,10 +233,7 @@ def test_hops_share_the_memory_spectra(monkeypatch):
         _hops(fused_read.read_network, fused_read.prepare, memory, u, hashes, weights, biases,
               strides, hops=3)  # fmt: skip
     shared = ["_cbp_dense_spectra_kernel", "_spectral_weights_kernel"]
-    assert [launch.name for launch in launches] == shared + [
-        "_read_fwd_kernel",
-        "_merge_kernel",
-    ] * 3
+    assert [launch.name for launch in launches] == shared + ["_read_fwd_kernel"] * 3
 
 
 def test_prepare_declines_an_unfused_dtype():
@@ -386,7 +382,6 @@ def test_executed_work_at_the_model_size():
     names = [x.name for x in launches]
     assert names == [
         "_cbp_dense_spectra_kernel", "_spectral_weights_kernel", "_read_fwd_kernel",
-        "_merge_kernel",
     ]  # fmt: skip
     assert work.macs == gemm + spectra + weights_g + question
     assert work.flops < 11.0e9

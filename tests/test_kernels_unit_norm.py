@@ -139,3 +139,54 @@ def test_hop_update_one_launch_each_way_and_dispatch():
 def test_hop_update_bad_shapes_raise():
     with pytest.raises(ValueError, match="one shape"):
         unit_norm.hop_update(torch.randn(3, 4), torch.randn(3, 5), 0.5, 0.5)
+
+
+# --------------------------------------------------------------------------------------
+# The last hop's update and the answer scores <g_i, u'>
+# --------------------------------------------------------------------------------------
+
+
+def _answers(a, b):
+    return lambda o, u, g: unit_norm.answer_scores(o, u, g, a, b)
+
+
+def _answers_reference(a, b):
+    return lambda o, u, g: reference.answer_scores(o, u, g, a, b)
+
+
+@pytest.mark.parametrize(("a", "b"), HOP_COEFFICIENTS)
+@pytest.mark.parametrize(("batch", "n_answers", "d"), [(7, 5, 13), (33, 5, 300), (3, 1, 40)])
+def test_answer_scores_match_float64(batch, n_answers, d, a, b):
+    inputs = [torch.randn(batch, d) * 3.0, torch.randn(batch, d), torch.randn(batch, n_answers, d)]
+    check_against_float64(_answers(a, b), _answers_reference(a, b), inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_answer_scores_half_match_float64(dtype):
+    inputs = [torch.randn(9, 45), torch.randn(9, 45), torch.randn(9, 5, 45)]
+    check_against_float64(
+        _answers(0.7, 0.3), _answers_reference(0.7, 0.3), inputs,
+        dtype=dtype, ratio=LOW_PRECISION_RATIO, rel_atol=LOW_PRECISION_REL_ATOL[dtype],
+    )  # fmt: skip
+
+
+def test_answer_scores_one_launch_each_way_and_dispatch():
+    o, u = torch.randn(32, 300, requires_grad=True), torch.randn(32, 300, requires_grad=True)
+    g = torch.randn(32, 5, 300, requires_grad=True)
+    with rwmn.ops.use_backend("triton"), record_launches() as forward:
+        s = rwmn.ops.answer_scores(o, u, g, 0.7, 0.3)
+    with record_launches() as backward:
+        s.backward(torch.randn_like(s))
+    assert [k.name for k in forward] == ["_answer_fwd_kernel"]
+    assert [k.name for k in backward] == ["_answer_bwd_kernel"]
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor")
+    args = (
+        torch.randn(5, 7, requires_grad=True), torch.randn(5, 7, requires_grad=True),
+        torch.randn(5, 3, 7, requires_grad=True), 0.5, 0.5,
+    )  # fmt: skip
+    torch.library.opcheck(torch.ops.rwmn.answer_scores.default, args, test_utils=tests)
+
+
+def test_answer_scores_bad_shapes_raise():
+    with pytest.raises(ValueError, match=r"\[B, A, d\]"):
+        unit_norm.answer_scores(torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 5, 5), 1, 1)

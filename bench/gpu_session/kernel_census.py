@@ -202,7 +202,7 @@ def training_step(model, precision: str, device: str, n: int, batch: int) -> Cal
 
     from bench import census
     from bench.e2e import make_batch
-    from rwmn.loop import make_adagrad
+    from rwmn.loop import backward, make_adagrad
 
     kind = torch.device(device).type
     opt, _ = make_adagrad(
@@ -219,7 +219,7 @@ def training_step(model, precision: str, device: str, n: int, batch: int) -> Cal
         with amp:
             logits = model(story, query, answers)
         loss = model.loss(logits, targets)
-        loss.backward()
+        backward(loss)
         opt.step()
 
     return step

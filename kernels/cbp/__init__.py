@@ -2,7 +2,8 @@
 
 Modules: plan (FFT plans, launch configurations, workspace sizes, the twiddle and
 inverse-hash tables, hash checks), kernels (the ``@triton.jit`` functions), ops (launchers,
-the custom ops with their fakes and autograd, the entry points). This package exports what
+the custom ops with their fakes and autograd, the entry points), sums (the broadcast
+operands' gradient sums, one launch for both). This package exports what
 rwmn.ops and the other kernel modules call; tests reach internals through the submodules.
 
 Math. With the count sketches p = psi1(x) (p_j = sum_{i: h1(i) = j} s1(i) x_i) and

@@ -14,15 +14,12 @@ kernels.cbp.plan and kernels.cbp.kernels.
 
 from __future__ import annotations
 
-import functools
-import warnings
-
 import torch
 import triton
 from torch.library import triton_op
 
 from kernels import reference
-from kernels._common import FUSED_DTYPES, launch
+from kernels._common import FUSED_DTYPES, launch, warn_once
 from kernels.cbp import kernels as cbp_kernels
 from kernels.cbp.plan import (
     MAX_FUSED_DIM,
@@ -38,6 +35,7 @@ from kernels.cbp.plan import (
     row_offsets,
     workspace_numel,
 )
+from kernels.cbp.sums import broadcast_sums
 
 # --------------------------------------------------------------------------------------
 # Checks and launchers
@@ -326,9 +324,10 @@ def cbp_fft_backward(
     s2: torch.Tensor,
     twiddles: torch.Tensor,
     radices: list[int],
+    gy_add: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of cbp_fft's output in x and y (shaped like them), summed over the rows
-    each was broadcast to."""
+    each was broadcast to; ``gy_add`` (y's shape), a gradient y's accumulates onto."""
     lead, rows, out_dim = xidx.shape, xidx.numel(), twiddles.numel() // 2
     n1, n2 = x.shape[-1], y.shape[-1]
     # A broadcast operand's per-row gradient is summed below, so keep it in fp32 until then.
@@ -342,9 +341,7 @@ def cbp_fft_backward(
             yidx.reshape(-1), h1, s1, h2, s2, twiddles, gx, gy, ws, tuple(radices),
             input_precision(grad, x, y),
         )  # fmt: skip
-    gx = gx.view(*lead, n1).sum_to_size(x.shape).to(x.dtype)
-    gy = gy.view(*lead, n2).sum_to_size(y.shape).to(y.dtype)
-    return gx, gy
+    return broadcast_sums(gx, x, gy, y, lead, gy_add)
 
 
 @triton_op("rwmn::cbp_dense", mutates_args=())
@@ -384,8 +381,10 @@ def cbp_dense_backward(
     h2: torch.Tensor,
     s2: torch.Tensor,
     twiddles: torch.Tensor,
+    gy_add: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of cbp_dense in x and y, summed over the rows each was broadcast to."""
+    """Gradients of cbp_dense in x and y, summed over the rows each was broadcast to;
+    ``gy_add`` as in cbp_fft_backward."""
     lead, rows, out_dim = xoff.shape, xoff.numel(), grad.shape[-1]
     n1, n2 = x.shape[-1], y.shape[-1]
     x_bcast, y_bcast = x.numel() != rows * n1, y.numel() != rows * n2
@@ -397,9 +396,7 @@ def cbp_dense_backward(
             grad.reshape(rows, out_dim).contiguous(), x, y, xoff.reshape(-1),
             yoff.reshape(-1), h1, s1, h2, s2, twiddles, gx, gy, ws,
         )  # fmt: skip
-    gx = gx.view(*lead, n1).sum_to_size(x.shape).to(x.dtype)
-    gy = gy.view(*lead, n2).sum_to_size(y.shape).to(y.dtype)
-    return gx, gy
+    return broadcast_sums(gx, x, gy, y, lead, gy_add)
 
 
 @triton_op("rwmn::cbp_dense_spectra", mutates_args=())
@@ -438,7 +435,9 @@ def _cbp_fft_forward_fake(x, y, h1, s1, h2, s2, twiddles, radices):
 
 
 @cbp_fft_backward.register_fake
-def _cbp_fft_backward_fake(grad, x, y, xs, ys, xidx, yidx, h1, s1, h2, s2, twiddles, radices):
+def _cbp_fft_backward_fake(
+    grad, x, y, xs, ys, xidx, yidx, h1, s1, h2, s2, twiddles, radices, gy_add=None
+):
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
         y, memory_format=torch.contiguous_format
     )
@@ -457,7 +456,7 @@ def _cbp_dense_spectra_fake(x, h, s, twiddles):
 
 
 @cbp_dense_backward.register_fake
-def _cbp_dense_backward_fake(grad, x, y, xoff, yoff, h1, s1, h2, s2, twiddles):
+def _cbp_dense_backward_fake(grad, x, y, xoff, yoff, h1, s1, h2, s2, twiddles, gy_add=None):
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
         y, memory_format=torch.contiguous_format
     )
@@ -500,12 +499,6 @@ cbp_dense.register_autograd(_dense_backward, setup_context=_dense_setup_context)
 # --------------------------------------------------------------------------------------
 
 
-@functools.cache
-def _warn_fallback(reason: str) -> None:
-    # functools.cache makes this fire once per distinct reason in the process.
-    warnings.warn(f"kernels.cbp: {reason}; using kernels.reference.cbp", stacklevel=3)
-
-
 def _fallback_reason(x: torch.Tensor, y: torch.Tensor, out_dim: int) -> str | None:
     if out_dim > MAX_FUSED_DIM:
         return (
@@ -528,8 +521,9 @@ def cbp_with_vjp(
     out_dim: int,
 ):
     """(out, vjp) for a caller that runs its own backward: out = CBP(x, y) [*L, D] of the
-    broadcast operands by the fused kernels, and vjp(dL/dout) -> (dL/dx, dL/dy) shaped like
-    x and y (summed over broadcast rows), reusing what the forward computed. No autograd:
+    broadcast operands by the fused kernels, and vjp(dL/dout, gy_add=None) -> (dL/dx,
+    dL/dy + gy_add) shaped like x and y (summed over broadcast rows), reusing what the
+    forward computed. No autograd:
     the fused read network recomputes its CBP this way in its backward. x and y must be in
     a fused dtype, D <= MAX_FUSED_DIM, hashes checked by the caller."""
     lead = torch.broadcast_shapes(x.shape[:-1], y.shape[:-1])
@@ -540,19 +534,21 @@ def cbp_with_vjp(
         xoff, yoff = row_offsets(x, lead), row_offsets(y, lead)
         out = torch.ops.rwmn.cbp_dense(x, y, xoff, yoff, h1, s1, h2, s2, twiddles)
 
-        def dense_vjp(grad):
+        def dense_vjp(grad, gy_add=None):
             return torch.ops.rwmn.cbp_dense_backward(
-                grad.to(out.dtype).contiguous(), x, y, xoff, yoff, h1, s1, h2, s2, twiddles
-            )
+                grad.to(out.dtype).contiguous(), x, y, xoff, yoff, h1, s1, h2, s2, twiddles,
+                gy_add,
+            )  # fmt: skip
 
         return out, dense_vjp
     xidx, yidx = row_indices(x, y, lead)
     out, xs, ys = torch.ops.rwmn.cbp_fft(x, y, xidx, yidx, h1, s1, h2, s2, twiddles, list(radices))
 
-    def fft_vjp(grad):
+    def fft_vjp(grad, gy_add=None):
         return torch.ops.rwmn.cbp_fft_backward(
-            grad.to(out.dtype), x, y, xs, ys, xidx, yidx, h1, s1, h2, s2, twiddles, list(radices)
-        )
+            grad.to(out.dtype), x, y, xs, ys, xidx, yidx, h1, s1, h2, s2, twiddles,
+            list(radices), gy_add,
+        )  # fmt: skip
 
     return out, fft_vjp
 
@@ -578,7 +574,7 @@ def cbp(
         raise ValueError(f"cbp: out_dim must be positive, got {out_dim}")
     reason = _fallback_reason(x, y, out_dim)
     if reason is not None:
-        _warn_fallback(reason)
+        warn_once(f"kernels.cbp: {reason}; using kernels.reference.cbp")
         return reference.cbp(x, y, h1, s1, h2, s2, out_dim, sum_pool)
     if torch.is_autocast_enabled(x.device.type):
         # Custom ops have no autocast rule: run in the autocast dtype like the other fused
