@@ -67,6 +67,8 @@ BLOCK_O_MIN = 16
 BLOCK_JW = 32
 #: dw: about this many (b, i) rows of the reduction per program before K is split.
 ROWS_PER_SPLIT = 64
+#: Programs a launch should fill: the SMs of an H100/H200.
+MIN_PROGRAMS = 132
 NUM_WARPS = 4
 #: Pipeline stages of the K loops: fp32 (ieee) operand tiles stay in registers only unpipelined.
 STAGES_FP32 = 1
@@ -114,15 +116,18 @@ def _toeplitz_conv_tile(
     STRIDE,
     PAD_TOP,
     PAD_LEFT,
+    ca_lo,
+    ca_hi,
     PRECISION: tl.constexpr,
     BLOCK_I: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """Pre-activation tile acc[i, j] = sum_{c, a, j'} x[b, c, i*s + a - p_top, j']
-    * w[o, c, a, j' - j + p_left] (fp32; rows and taps outside the tensor count as zero):
-    the implicit GEMM whose Toeplitz tiles are gathered from the kernel row on the fly.
-    Shared by the memory_conv forward and the fused conv-attention kernels."""
+    * w[o, c, a, j' - j + p_left] (fp32; rows and taps outside the tensor count as zero)
+    over the kernel rows ca = c K + a in [ca_lo, ca_hi): the implicit GEMM whose Toeplitz
+    tiles are gathered from the kernel row on the fly. Shared by the memory_conv forward
+    and the fused conv-attention kernels."""
     x_base = x_ptr + b.to(tl.int64) * C_IN * N_ROWS * D
     w_base = w_ptr + o * C_IN * K * D
     # Only input columns j' with a tap j' - j + q in [0, d) for some j of this tile
@@ -130,7 +135,7 @@ def _toeplitz_conv_tile(
     jp_lo = (tl.maximum(j_first - PAD_LEFT, 0) // BLOCK_K) * BLOCK_K
     jp_hi = tl.minimum(j_first + BLOCK_J - 1 - PAD_LEFT + D, D)
     acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
-    for ca in range(0, C_IN * K):
+    for ca in range(ca_lo, ca_hi):
         c = ca // K
         a = ca % K
         rows = offs_i * STRIDE + a - PAD_TOP
@@ -156,6 +161,8 @@ def _memconv_fwd_kernel(
     w_ptr,
     bias_ptr,
     out_ptr,
+    part_ptr,
+    count_ptr,
     C_IN,
     C_OUT,
     N_ROWS,
@@ -165,8 +172,11 @@ def _memconv_fwd_kernel(
     STRIDE,
     PAD_TOP,
     PAD_LEFT,
+    N_J,
+    TAPS_PER_SPLIT,
     HAS_BIAS: tl.constexpr,
     RELU: tl.constexpr,
+    SPLIT: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_I: tl.constexpr,
     BLOCK_J: tl.constexpr,
@@ -174,16 +184,47 @@ def _memconv_fwd_kernel(
 ):
     pid_bo = tl.program_id(0)
     pid_i = tl.program_id(1)
-    pid_j = tl.program_id(2)
+    pid_j = tl.program_id(2) % N_J
     b = pid_bo // C_OUT
     o = pid_bo % C_OUT
     offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     j_first = pid_j * BLOCK_J
     offs_j = j_first + tl.arange(0, BLOCK_J)
+    # With SPLIT the kernel rows (the K of the GEMM) are split over tl.num_programs(2) // N_J
+    # programs; each stores its fp32 partial tile and the tile's last sums them.
+    split = tl.program_id(2) // N_J
+    ca_lo = split * TAPS_PER_SPLIT
+    ca_hi = tl.minimum(ca_lo + TAPS_PER_SPLIT, C_IN * K)
     acc = _toeplitz_conv_tile(
         x_ptr, w_ptr, b, o, offs_i, j_first, offs_j, C_IN, N_ROWS, M_ROWS, D, K, STRIDE,
-        PAD_TOP, PAD_LEFT, PRECISION, BLOCK_I, BLOCK_J, BLOCK_K,
+        PAD_TOP, PAD_LEFT, ca_lo, ca_hi, PRECISION, BLOCK_I, BLOCK_J, BLOCK_K,
     )  # fmt: skip
+    if SPLIT:
+        n_splits = tl.num_programs(2) // N_J
+        tile = (pid_bo * tl.num_programs(1) + pid_i) * N_J + pid_j
+        n_tiles = tl.num_programs(0) * tl.num_programs(1) * N_J
+        local = tl.arange(0, BLOCK_I)[:, None] * BLOCK_J + tl.arange(0, BLOCK_J)[None, :]
+        part = part_ptr + tile.to(tl.int64) * (BLOCK_I * BLOCK_J) + local
+        stride_s = n_tiles.to(tl.int64) * (BLOCK_I * BLOCK_J)
+        tl.store(part + split * stride_s, acc)
+        if last_to_arrive(count_ptr + tile, n_splits):
+            acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+            for _ in range(n_splits):
+                acc += tl.load(part, cache_modifier=".cg")
+                part += stride_s
+            _conv_epilogue(acc, bias_ptr, out_ptr, b, o, offs_i, offs_j, C_OUT, M_ROWS, D,
+                           HAS_BIAS, RELU)  # fmt: skip
+    else:
+        _conv_epilogue(acc, bias_ptr, out_ptr, b, o, offs_i, offs_j, C_OUT, M_ROWS, D,
+                       HAS_BIAS, RELU)  # fmt: skip
+
+
+@triton.jit
+def _conv_epilogue(
+    acc, bias_ptr, out_ptr, b, o, offs_i, offs_j, C_OUT, M_ROWS, D,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+):  # fmt: skip
+    """Bias, ReLU and the store of the forward's output tile."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + o).to(tl.float32)
     if RELU:
@@ -399,16 +440,38 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
             raise ValueError(f"memory_conv: {name} is {t.dtype}, not one of {FUSED_DTYPES}")
 
 
+def forward_split(tiles: int, taps: int) -> tuple[int, int]:
+    """(splits, kernel rows per split) of the forward's K (its c_in * k kernel rows): one
+    split where the output tiles fill MIN_PROGRAMS programs, else enough to fill them."""
+    if tiles >= MIN_PROGRAMS:
+        return 1, taps
+    per_split = max(1, taps // triton.cdiv(MIN_PROGRAMS, tiles))
+    return triton.cdiv(taps, per_split), per_split
+
+
 def memconv_forward_config(
-    n_batch: int, c_out: int, m: int, d: int, dtype: torch.dtype, relu: bool, has_bias: bool
+    n_batch: int,
+    c_out: int,
+    m: int,
+    d: int,
+    taps: int,
+    dtype: torch.dtype,
+    relu: bool,
+    has_bias: bool,
 ) -> LaunchConfig:
-    """Launch configuration of _memconv_fwd_kernel for an output [n_batch, c_out, m, d]."""
+    """Launch configuration of _memconv_fwd_kernel for an output [n_batch, c_out, m, d] from
+    taps = c_in * k kernel rows: one program per output tile and split of the kernel rows
+    (forward_split), the splits along grid axis 2 after the column tiles."""
     block_i = _block_i(dtype)
+    n_j = triton.cdiv(d, BLOCK_J)
+    tiles = n_batch * c_out * triton.cdiv(m, block_i) * n_j
+    splits, _ = forward_split(tiles, taps)
     return LaunchConfig(
-        grid=(n_batch * c_out, triton.cdiv(m, block_i), triton.cdiv(d, BLOCK_J)),
+        grid=(n_batch * c_out, triton.cdiv(m, block_i), n_j * splits),
         constexprs=dict(
             HAS_BIAS=has_bias,
             RELU=relu,
+            SPLIT=splits > 1,
             PRECISION=dot_precision(dtype),
             BLOCK_I=block_i,
             BLOCK_J=BLOCK_J,
@@ -429,11 +492,16 @@ def memconv_forward(
     m, top, _ = same_padding(n, k, stride)
     left = same_padding(d, d, 1)[1]
     out = torch.empty((n_batch, c_out, m, d), device=x.device, dtype=x.dtype)
-    config = memconv_forward_config(n_batch, c_out, m, d, x.dtype, relu, bias is not None)
+    config = memconv_forward_config(n_batch, c_out, m, d, c_in * k, x.dtype, relu, bias is not None)
+    n_tiles = config.grid[0] * config.grid[1] * triton.cdiv(d, BLOCK_J)
+    splits, per_split = forward_split(n_tiles, c_in * k)
+    block = config.constexprs["BLOCK_I"] * BLOCK_J
+    part = x.new_empty((splits * n_tiles * block,) if splits > 1 else (1,), dtype=torch.float32)
     launch(
         _memconv_fwd_kernel, config,
-        x, weight, bias if bias is not None else weight, out,
-        c_in, c_out, n, m, d, k, stride, top, left,
+        x, weight, bias if bias is not None else weight, out, part,
+        arrival_counters(x.device, n_tiles), c_in, c_out, n, m, d, k, stride, top, left,
+        triton.cdiv(d, BLOCK_J), per_split,
     )  # fmt: skip
     return out
 
@@ -502,14 +570,17 @@ def memconv_dw_config(
 ) -> LaunchConfig:
     """Launch configuration of _memconv_dw_kernel: rows (c, a, u) in BLOCK_F tiles (taps t =
     u * SHIFTS + delta), columns (delta, o) in one BLOCK_O tile, the reduction over (b, i)
-    split into grid[2] parts."""
+    split into grid[2] parts of about ROWS_PER_SPLIT rows, or more parts where that leaves
+    fewer than MIN_PROGRAMS programs."""
     rows = n_batch * m
-    splits = triton.cdiv(rows, ROWS_PER_SPLIT)
     block_o = pow2_at_least(c_out, BLOCK_O_MIN)
     block_f = DW_BLOCK_F.get(dtype, BLOCK_F)
     shifts = dw_shifts(c_out)
+    tiles = triton.cdiv(c_in * k * triton.cdiv(d, shifts), block_f)
+    # Split K further where the column tiles alone leave SMs idle (the write conv's 50 rows).
+    splits = min(rows, max(triton.cdiv(rows, ROWS_PER_SPLIT), triton.cdiv(MIN_PROGRAMS, tiles)))
     return LaunchConfig(
-        grid=(1, triton.cdiv(c_in * k * triton.cdiv(d, shifts), block_f), splits),
+        grid=(1, tiles, max(splits, 1)),
         constexprs=dict(
             RELU=relu,
             PRECISION=dot_precision(dtype),

@@ -116,14 +116,16 @@ def executed_work(fn: Callable, *args, **kwargs) -> tuple[Work, list[KernelLaunc
 # --------------------------------------------------------------------------------------
 
 
-def _toeplitz_tile(a: dict, i0: int, j_first: int, block_j: int, esize: int, wsize: int) -> Work:
+def _toeplitz_tile(
+    a: dict, i0: int, j_first: int, block_j: int, esize: int, wsize: int, taps: int | None = None
+) -> Work:
     """_toeplitz_conv_tile for the rows at i0 and the columns from j_first (x elements of
-    esize bytes, kernel elements of wsize)."""
+    esize bytes, kernel elements of wsize) over ``taps`` kernel rows (default all)."""
     bi, bk, d = a["BLOCK_I"], a["BLOCK_K"], a["D"]
     left = a["PAD_LEFT"]
     lo = (max(j_first - left, 0) // bk) * bk
     hi = min(j_first + block_j - 1 - left + d, d)
-    taps = a["C_IN"] * a["K"]
+    taps = a["C_IN"] * a["K"] if taps is None else taps
     rows = _valid(i0, bi, a["M_ROWS"])
     macs = bytes_ = 0
     for jp in range(lo, hi, bk):
@@ -135,15 +137,22 @@ def _toeplitz_tile(a: dict, i0: int, j_first: int, block_j: int, esize: int, wsi
 
 @_formula("_memconv_fwd_kernel")
 def _memconv_fwd(a, grid) -> Work:
-    n_out, n_i, n_j = grid
+    n_out, n_i, n_js = grid
+    n_j = a["N_J"]
+    splits, per_split, taps = n_js // n_j, a["TAPS_PER_SPLIT"], a["C_IN"] * a["K"]
     bi, bj, d = a["BLOCK_I"], a["BLOCK_J"], a["D"]
     esize, wsize = _esize(a["x_ptr"]), _esize(a["w_ptr"])
     out = Work()
     for pi in range(n_i):
         for pj in range(n_j):
             rows, cols = _valid(pi * bi, bi, a["M_ROWS"]), _valid(pj * bj, bj, d)
-            tile = _toeplitz_tile(a, pi * bi, pj * bj, bj, esize, wsize)
-            out = out + tile + Work(0, rows * cols * esize)
+            for s in range(splits):
+                part = _valid(s * per_split, per_split, taps)
+                out = out + _toeplitz_tile(a, pi * bi, pj * bj, bj, esize, wsize, part)
+            out = out + Work(0, rows * cols * _esize(a["out_ptr"]))
+            if splits > 1:
+                # Each split's fp32 partial tile out, then all of them in for the last.
+                out = out + Work(0, 2 * splits * bi * bj * F32 + _arrivals(splits))
     return out * n_out
 
 

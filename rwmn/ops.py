@@ -145,7 +145,8 @@ def check_device(device: torch.device, backend: str | None = None) -> None:
 
 
 KERNEL_MODULES = (
-    "cbp", "memconv", "attention", "read_network", "unit_norm", "embedding", "cross_entropy",
+    "cbp", "memconv", "attention", "spectral_weights", "read_network", "unit_norm", "embedding",
+    "cross_entropy",
 )  # fmt: skip
 
 

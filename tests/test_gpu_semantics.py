@@ -20,6 +20,7 @@ from kernel_helpers import (
 from test_kernels_cbp import _errors, half_precision_limit, make_inputs
 
 import kernels.cbp as kcbp
+import kernels.cbp.dense as cbp_dense
 import kernels.cbp.kernels as cbp_kernels
 import kernels.memconv as kmemconv
 import tests.gpu_semantics as gs
@@ -282,7 +283,7 @@ def test_a_removed_other_is_caught(monkeypatch, tmp_path):
     """Dense path (D = 17): the sketch-DFT's input tile is masked past n; without
     ``other=0.0`` its masked lanes enter tl.dot, 0 on the interpreter, undefined on a GPU."""
     old = "mask=rmask[:, None] & nmask[None, :],\n            other=0.0,\n        ).to(tl.float32)"
-    plant(monkeypatch, tmp_path, cbp_kernels, old, old.replace("other=0.0,", ""))
+    plant(monkeypatch, tmp_path, cbp_dense, old, old.replace("other=0.0,", ""))
     with gs.gpu_semantics(PLAIN):
         _cbp_check((3, 13), (3, 11), 17)
     with semantics(), pytest.raises(AssertionError, match="non-finite"):

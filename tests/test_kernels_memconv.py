@@ -33,6 +33,10 @@ SHAPES = [
     (1, 1, 2, 17, 13, 4, 5),
     (3, 3, 3, 10, 7, 3, 3),
     (1, 2, 3, 3, 12, 4, 5),
+    # The forward's K split (fewer than 132 output tiles): 40 tiles, 9 kernel rows in
+    # splits of 2 and a last of 1; 132 tiles: one split.
+    (8, 3, 5, 10, 7, 3, 2),
+    (66, 1, 2, 5, 7, 2, 1),
 ]
 
 

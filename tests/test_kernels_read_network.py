@@ -18,6 +18,7 @@ from kernel_helpers import (
 
 import rwmn.ops
 from kernels import read_network as fused_read
+from kernels import spectral_weights
 from kernels._common import record_launches
 from kernels.cbp import ops as cbp_ops
 from kernels.cbp import plan as cbp_plan
@@ -287,7 +288,7 @@ def test_dynamo_fullgraph_two_hops():
 @pytest.mark.parametrize("d", [7, 12, 45, 97, 300])
 def test_inverse_dft_matrix_is_irfft(d):
     spectrum = torch.randn(5, d // 2 + 1, dtype=torch.complex128)
-    finv = fused_read.inverse_dft_matrix(d, "cpu").double()
+    finv = spectral_weights.inverse_dft_matrix(d, "cpu").double()
     got = torch.cat((spectrum.real, spectrum.imag), dim=-1) @ finv
     torch.testing.assert_close(got, torch.fft.irfft(spectrum, n=d), rtol=0, atol=1e-6)
 
@@ -295,7 +296,7 @@ def test_inverse_dft_matrix_is_irfft(d):
 def _spectral_weights_float64(weight):
     """Finv T in float64 by the dense product (module docstring of kernels.read_network)."""
     d = weight.shape[-1]
-    finv = fused_read.inverse_dft_matrix(d, weight.device, torch.float64)
+    finv = spectral_weights.inverse_dft_matrix(d, weight.device, torch.float64)
     pad_left = fused_read.same_padding(d, d, 1)[1]
     return finv.flip(-1) @ reference.reversed_toeplitz(weight.double(), pad_left)
 
@@ -305,7 +306,7 @@ def test_spectral_weights_match_the_dense_product_in_float64(d):
     """The prefix-sum kernel against the dense float64 product Finv T (odd and even
     widths: even ones have a Nyquist bin), to float64 rounding."""
     weight = torch.randn(2, 3, 2, d)
-    got = fused_read.spectral_weights(weight, torch.float64)
+    got = spectral_weights.spectral_weights(weight, torch.float64)
     torch.testing.assert_close(got, _spectral_weights_float64(weight), rtol=0, atol=1e-13)
 
 
@@ -318,7 +319,7 @@ def test_spectral_weights_are_correctly_rounded_under_tf32_matmul(device):
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")
     try:
-        g = fused_read.spectral_weights(weight, torch.float32)
+        g = spectral_weights.spectral_weights(weight, torch.float32)
     finally:
         torch.set_float32_matmul_precision(before)
     torch.testing.assert_close(g.double(), want, rtol=2.0**-24, atol=1e-15)
@@ -328,7 +329,7 @@ def test_spectral_weights_are_correctly_rounded_under_tf32_matmul(device):
 def test_spectral_weights_fold_the_inverse_dft_into_the_conv(d):
     """[Re P | Im P] @ G = memory_conv(irfft(P)) before bias and ReLU, in float64."""
     weight = torch.randn(2, 3, 3, d)
-    g = fused_read.spectral_weights(weight, torch.float32).double()
+    g = spectral_weights.spectral_weights(weight, torch.float32).double()
     spectrum = torch.randn(3, 4, d // 2 + 1, dtype=torch.complex128)  # [c_in, rows, K]
     ri = torch.cat((spectrum.real, spectrum.imag), dim=-1)
     mq = torch.fft.irfft(spectrum, n=d)

@@ -1,10 +1,11 @@
 """Fused compact bilinear pooling (docs/model.md) by mixed-radix FFTs on tensor-core tiles.
 
 Modules: plan (FFT plans, launch configurations, workspace sizes, the twiddle and
-inverse-hash tables, hash checks), kernels (the ``@triton.jit`` functions), ops (launchers,
-the custom ops with their fakes and autograd, the entry points), sums (the broadcast
-operands' gradient sums, one launch for both). This package exports what
-rwmn.ops and the other kernel modules call; tests reach internals through the submodules.
+inverse-hash tables, hash checks), kernels and dense (the ``@triton.jit`` functions of the
+FFT and the dense path), ops (launchers, the custom ops with their fakes and autograd, the
+entry points), sums (the broadcast operands' gradient sums, one launch for both). This
+package exports what rwmn.ops and the other kernel modules call; tests reach internals
+through the submodules.
 
 Math. With the count sketches p = psi1(x) (p_j = sum_{i: h1(i) = j} s1(i) x_i) and
 q = psi2(y), CBP(x, y) = p (*) q, the circular convolution mod D:

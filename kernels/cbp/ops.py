@@ -5,11 +5,12 @@ backend) and ``cbp_with_vjp`` (the read network's recompute).
 Dispatch: D with an FFT plan (kernels.cbp.plan.fft_plan) takes the FFT path: one launch
 (rwmn::cbp_fft_forward) without a gradient or broadcast, else spectra + product launches
 (rwmn::cbp_fft) and one backward launch; other D take the dense path (rwmn::cbp_dense).
-Launchers read the kernels from kernels.cbp.kernels at launch time, and the custom ops call
-the launchers through this module's globals, so tests can swap either.
+Launchers read the kernels from kernels.cbp.kernels and kernels.cbp.dense at launch time,
+and the custom ops call the launchers through this module's globals, so tests can swap
+either.
 
 May import: torch, triton (not triton.language), kernels._common, kernels.reference,
-kernels.cbp.plan and kernels.cbp.kernels.
+kernels.cbp.plan, kernels.cbp.kernels, kernels.cbp.dense and kernels.cbp.sums.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch.library import triton_op
 
 from kernels import reference
 from kernels._common import FUSED_DTYPES, launch, warn_once
+from kernels.cbp import dense as dense_kernels
 from kernels.cbp import kernels as cbp_kernels
 from kernels.cbp.plan import (
     MAX_FUSED_DIM,
@@ -187,7 +189,7 @@ def cbp_dense_forward_launch(x, y, xoff, yoff, h1, s1, h2, s2, twiddles, out, wo
     _check_workspace(workspace, workspace_numel("dense_forward", out_dim, rows))
     config = cbp_config("dense_forward", out_dim, input_precision(x, y), rows)
     launch(
-        cbp_kernels._cbp_dense_fwd_kernel, config,
+        dense_kernels._cbp_dense_fwd_kernel, config,
         x, y, xoff, yoff, h1, s1, h2, s2, twiddles, out, workspace,
         rows, x.shape[-1], y.shape[-1],
     )  # fmt: skip
@@ -206,7 +208,9 @@ def cbp_dense_spectra_launch(x, h, s, twiddles, spec) -> None:
         )
     rows = x.shape[0]
     config = cbp_config("dense_spectra", out_dim, input_precision(x), rows)
-    launch(cbp_kernels._cbp_dense_spectra_kernel, config, x, h, s, twiddles, spec, rows, x.shape[1])
+    launch(
+        dense_kernels._cbp_dense_spectra_kernel, config, x, h, s, twiddles, spec, rows, x.shape[1]
+    )
 
 
 def cbp_dense_backward_launch(
@@ -230,7 +234,7 @@ def cbp_dense_backward_launch(
     _check_workspace(workspace, workspace_numel("dense_backward", out_dim, rows))
     config = cbp_config("dense_backward", out_dim, input_precision(grad, x, y), rows)
     launch(
-        cbp_kernels._cbp_dense_bwd_kernel, config,
+        dense_kernels._cbp_dense_bwd_kernel, config,
         grad, x, y, xoff, yoff, h1, s1, h2, s2, twiddles, gx, gy, workspace,
         rows, x.shape[-1], y.shape[-1],
     )  # fmt: skip
