@@ -159,21 +159,22 @@ def derived(tensors: tuple[torch.Tensor, ...], key: tuple, make):
 
 class _Counters:
     """The arrival counters of :func:`last_to_arrive`: int32, zero between launches (the
-    last program of a group resets its counter), one buffer per device, grown when a launch
-    needs more groups than it holds. Launches that use them run one after another on one
-    stream (the kernels of a step do); under torch.compile each launch gets fresh zeros."""
+    last program of a group resets its counter), one buffer per device, replaced by a larger
+    one when a launch needs more groups than it holds. A replaced buffer is kept: a CUDA
+    graph captured with it still writes to it. Launches that use them run one after another
+    on one stream (the kernels of a step do); under torch.compile each launch gets fresh
+    zeros."""
 
     def __init__(self) -> None:
-        self._buffers: dict[torch.device, torch.Tensor] = {}
+        self._buffers: dict[torch.device, list[torch.Tensor]] = {}
 
     def get(self, device: torch.device, n: int) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return torch.zeros(n, device=device, dtype=torch.int32)
-        buf = self._buffers.get(device)
-        if buf is None or buf.numel() < n:
-            buf = torch.zeros(pow2_at_least(n, 1024), device=device, dtype=torch.int32)
-            self._buffers[device] = buf
-        return buf
+        buffers = self._buffers.setdefault(device, [])
+        if not buffers or buffers[-1].numel() < n:
+            buffers.append(torch.zeros(pow2_at_least(n, 1024), device=device, dtype=torch.int32))
+        return buffers[-1]
 
 
 _COUNTERS = _Counters()

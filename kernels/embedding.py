@@ -39,14 +39,13 @@ from torch.library import triton_op
 
 from kernels import reference
 from kernels._common import (
-    UNIT_NORM_EPS,
     LaunchConfig,
     compute_dtype,
     dot_precision,
     dtype_fallback,
     launch,
 )
-from kernels.unit_norm import unit_norm_backward, unit_norm_forward
+from kernels.unit_norm import row_norms, unit_norm_backward, unit_norm_forward
 
 #: Forward rows per program: one warpgroup's wgmma M in bf16/fp16; fp32 multiplies on CUDA
 #: cores (ieee) with register-resident operands, so half.
@@ -61,20 +60,6 @@ BLOCK_WN = 64
 BLOCK_WK = 64
 BLOCK_R = 32
 DW_WARPS = 4
-
-
-@triton.jit
-def _row_norms_kernel(x_ptr, nx_ptr, R, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """n(x) [R] (fp32) of the rows of x [R, K]."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    r_ok = rows < R
-    squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        xt = tl.load(x_ptr + rows.to(tl.int64)[:, None] * K + ks[None, :],
-                     mask=r_ok[:, None] & (ks < K)[None, :], other=0.0).to(tl.float32)  # fmt: skip
-        squares += tl.sum(xt * xt, axis=1)
-    tl.store(nx_ptr + rows, tl.rsqrt(eps + squares), mask=r_ok)
 
 
 @triton.jit
@@ -168,16 +153,6 @@ def embed_forward_config(
     )
 
 
-def row_norms_config(rows: int) -> LaunchConfig:
-    """Launch configuration of _row_norms_kernel: one program per BLOCK_M_HALF rows."""
-    return LaunchConfig(
-        grid=(triton.cdiv(rows, BLOCK_M_HALF),),
-        constexprs=dict(BLOCK_M=BLOCK_M_HALF, BLOCK_K=BLOCK_K),
-        num_warps=NUM_WARPS,
-        num_stages=1,
-    )
-
-
 def embed_dw_config(k: int, n: int, dtype: torch.dtype) -> LaunchConfig:
     """Launch configuration of _embed_dw_kernel: one program per [BLOCK_WN, BLOCK_WK] tile
     of dW [n, k]."""
@@ -202,7 +177,7 @@ def embed_forward(x, weight, bias, dtype: torch.dtype, normalize_input: bool):
     n_x = torch.empty((rows,), device=x.device, dtype=torch.float32)
     if rows:
         if normalize_input:
-            launch(_row_norms_kernel, row_norms_config(rows), x, n_x, rows, k, UNIT_NORM_EPS)
+            row_norms(x, n_x)
         launch(
             _embed_fwd_kernel,
             embed_forward_config(rows, k, n, dtype, bias is not None, normalize_input),

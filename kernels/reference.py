@@ -106,6 +106,7 @@ def cbp(
     s2: torch.Tensor,
     out_dim: int,
     sum_pool: bool = False,
+    normalize: bool = False,
 ) -> torch.Tensor:
     """Compact bilinear pooling, CBP(x, y) = IFFT(FFT(psi_1(x)) * FFT(psi_2(y))).
 
@@ -115,7 +116,10 @@ def cbp(
     convolution (mod out_dim) of the two sketches, shape [broadcast(...), out_dim].
     With ``sum_pool`` the result is summed over every leading axis but the first (the
     spatial positions of an [batch, H, W, C] input), giving [batch, out_dim].
+    With ``normalize``, CBP(unit_norm(x), unit_norm(y)) (the video story's pooling).
     """
+    if normalize:
+        x, y = unit_norm(x), unit_norm(y)
     out_dtype = torch.promote_types(x.dtype, y.dtype)
     compute = _fft_dtype(x, y)
     px = count_sketch(x.to(compute), h1, s1, out_dim)

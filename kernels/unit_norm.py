@@ -49,6 +49,21 @@ def _rows(x_ptr, R, D, eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _row_norms_kernel(x_ptr, nx_ptr, R, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """n(x) [R] (fp32) of the rows of x [R, K]: the inverse norms alone, for kernels that
+    apply them themselves (the embedding's GEMM, the video story's CBP)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_ok = rows < R
+    squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        xt = tl.load(x_ptr + rows.to(tl.int64)[:, None] * K + ks[None, :],
+                     mask=r_ok[:, None] & (ks < K)[None, :], other=0.0).to(tl.float32)  # fmt: skip
+        squares += tl.sum(xt * xt, axis=1)
+    tl.store(nx_ptr + rows, tl.rsqrt(eps + squares), mask=r_ok)
+
+
+@triton.jit
 def _unit_norm_fwd_kernel(
     x_ptr, y_ptr, R, D, eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
@@ -162,6 +177,31 @@ def unit_norm_config(rows: int, d: int, tile: int = TILE) -> LaunchConfig:
         num_warps=NUM_WARPS,
         num_stages=1,
     )
+
+
+#: Row norms: rows per program and columns per step.
+ROW_NORMS_BLOCK_M = 64
+ROW_NORMS_BLOCK_K = 32
+
+
+def row_norms_config(rows: int) -> LaunchConfig:
+    """Launch configuration of _row_norms_kernel: one program per ROW_NORMS_BLOCK_M rows."""
+    return LaunchConfig(
+        grid=(triton.cdiv(rows, ROW_NORMS_BLOCK_M),),
+        constexprs=dict(BLOCK_M=ROW_NORMS_BLOCK_M, BLOCK_K=ROW_NORMS_BLOCK_K),
+        num_warps=NUM_WARPS,
+        num_stages=1,
+    )
+
+
+def row_norms(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(eps + sum_j x_j^2)^(-1/2) [R] fp32 of the rows of a contiguous x [R, K] (into ``out``)."""
+    rows, k = x.shape
+    if out is None:
+        out = torch.empty((rows,), device=x.device, dtype=torch.float32)
+    if rows:
+        launch(_row_norms_kernel, row_norms_config(rows), x, out, rows, k, UNIT_NORM_EPS)
+    return out
 
 
 def unit_norm_forward(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

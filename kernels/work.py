@@ -512,7 +512,9 @@ def _cbp_fwd(a, grid) -> Work:
     sketches = 2 * (_sketch_bytes(a["N1"], d, ex) + _sketch_bytes(a["N2"], d, ey))
     products = 8 * d * F32 + 2 * d * F32
     rows_out = 2 * d * F32 + 2 * d * eo
-    return (fft_work(a) * 3 + Work(0, sketches + products + rows_out)) * _pairs(a, grid)
+    # With NORMALIZE the two rows' inverse norms of x and of y.
+    norms = 4 * F32 if a["NORMALIZE"] else 0
+    return (fft_work(a) * 3 + Work(0, sketches + products + rows_out + norms)) * _pairs(a, grid)
 
 
 @_formula("_cbp_bwd_kernel")

@@ -61,13 +61,15 @@ class CompactBilinearPooling(nn.Module):
     def hashes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.h1, self.s1, self.h2, self.s2
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, sum_pool: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor, sum_pool: bool = False, normalize: bool = False
+    ) -> torch.Tensor:
         if x.shape[-1] != self.n1 or y.shape[-1] != self.n2:
             raise ValueError(
                 f"CompactBilinearPooling({self.n1}, {self.n2} -> {self.out_dim}): got inputs "
                 f"of shapes {tuple(x.shape)} and {tuple(y.shape)}"
             )
-        return ops.cbp(x, y, *self.hashes, self.out_dim, sum_pool)
+        return ops.cbp(x, y, *self.hashes, self.out_dim, sum_pool, normalize)
 
     def extra_repr(self) -> str:
         return f"n1={self.n1}, n2={self.n2}, out_dim={self.out_dim}"

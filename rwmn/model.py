@@ -94,7 +94,8 @@ class RWMN(nn.Module):
         """E' = unit_norm(E W_e + b_e), [n, d]."""
         if self.cfg.video:
             rgb, sub = story
-            elements = self.story_cbp(ops.unit_norm(rgb), ops.unit_norm(sub))
+            # CBP of the unit-normalised features (the norms inside the fused CBP's launch).
+            elements = self.story_cbp(rgb, sub, normalize=True)
             # The CBP's output goes into the linear map as it is (no unit_norm of it).
             return ops.embed(
                 elements, self.story_embed.weight, self.story_embed.bias, normalize_input=False

@@ -187,11 +187,13 @@ def cbp(
     s2: torch.Tensor,
     out_dim: int,
     sum_pool: bool = False,
+    normalize: bool = False,
 ) -> torch.Tensor:
-    """Compact bilinear pooling; see :func:`rwmn.reference.cbp`."""
+    """Compact bilinear pooling (of the unit-normalised rows with ``normalize``); see
+    :func:`rwmn.reference.cbp`."""
     if resolve_backend("cbp", x, y) == "triton":
-        return _fused("cbp", "cbp")(x, y, h1, s1, h2, s2, out_dim, sum_pool)
-    return reference.cbp(x, y, h1, s1, h2, s2, out_dim, sum_pool)
+        return _fused("cbp", "cbp")(x, y, h1, s1, h2, s2, out_dim, sum_pool, normalize)
+    return reference.cbp(x, y, h1, s1, h2, s2, out_dim, sum_pool, normalize)
 
 
 def memory_conv(

@@ -5,6 +5,7 @@ On CPU the kernels run in the Triton interpreter (fp32, tiny shapes); the CUDA-m
 tests cover bf16/fp16, autocast and torch.compile(fullgraph=True).
 """
 
+import contextlib
 import math
 import os
 import warnings
@@ -858,3 +859,52 @@ def test_broadcast_sums_match_float64(x_shape, y_shape, with_add, dtype):
         assert launches == []  # several runs of axes: torch's sums
     else:
         assert [k.name for k in launches] == ["_broadcast_sums_kernel"]
+
+
+# --------------------------------------------------------------------------------------
+# CBP of the unit-normalised rows (the video story: normalize=True)
+# --------------------------------------------------------------------------------------
+
+
+def _relative_error(out: torch.Tensor, truth: torch.Tensor) -> float:
+    return ((out.double() - truth).abs().max() / truth.abs().max()).item()
+
+
+@pytest.mark.parametrize("out_dim", [300, 600])
+@pytest.mark.parametrize("amp", [None, torch.bfloat16, torch.float16])
+def test_normalize_in_the_one_launch_forward(out_dim, amp, request):
+    """fp32 features (odd row count, rows of very different norms) pooled after unit
+    normalisation. Under autocast: the rows' inverse norms, then one CBP launch that reads
+    the features as they are (no normalised copy, no cast), in the autocast dtype, within
+    the half-precision bound of the reference's own error (normalised rows rounded to that
+    dtype, as the unfused model did). In fp32: the fused unit norms, then the CBP, within
+    1e-5 of float64."""
+    x, y, h1, s1, h2, s2 = make_inputs((7, 45), (7, 23), out_dim, fresh_seed(request))
+    x, y = x * torch.logspace(-3, 3, 7)[:, None], y * 5.0
+    truth = reference.cbp(x.double(), y.double(), h1, s1, h2, s2, out_dim, normalize=True)
+    context = torch.autocast("cpu", dtype=amp) if amp else contextlib.nullcontext()
+    with context, record_launches() as launches:
+        kcbp.cbp(x, y, h1, s1, h2, s2, out_dim, normalize=True)
+    norms = "_unit_norm_fwd_kernel" if amp is None else "_row_norms_kernel"
+    assert [k.name for k in launches] == [norms] * 2 + ["_cbp_fwd_kernel"]
+    assert launches[-1].config.constexprs["NORMALIZE"] is (amp is not None)
+    with context:
+        out = kcbp.cbp(x, y, h1, s1, h2, s2, out_dim, normalize=True)
+    assert out.dtype == (amp or torch.float32)
+    if amp is None:
+        assert _relative_error(out, truth) < 1e-5
+    else:
+        rounded = (reference.unit_norm(t).to(amp) for t in (x, y))
+        ref = reference.cbp(*rounded, h1, s1, h2, s2, out_dim)
+        assert _relative_error(out, truth) <= half_precision_limit(_relative_error(ref, truth))
+
+
+def test_normalize_with_a_gradient_or_broadcast():
+    """Where the one-launch forward does not apply the rows are normalised first (the fused
+    unit norm) and the usual path runs: values and gradients against float64."""
+    x, y, h1, s1, h2, s2 = make_inputs((1, 3, 5, 20), (4, 1, 1, 20), 300, 5)
+    check_against_float64(
+        lambda x, y: kcbp.cbp(x, y, h1, s1, h2, s2, 300, normalize=True),
+        lambda x, y: reference.cbp(x, y, h1, s1, h2, s2, 300, normalize=True),
+        [x * 3.0, y],
+    )

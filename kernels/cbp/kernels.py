@@ -138,10 +138,10 @@ def _fft(
 
 @triton.jit
 def _sketch_row(
-    src_ptr, order_ptr, start_ptr, sign_ptr, dst_ptr, valid, D: tl.constexpr,
+    src_ptr, order_ptr, start_ptr, sign_ptr, dst_ptr, valid, scale, D: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):  # fmt: skip
-    """dst[j] = sum_{i: h(i) = j} s(i) src[i] for j < D (zeros where not valid): the count
+    """dst[j] = scale sum_{i: h(i) = j} s(i) src[i] for j < D (zeros where not valid): the count
     sketch as a gather-sum over the inverse hash (input indices sorted by bin, bin j's at
     order[start[j]: start[j+1]], signs alongside). Deterministic: no atomics; each bin is
     summed by one thread in a fixed order, and the loop runs as long as the fullest bin of
@@ -158,7 +158,7 @@ def _sketch_row(
             i = tl.load(order_ptr + lo + t, mask=ok, other=0)
             sign = tl.load(sign_ptr + lo + t, mask=ok, other=0.0)
             acc += sign * tl.load(src_ptr + i, mask=ok, other=0.0).to(tl.float32)
-        tl.store(dst_ptr + js, acc, mask=jm)
+        tl.store(dst_ptr + js, acc * scale, mask=jm)
 
 
 @triton.jit
@@ -222,8 +222,8 @@ def _spectra_pair(
     spec [R, 2K] ([re K | im K] per row), by one complex FFT of p_r0 + i p_r0+1."""
     has_b = r0 + 1 < R
     row = src_ptr + tl.cast(r0, tl.int64) * n
-    _sketch_row(row, order_ptr, start_ptr, sign_ptr, ws, r0 < R, D, BLOCK_S)
-    _sketch_row(row + n, order_ptr, start_ptr, sign_ptr, ws + D, has_b, D, BLOCK_S)
+    _sketch_row(row, order_ptr, start_ptr, sign_ptr, ws, r0 < R, 1.0, D, BLOCK_S)
+    _sketch_row(row + n, order_ptr, start_ptr, sign_ptr, ws + D, has_b, 1.0, D, BLOCK_S)
     tl.debug_barrier()  # the FFT reads sketch bins written by other threads
     z, _ = _fft(ws, ws + 2 * D, tab_ptr, D, R1, R2, R3, R4, P1, P2, P3, P4, STAGES, BLOCK_J,
                 -1, PRECISION)  # fmt: skip
@@ -370,9 +370,31 @@ def _product_bins(z, k, km, D: tl.constexpr, K: tl.constexpr):
 
 
 @triton.jit
+def _sketch_pair(
+    x_ptr, y_ptr, xn_ptr, yn_ptr, r, order1_ptr, start1_ptr, sign1_ptr, order2_ptr,
+    start2_ptr, sign2_ptr, dst_ptr, valid, N1, N2, D: tl.constexpr, BLOCK_S: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+):  # fmt: skip
+    """The sketches of row r of x and of y into dst [2D] (Re, Im of one complex FFT input),
+    with NORMALIZE each scaled by its row's inverse norm (xn, yn)."""
+    sx = 1.0
+    sy = 1.0
+    if NORMALIZE:
+        sx = tl.load(xn_ptr + r, mask=valid, other=1.0)
+        sy = tl.load(yn_ptr + r, mask=valid, other=1.0)
+    r64 = tl.cast(r, tl.int64)
+    _sketch_row(x_ptr + r64 * N1, order1_ptr, start1_ptr, sign1_ptr, dst_ptr, valid, sx, D,
+                BLOCK_S)  # fmt: skip
+    _sketch_row(y_ptr + r64 * N2, order2_ptr, start2_ptr, sign2_ptr, dst_ptr + D, valid, sy, D,
+                BLOCK_S)  # fmt: skip
+
+
+@triton.jit
 def _cbp_fwd_kernel(
     x_ptr,
     y_ptr,
+    xn_ptr,
+    yn_ptr,
     order1_ptr,
     start1_ptr,
     sign1_ptr,
@@ -400,12 +422,16 @@ def _cbp_fwd_kernel(
     BLOCK_J: tl.constexpr,
     BLOCK_S: tl.constexpr,
     PRECISION: tl.constexpr,
+    NORMALIZE: tl.constexpr,
 ):
     """Forward only, unbroadcast rows (x [R, N1], y [R, N2]): out[r] = IDFT(P_r Q_r) in one
     launch with nothing saved. Per row one complex FFT of p_r + i q_r gives P_r and Q_r; two
     rows' products travel as one inverse FFT (out_a = Re, out_b = Im). The same transforms
     as the spectra + product launches, without writing the spectra to device memory and
-    reading them back. Scratch per program: three complex D-vectors."""
+    reading them back. Scratch per program: three complex D-vectors. With NORMALIZE the
+    CBP of the unit-normalised rows: the sketch is linear, so each is scaled by its row's
+    inverse norm (eps + |x_r|^2)^-1/2 (xn, yn: kernels.unit_norm.row_norms) as it is
+    written."""
     pid = tl.program_id(0)
     ws = ws_ptr + pid.to(tl.int64) * (6 * D)
     first = pid * PAIRS_PER_PROGRAM
@@ -413,16 +439,17 @@ def _cbp_fwd_kernel(
         ra = 2 * pair
         has_b = ra + 1 < R
         ra64 = tl.cast(ra, tl.int64)
-        _sketch_row(x_ptr + ra64 * N1, order1_ptr, start1_ptr, sign1_ptr, ws, ra < R, D, BLOCK_S)
-        _sketch_row(y_ptr + ra64 * N2, order2_ptr, start2_ptr, sign2_ptr, ws + D, ra < R, D,
-                    BLOCK_S)  # fmt: skip
+        # With NORMALIZE each sketch is scaled by its row's inverse norm as it is written:
+        # x and y of a row travel as one complex FFT, so they must be of one magnitude.
+        _sketch_pair(x_ptr, y_ptr, xn_ptr, yn_ptr, ra, order1_ptr, start1_ptr, sign1_ptr,
+                     order2_ptr, start2_ptr, sign2_ptr, ws, ra < R, N1, N2, D, BLOCK_S,
+                     NORMALIZE)  # fmt: skip
         tl.debug_barrier()  # the FFT reads sketch bins written by other threads
         za, free = _fft(ws, ws + 2 * D, tab_ptr, D, R1, R2, R3, R4, P1, P2, P3, P4, STAGES,
                         BLOCK_J, -1, PRECISION)  # fmt: skip
-        _sketch_row(x_ptr + (ra64 + 1) * N1, order1_ptr, start1_ptr, sign1_ptr, free, has_b, D,
-                    BLOCK_S)  # fmt: skip
-        _sketch_row(y_ptr + (ra64 + 1) * N2, order2_ptr, start2_ptr, sign2_ptr, free + D, has_b,
-                    D, BLOCK_S)  # fmt: skip
+        _sketch_pair(x_ptr, y_ptr, xn_ptr, yn_ptr, ra + 1, order1_ptr, start1_ptr, sign1_ptr,
+                     order2_ptr, start2_ptr, sign2_ptr, free, has_b, N1, N2, D, BLOCK_S,
+                     NORMALIZE)  # fmt: skip
         tl.debug_barrier()
         zb, spare = _fft(free, ws + 4 * D, tab_ptr, D, R1, R2, R3, R4, P1, P2, P3, P4, STAGES,
                          BLOCK_J, -1, PRECISION)  # fmt: skip

@@ -15,12 +15,14 @@ kernels.cbp.plan, kernels.cbp.kernels, kernels.cbp.dense and kernels.cbp.sums.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 from torch.library import triton_op
 
 from kernels import reference
-from kernels._common import FUSED_DTYPES, launch, warn_once
+from kernels._common import FUSED_DTYPES, compute_dtype, launch, warn_once
 from kernels.cbp import dense as dense_kernels
 from kernels.cbp import kernels as cbp_kernels
 from kernels.cbp.plan import (
@@ -38,6 +40,7 @@ from kernels.cbp.plan import (
     workspace_numel,
 )
 from kernels.cbp.sums import broadcast_sums
+from kernels.unit_norm import row_norms, unit_norm
 
 # --------------------------------------------------------------------------------------
 # Checks and launchers
@@ -105,9 +108,12 @@ def cbp_spectra_launch(x, y, h1, s1, h2, s2, twiddles, xs, ys, workspace, radice
         )  # fmt: skip
 
 
-def cbp_forward_launch(x, y, h1, s1, h2, s2, twiddles, out, workspace, radices) -> None:
+def cbp_forward_launch(
+    x, y, h1, s1, h2, s2, twiddles, out, workspace, radices, normalize: bool = False
+) -> None:
     """Launch the forward-only kernel: out [R, D] (contiguous) = CBP of the rows of x [R, n1]
-    and y [R, n2] (contiguous, unbroadcast), nothing saved; workspace with
+    and y [R, n2] (contiguous, unbroadcast; of their unit-normalised rows with
+    ``normalize``), nothing saved, products at out's dtype's precision; workspace with
     workspace_numel("forward", D, R); radices = fft_plan(D)."""
     rows, out_dim = out.shape
     _check_twiddles(twiddles, out_dim)
@@ -119,10 +125,14 @@ def cbp_forward_launch(x, y, h1, s1, h2, s2, twiddles, out, workspace, radices) 
             f"cbp: inputs of shapes {tuple(x.shape)}, {tuple(y.shape)} need {rows} rows each"
         )
     _check_workspace(workspace, workspace_numel("forward", out_dim, rows))
-    config = cbp_config("forward", out_dim, input_precision(x, y), rows, radices=radices)
+    config = cbp_config("forward", out_dim, input_precision(out), rows, radices=radices)
+    config = dataclasses.replace(config, constexprs={**config.constexprs, "NORMALIZE": normalize})
+    # With normalize the rows' inverse norms first (two small launches; inside the CBP
+    # kernel their loops spilled under triton 3.6).
+    xn, yn = (row_norms(x), row_norms(y)) if normalize else (out, out)
     launch(
         cbp_kernels._cbp_fwd_kernel, config,
-        x, y, *cached_inverse_hash(h1, s1, out_dim), *cached_inverse_hash(h2, s2, out_dim),
+        x, y, xn, yn, *cached_inverse_hash(h1, s1, out_dim), *cached_inverse_hash(h2, s2, out_dim),
         twiddles, out,
         workspace, rows, x.shape[1], y.shape[1],
         pairs_per_program(triton.cdiv(rows, 2), out_dim, "forward"),
@@ -300,16 +310,20 @@ def cbp_fft_forward(
     s2: torch.Tensor,
     twiddles: torch.Tensor,
     radices: list[int],
+    normalize: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """CBP by the FFT path in one launch, for x [*L, n1] and y [*L, n2] (contiguous, the same
-    leading shape) when no gradient is needed: nothing is saved. Returns [*L, D]."""
+    leading shape) when no gradient is needed: nothing is saved. With ``normalize`` the CBP
+    of the unit-normalised rows. Returns [*L, D] in ``dtype`` (default promote(x, y)), the
+    precision its products run at."""
     out_dim = twiddles.numel() // 2
     x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
     rows = x2.shape[0]
-    out = x.new_empty((rows, out_dim), dtype=torch.promote_types(x.dtype, y.dtype))
+    out = x.new_empty((rows, out_dim), dtype=dtype or torch.promote_types(x.dtype, y.dtype))
     if rows:
         ws = x.new_empty(workspace_numel("forward", out_dim, rows), dtype=torch.float32)
-        cbp_forward_launch(x2, y2, h1, s1, h2, s2, twiddles, out, ws, tuple(radices))
+        cbp_forward_launch(x2, y2, h1, s1, h2, s2, twiddles, out, ws, tuple(radices), normalize)
     return out.view(*x.shape[:-1], out_dim)
 
 
@@ -432,9 +446,10 @@ def _cbp_fft_fake(x, y, xidx, yidx, h1, s1, h2, s2, twiddles, radices):
 
 
 @cbp_fft_forward.register_fake
-def _cbp_fft_forward_fake(x, y, h1, s1, h2, s2, twiddles, radices):
+def _cbp_fft_forward_fake(x, y, h1, s1, h2, s2, twiddles, radices, normalize=False, dtype=None):
     return x.new_empty(
-        (*x.shape[:-1], twiddles.shape[0] // 2), dtype=torch.promote_types(x.dtype, y.dtype)
+        (*x.shape[:-1], twiddles.shape[0] // 2),
+        dtype=dtype or torch.promote_types(x.dtype, y.dtype),
     )
 
 
@@ -566,10 +581,14 @@ def cbp(
     s2: torch.Tensor,
     out_dim: int,
     sum_pool: bool = False,
+    normalize: bool = False,
 ) -> torch.Tensor:
     """Fused compact bilinear pooling, same contract as :func:`kernels.reference.cbp`: the
     FFT path where D has a plan (fft_plan, D >= plan.FACTORISED_MIN_DIM), else the dense
-    path; unfused sizes and dtypes fall back to the reference with a warning."""
+    path; unfused sizes and dtypes fall back to the reference with a warning. With
+    ``normalize``, of the unit-normalised rows: inside the one-launch forward in half
+    precision (no gradient, no broadcast: the video story under autocast), else by
+    kernels.unit_norm first."""
     if x.dim() < 1 or y.dim() < 1:
         raise ValueError(
             f"cbp: inputs of shapes {tuple(x.shape)}, {tuple(y.shape)} need a last axis"
@@ -579,32 +598,39 @@ def cbp(
     reason = _fallback_reason(x, y, out_dim)
     if reason is not None:
         warn_once(f"kernels.cbp: {reason}; using kernels.reference.cbp")
-        return reference.cbp(x, y, h1, s1, h2, s2, out_dim, sum_pool)
-    if torch.is_autocast_enabled(x.device.type):
-        # Custom ops have no autocast rule: run in the autocast dtype like the other fused
-        # ops (the video story CBP gets unit-normalised fp32 inputs under bf16 autocast).
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, y = x.to(dtype), y.to(dtype)
+        return reference.cbp(x, y, h1, s1, h2, s2, out_dim, sum_pool, normalize)
     check_hash("h1", h1, s1, x.shape[-1], out_dim)
     check_hash("h2", h2, s2, y.shape[-1], out_dim)
     lead = torch.broadcast_shapes(x.shape[:-1], y.shape[:-1])
+    radices = fft_plan(out_dim)
+    one_launch = (
+        radices is not None
+        and x.shape[:-1] == y.shape[:-1] == lead
+        and not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad))
+    )
+    # Custom ops have no autocast rule: the products run in the autocast dtype like the
+    # other fused ops. The one-launch forward reads the inputs as they are; normalising in
+    # it pays where it saves the casts of the normalised rows (a half compute dtype: the
+    # video story under autocast). In fp32 the fused unit norm runs first (the fp32 kernel
+    # with the sketches scaled spilled).
+    dtype = compute_dtype(x, y)
+    if normalize and not (one_launch and dtype != torch.float32):
+        x, y, normalize = unit_norm(x), unit_norm(y), False
+    if one_launch:
+        out = torch.ops.rwmn.cbp_fft_forward(
+            x.contiguous(), y.contiguous(), h1, s1, h2, s2, cached_twiddles(out_dim, x.device),
+            list(radices), normalize, dtype,
+        )  # fmt: skip
+        return out.sum(dim=tuple(range(1, out.dim() - 1))) if sum_pool and out.dim() > 2 else out
+    x, y = x.to(dtype), y.to(dtype)
     if x.stride(-1) != 1:
         x = x.contiguous()
     if y.stride(-1) != 1:
         y = y.contiguous()
     twiddles = cached_twiddles(out_dim, x.device)
-    radices = fft_plan(out_dim)
     if radices is None:
         out = torch.ops.rwmn.cbp_dense(
             x, y, row_offsets(x, lead), row_offsets(y, lead), h1, s1, h2, s2, twiddles
-        )
-    elif x.shape[:-1] == y.shape[:-1] == lead and not (
-        torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
-    ):
-        # No gradient and no broadcast (the story embedding: its inputs are data): one
-        # launch, the spectra stay in the program's scratch.
-        out = torch.ops.rwmn.cbp_fft_forward(
-            x.contiguous(), y.contiguous(), h1, s1, h2, s2, twiddles, list(radices)
         )
     else:
         x, y = x.contiguous(), y.contiguous()
