@@ -1,5 +1,7 @@
 """Helpers shared by the kernels (not a public API): launch configurations, the one launch
-path, and the launch recorder of the compile gate.
+path, the launch recorder of the compile gate, the dtype rules (compute dtype, the one
+fallback warning), and the reduction finished by the last program to arrive
+(:func:`last_to_arrive` with its counters, :func:`sum_rows`).
 
 Every launcher computes a :class:`LaunchConfig` (grid, constexprs, warps, stages) with a pure
 function of shapes, dtypes and options, and launches through :func:`launch`. Inside

@@ -94,7 +94,7 @@ class RWMN(nn.Module):
         """E' = unit_norm(E W_e + b_e), [n, d]."""
         if self.cfg.video:
             rgb, sub = story
-            # CBP of the unit-normalised features (the norms inside the fused CBP's launch).
+            # CBP of the unit-normalised features (fused: no normalised copies under autocast).
             elements = self.story_cbp(rgb, sub, normalize=True)
             # The CBP's output goes into the linear map as it is (no unit_norm of it).
             return ops.embed(
