@@ -149,7 +149,7 @@ def check_resumable(state: dict, path: str) -> None:
             f"checkpoint {path!r}: step {step}, bad_evals {bad}, best_acc {best} out of range"
         )
     _check_rank_state(path, state, "")
-    # Issue 10: a run of N > 1 processes holds every rank's window and random states.
+    # A run of N > 1 processes holds every rank's window and random states.
     world_size = state.get("world_size", 1)  # absent: written by a single process
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise CheckpointError(f"checkpoint {path!r}: world_size {world_size!r} out of range")

@@ -1,4 +1,4 @@
-"""Data-parallel training under ``torchrun`` (issue 10): the launch, the collectives the
+"""Data-parallel training under ``torchrun``: the launch, the collectives the
 trainer needs, and the per-slot batch streams.
 
 ``torchrun`` starts one process per rank and passes RANK, WORLD_SIZE and LOCAL_RANK in
@@ -92,7 +92,7 @@ class Launch:
 
 def slot_sampler(seed: int, slot: int) -> np.random.Generator:
     """The batch stream of ``slot`` (rank * movies_per_step + movie of the step). Slot 0
-    is ``default_rng(seed)``, the stream of a single-process run before issue 10, so such
+    is ``default_rng(seed)``, the stream of a single-process run before data parallelism, so such
     runs draw the batches they drew before; slot j > 0 is an independent child stream of
     the same seed (numpy's SeedSequence spawn key)."""
     if slot == 0:

@@ -10,14 +10,14 @@ last.pt is written at step 0, so a run can be resumed from its first moment; a r
 cuts metrics.jsonl back to the checkpoint's step, so after any number of kills and resumes
 the log, the weights and the checkpoints equal an uninterrupted run's.
 
-The input pipeline (issue 11): every movie of the train and val splits is read and checked
+The input pipeline: every movie of the train and val splits is read and checked
 before the first step and served from memory (rwmn.data.cache, --data_cache); the next
 batch is prepared while a step runs (rwmn.data.prefetch); a step queues device work only:
 the loss and accuracy are summed on the device and read, with the check for a non-finite
 loss, at each --validation_step (rwmn.loop), so the host never waits on the device
 between progress lines.
 
-Under torchrun (issue 10, rwmn.distributed) each rank runs this loop on its own movies
+Under torchrun (rwmn.distributed) each rank runs this loop on its own movies
 (--movies_per_step of them per step, from per-slot streams), DDP averages the gradients,
 and rank 0 alone logs and writes the run directory; a checkpoint also holds the world
 size and every rank's running sums and random states, and full validation is sharded.

@@ -154,7 +154,7 @@ def test_synthetic_config_errors():
     ids=" ".join,
 )  # fmt: skip
 def test_synthetic_cli_refuses_unusable_data(tmp_path, capsys, flags):
-    """Issue 9 item 8: every flag is validated, the error names it on one line (exit 2),
+    """Every flag is validated, the error names it on one line (exit 2),
     and the --out directory it would have created is not left behind."""
     from rwmn.data.synthetic import main as synthetic_main
 
@@ -171,7 +171,7 @@ def test_synthetic_cli_refuses_unusable_data(tmp_path, capsys, flags):
 
 
 def test_failed_generation_leaves_nothing(tmp_path, monkeypatch):
-    """Issue 9 item 8: a generator that fails half-way removes what it created."""
+    """A generator that fails half-way removes what it created."""
     from rwmn.data import synthetic
 
     def broken(self):
@@ -490,7 +490,7 @@ UNREADABLE = {
 
 @pytest.mark.parametrize("case", UNREADABLE)
 def test_unreadable_files(tmp_path, case):
-    """Issue 9 item 4: a file h5py cannot open, or whose data cannot be read as numbers,
+    """A file h5py cannot open, or whose data cannot be read as numbers,
     is a one-line DataError naming the file (and dataset), raised when the reader is built
     (train.py turns it into exit status 2: tests/test_hardening.py)."""
     root = write_release(tmp_path)
@@ -512,7 +512,7 @@ def test_unreadable_video_story(tmp_path):
 @pytest.mark.parametrize("value", [-1, NUM_ANSWER])
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_cor_idx_out_of_range(tmp_path, value, split):
-    """Issue 9 item 7: refused when the reader is built (every file up front), not when a
+    """Refused when the reader is built (every file up front), not when a
     batch first draws that movie; in the test split too, where cor_idx is optional."""
     root = write_release(tmp_path, split=split)
     with edit_qa(root, MOVIES[1], split=split) as f:
@@ -523,7 +523,7 @@ def test_cor_idx_out_of_range(tmp_path, value, split):
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, bool])
 def test_cor_idx_not_integers(tmp_path, dtype):
-    """Issue 9 item 7: a float cor_idx was truncated silently (1.7 read as 1)."""
+    """A float cor_idx was truncated silently (1.7 read as 1)."""
     root = write_release(tmp_path)
     with edit_qa(root, MOVIES[1]) as f:
         values = f["cor_idx"][()]

@@ -1,4 +1,4 @@
-"""Issue 10: data-parallel training under torchrun (2 CPU processes, gloo, loopback only),
+"""Data-parallel training under torchrun (2 CPU processes, gloo, loopback only),
 and --movies_per_step.
 
 Every torchrun launch runs ``python -m torch.distributed.run --nproc_per_node 2`` on
@@ -297,7 +297,7 @@ def test_world_size_change_is_refused(data, two_ranks, tmp_path, capsys):
 
 def test_slot_streams():
     """Slot 0 is the stream of a single-movie, single-process run (default_rng(seed)), so
-    such runs draw what they drew before issue 10; other slots are distinct."""
+    such runs draw what they drew before data parallelism; other slots are distinct."""
     import numpy as np
 
     assert slot_sampler(7, 0).bit_generator.state == np.random.default_rng(7).bit_generator.state

@@ -1,4 +1,4 @@
-"""Issue 9 (hardening): untrusted checkpoints, run directories, resume, bad files and flags.
+"""Hardening: untrusted checkpoints, run directories, resume, bad files and flags.
 
 One test (or one parametrized test) per item of the issue, named after it; items 4, 7 and
 8 (the data reader and the synthetic generator) are tested in tests/test_data.py as well.

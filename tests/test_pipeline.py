@@ -1,4 +1,4 @@
-"""Issue 11: the input pipeline and the loop (rwmn.data.cache, rwmn.data.prefetch,
+"""The input pipeline and the loop (rwmn.data.cache, rwmn.data.prefetch,
 rwmn.loop): cache modes serve the batches `none` serves and train identically, resume stays
 exact with every mode and with the prefetcher, a bad movie anywhere stops the run before
 its first step, a step never waits on the device, and the bench runs."""

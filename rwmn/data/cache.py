@@ -1,7 +1,7 @@
 """Batch sources for training: a split decoded and checked once, then served from memory.
 
-Reading a video_sub story from HDF5 and checking it costs milliseconds per batch (issue
-11), more than a fused GPU step. So ``train.py`` reads every movie of its splits once,
+Reading a video_sub story from HDF5 and checking it costs milliseconds per batch, more
+than a fused GPU step. So ``train.py`` reads every movie of its splits once,
 before the first step, checks it (shapes at open, NaN and inf here, so a bad movie stops
 the run before it trains), and then serves batches from one of:
 
