@@ -22,15 +22,15 @@ import torch.nn.functional as F
 UNIT_NORM_EPS = 1e-12
 
 
-def unit_norm(x: torch.Tensor, eps: float = UNIT_NORM_EPS) -> torch.Tensor:
-    """x / sqrt(eps + sum(x^2)) along the last axis.
+def unit_norm(x: torch.Tensor) -> torch.Tensor:
+    """x / sqrt(eps + sum(x^2)) along the last axis, eps = UNIT_NORM_EPS.
 
     Half-precision inputs are normalised in fp32: eps = 1e-12 underflows to 0 in fp16, so
     an all-zero row (a dead ReLU row) would give 0 * inf = NaN, and the sum of squares of a
     300-wide row can overflow fp16. The result has the input's dtype.
     """
     acc = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    return (acc * torch.rsqrt(eps + (acc * acc).sum(-1, keepdim=True))).to(x.dtype)
+    return (acc * torch.rsqrt(UNIT_NORM_EPS + (acc * acc).sum(-1, keepdim=True))).to(x.dtype)
 
 
 def embed(

@@ -26,6 +26,7 @@ backend changes) but cannot trace ContextVar reads. It is process-wide, not per 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import os
@@ -174,62 +175,51 @@ def _fused(module: str, name: str):
         ) from exc
 
 
-def _tensors(*items) -> tuple[torch.Tensor, ...]:
-    return tuple(t for t in items if isinstance(t, torch.Tensor))
+def _tensor_args(args, kwargs) -> list[torch.Tensor]:
+    """The tensors among an op's arguments, those inside lists and tuples included."""
+    found = []
+    for arg in (*args, *kwargs.values()):
+        if isinstance(arg, torch.Tensor):
+            found.append(arg)
+        elif isinstance(arg, (list, tuple)):
+            found.extend(t for t in arg if isinstance(t, torch.Tensor))
+    return found
 
 
-def cbp(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    h1: torch.Tensor,
-    s1: torch.Tensor,
-    h2: torch.Tensor,
-    s2: torch.Tensor,
-    out_dim: int,
-    sum_pool: bool = False,
-    normalize: bool = False,
-) -> torch.Tensor:
-    """Compact bilinear pooling (of the unit-normalised rows with ``normalize``); see
-    :func:`rwmn.reference.cbp`."""
-    if resolve_backend("cbp", x, y) == "triton":
-        return _fused("cbp", "cbp")(x, y, h1, s1, h2, s2, out_dim, sum_pool, normalize)
-    return reference.cbp(x, y, h1, s1, h2, s2, out_dim, sum_pool, normalize)
+def _dispatched(module: str, name: str):
+    """The op ``name``: ``kernels.<module>.<name>`` where the backend resolves to triton, else
+    ``kernels.reference.<name>``; both take the reference's signature, whose name, signature
+    and docstring the op carries."""
+    ref = getattr(reference, name)
+
+    @functools.wraps(ref)
+    def op(*args, **kwargs):
+        if resolve_backend(name, *_tensor_args(args, kwargs)) == "triton":
+            return _fused(module, name)(*args, **kwargs)
+        return ref(*args, **kwargs)
+
+    op.kernel_module = module
+    return op
 
 
-def memory_conv(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    stride: int,
-    relu: bool = True,
-) -> torch.Tensor:
-    """Strided full-width SAME convolution + bias + ReLU; see :func:`rwmn.reference.memory_conv`."""
-    if resolve_backend("memory_conv", *_tensors(x, weight, bias)) == "triton":
-        return _fused("memconv", "memory_conv")(x, weight, bias, stride, relu)
-    return reference.memory_conv(x, weight, bias, stride, relu)
-
-
-def attention_read(
-    rows: torch.Tensor, u: torch.Tensor, sharp: float, normalize: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention readout; see :func:`rwmn.reference.attention_read`."""
-    if resolve_backend("attention_read", rows, u) == "triton":
-        return _fused("attention", "attention_read")(rows, u, sharp, normalize)
-    return reference.attention_read(rows, u, sharp, normalize)
-
-
-def conv_attention_read(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    stride: int,
-    u: torch.Tensor,
-    sharp: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Last read layer fused with the readout; see :func:`rwmn.reference.conv_attention_read`."""
-    if resolve_backend("conv_attention_read", *_tensors(x, weight, bias, u)) == "triton":
-        return _fused("attention", "conv_attention_read")(x, weight, bias, stride, u, sharp)
-    return reference.conv_attention_read(x, weight, bias, stride, u, sharp)
+#: Compact bilinear pooling (of the unit-normalised rows with ``normalize``).
+cbp = _dispatched("cbp", "cbp")
+#: One strided full-width SAME convolution + bias + ReLU.
+memory_conv = _dispatched("memconv", "memory_conv")
+#: The attention readout.
+attention_read = _dispatched("attention", "attention_read")
+#: The last read layer fused with the readout.
+conv_attention_read = _dispatched("attention", "conv_attention_read")
+#: x / sqrt(eps + sum(x^2)) along the last axis.
+unit_norm = _dispatched("unit_norm", "unit_norm")
+#: unit_norm(unit_norm(x) W^T + b) along the last axis.
+embed = _dispatched("embedding", "embed")
+#: Mean softmax cross-entropy over the (kept) questions.
+cross_entropy = _dispatched("cross_entropy", "cross_entropy")
+#: unit_norm(a unit_norm(o) + b u), the controller's update between hops.
+hop_update = _dispatched("unit_norm", "hop_update")
+#: The answers' scores against the last hop's update.
+answer_scores = _dispatched("unit_norm", "answer_scores")
 
 
 def prepare_read(
@@ -262,52 +252,3 @@ def read_network(
         fused = _fused("read_network", "read_network")
         return fused(memory, u, hashes, weights, biases, strides, sharp, prepared)
     return reference.read_network(memory, u, hashes, weights, biases, strides, sharp)
-
-
-def unit_norm(x: torch.Tensor) -> torch.Tensor:
-    """x / sqrt(eps + sum(x^2)) along the last axis; see :func:`rwmn.reference.unit_norm`."""
-    if resolve_backend("unit_norm", x) == "triton":
-        return _fused("unit_norm", "unit_norm")(x)
-    return reference.unit_norm(x)
-
-
-def embed(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    normalize_input: bool = True,
-) -> torch.Tensor:
-    """unit_norm(unit_norm(x) W^T + b) along the last axis (x as it is without
-    ``normalize_input``); see :func:`rwmn.reference.embed`."""
-    if resolve_backend("embed", *_tensors(x, weight, bias)) == "triton":
-        return _fused("embedding", "embed")(x, weight, bias, normalize_input)
-    return reference.embed(x, weight, bias, normalize_input)
-
-
-def cross_entropy(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    keep: torch.Tensor | None = None,
-    legacy: bool = False,
-) -> torch.Tensor:
-    """Mean softmax cross-entropy over the (kept) questions; see
-    :func:`rwmn.reference.cross_entropy`."""
-    if resolve_backend("cross_entropy", logits) == "triton":
-        return _fused("cross_entropy", "cross_entropy")(logits, target, keep, legacy)
-    return reference.cross_entropy(logits, target, keep, legacy)
-
-
-def hop_update(o: torch.Tensor, u: torch.Tensor, a: float, b: float) -> torch.Tensor:
-    """unit_norm(a unit_norm(o) + b u), the controller's update between hops; see
-    :func:`rwmn.reference.hop_update`."""
-    if resolve_backend("hop_update", o, u) == "triton":
-        return _fused("unit_norm", "hop_update")(o, u, a, b)
-    return reference.hop_update(o, u, a, b)
-
-
-def answer_scores(o: torch.Tensor, u: torch.Tensor, answers: torch.Tensor, a: float, b: float):
-    """The scores [B, A] of the answers [B, A, d] against the last hop's update
-    hop_update(o, u, a, b); see :func:`rwmn.reference.answer_scores`."""
-    if resolve_backend("answer_scores", o, u, answers) == "triton":
-        return _fused("unit_norm", "answer_scores")(o, u, answers, a, b)
-    return reference.answer_scores(o, u, answers, a, b)

@@ -555,3 +555,19 @@ def test_auto_on_cpu_picks_reference(monkeypatch):
         assert ops.resolve_backend("cbp", rows.cuda() if torch.cuda.is_available() else rows) == (
             "reference"
         )
+
+
+def test_dispatched_ops_share_the_reference_signature():
+    """Each op of rwmn.ops forwards its arguments as given (keywords included) to the reference
+    or to the fused kernel, so the two must take the same parameters with the same defaults."""
+    import importlib
+    import inspect
+
+    pytest.importorskip("triton")
+    dispatched = {n: f for n, f in vars(ops).items() if hasattr(f, "kernel_module")}
+    assert {"cbp", "memory_conv", "embed", "cross_entropy", "answer_scores"} <= set(dispatched)
+    for name, op in dispatched.items():
+        module = importlib.import_module(f"kernels.{op.kernel_module}")
+        fused, ref = inspect.signature(getattr(module, name)), inspect.signature(op.__wrapped__)
+        as_list = [(p.name, p.kind, p.default) for p in fused.parameters.values()]
+        assert as_list == [(p.name, p.kind, p.default) for p in ref.parameters.values()], name
