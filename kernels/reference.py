@@ -257,6 +257,7 @@ def read_network(
     biases: Sequence[torch.Tensor | None],
     strides: Sequence[int],
     sharp: float,
+    prepared: object = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The paper's read network for B questions over one write memory.
 
@@ -264,6 +265,8 @@ def read_network(
     the read CBP (output size d). Mq[b, c, i] = CBP(memory[c, i], u[b]); the read
     convolutions run over Mq [B, C, m, d]; the readout attends over every (channel, slot)
     row of the last one (at least one read layer). Returns o [B, d] and p [B, R].
+    ``prepared``: what the fused read shares between the hops over one memory
+    (rwmn.ops.prepare_read); the reference has nothing to share and ignores it.
     """
     if not weights:
         raise ValueError("read_network needs at least one read layer")

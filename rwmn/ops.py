@@ -220,6 +220,8 @@ cross_entropy = _dispatched("cross_entropy", "cross_entropy")
 hop_update = _dispatched("unit_norm", "hop_update")
 #: The answers' scores against the last hop's update.
 answer_scores = _dispatched("unit_norm", "answer_scores")
+#: The paper's whole read network; ``prepared``: prepare_read of this memory (hops reuse it).
+read_network = _dispatched("read_network", "read_network")
 
 
 def prepare_read(
@@ -234,21 +236,3 @@ def prepare_read(
     if resolve_backend("read_network", memory, *weights) == "triton":
         return _fused("read_network", "prepare")(memory, hashes, weights, biases)
     return None
-
-
-def read_network(
-    memory: torch.Tensor,
-    u: torch.Tensor,
-    hashes: Sequence[torch.Tensor],
-    weights: Sequence[torch.Tensor],
-    biases: Sequence[torch.Tensor | None],
-    strides: Sequence[int],
-    sharp: float,
-    prepared=None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The paper's whole read network; see :func:`rwmn.reference.read_network`.
-    ``prepared``: :func:`prepare_read` of this memory (optional; hops reuse it)."""
-    if resolve_backend("read_network", memory, u, *weights) == "triton":
-        fused = _fused("read_network", "read_network")
-        return fused(memory, u, hashes, weights, biases, strides, sharp, prepared)
-    return reference.read_network(memory, u, hashes, weights, biases, strides, sharp)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import tests.gpu_semantics as semantics
 from tests.tolerances import BY_DTYPE, Tolerance
 
 # TRITON_INTERPRET=1 on machines without CUDA is set by tests/conftest.py, before any
@@ -23,23 +22,6 @@ LOW_PRECISION_REL_ATOL = {d: BY_DTYPE[d].rel_atol for d in (torch.bfloat16, torc
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 cuda = [pytest.mark.cuda, needs_cuda]
-
-
-@pytest.fixture
-def gpu_semantics():
-    """The Triton interpreter with a GPU's semantics (tests/gpu_semantics.py): bf16 values,
-    tf32 truncation, NaN in masked lanes, barrier epochs, and every buffer allocated inside
-    the test NaN-poisoned, so an element a kernel forgets to write fails the comparison.
-    Skips where this Triton's interpreter lacks an internal the emulation needs."""
-    context = semantics.gpu_semantics()
-    try:
-        state = context.__enter__()
-    except semantics.Unsupported as e:
-        pytest.skip(str(e))
-    try:
-        yield state
-    finally:
-        context.__exit__(None, None, None)
 
 
 def cbp_fft_threshold(monkeypatch, min_dim: int) -> None:

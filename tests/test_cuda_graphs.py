@@ -8,7 +8,6 @@ import os
 
 import pytest
 import torch
-from kernel_helpers import gpu_semantics  # noqa: F401 (a fixture)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench import census

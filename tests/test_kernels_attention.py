@@ -13,16 +13,12 @@ from kernel_helpers import (
     autocast,
     check_against_float64,
     cuda,
-    gpu_semantics,  # noqa: F401  (fixture)
 )
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import rwmn.ops
 from kernels import attention, memconv
 from rwmn import reference
-
-# A GPU's semantics on the interpreter, every allocation NaN-poisoned (kernel_helpers).
-pytestmark = pytest.mark.usefixtures("gpu_semantics")
 
 SHARP = 1.7
 # rows shape, batch: one memory per question [B, R, d] or one shared [R, d]; R spans

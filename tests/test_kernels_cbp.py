@@ -24,7 +24,6 @@ from kernel_helpers import (  # noqa: E402
     LOW_PRECISION_REL_ATOL,
     cbp_fft_threshold,
     check_against_float64,
-    gpu_semantics,  # noqa: F401  (fixture)
 )
 
 import kernels._common as kernels_common  # noqa: E402
@@ -35,9 +34,6 @@ from kernels.cbp import plan as cbp_plan  # noqa: E402
 from kernels.cbp.sums import broadcast_sums  # noqa: E402
 from kernels.work import executed_work  # noqa: E402
 from rwmn import ops, reference  # noqa: E402
-
-# A GPU's semantics on the interpreter, every allocation NaN-poisoned (kernel_helpers).
-pytestmark = pytest.mark.usefixtures("gpu_semantics")
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -30,14 +30,10 @@ if not torch.cuda.is_available():
 
 from kernel_helpers import (  # noqa: E402
     cbp_fft_threshold,
-    gpu_semantics,  # noqa: F401  (fixture)
 )
 
 import kernels.cbp as kcbp  # noqa: E402
 from kernels import reference  # noqa: E402
-
-# A GPU's semantics on the interpreter, every allocation NaN-poisoned (kernel_helpers).
-pytestmark = pytest.mark.usefixtures("gpu_semantics")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

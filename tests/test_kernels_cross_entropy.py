@@ -8,16 +8,12 @@ from kernel_helpers import (
     LOW_PRECISION_RATIO,
     LOW_PRECISION_REL_ATOL,
     check_against_float64,
-    gpu_semantics,  # noqa: F401  (fixture)
 )
 
 import rwmn.ops
 from kernels import cross_entropy as ce
 from kernels._common import record_launches
 from rwmn import reference
-
-# A GPU's semantics on the interpreter, every allocation NaN-poisoned (kernel_helpers).
-pytestmark = pytest.mark.usefixtures("gpu_semantics")
 
 # (B, A): the model's, one row, several row steps ending in a partial one, A not a power
 # of two and wider than one.

@@ -10,7 +10,6 @@ from kernel_helpers import (
     autocast,
     check_against_float64,
     cuda,
-    gpu_semantics,  # noqa: F401  (fixture)
 )
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -18,9 +17,6 @@ import rwmn.ops
 from kernels import embedding
 from kernels._common import record_launches
 from rwmn import reference
-
-# A GPU's semantics on the interpreter, every allocation NaN-poisoned (kernel_helpers).
-pytestmark = pytest.mark.usefixtures("gpu_semantics")
 
 # (leading shape, K, N): odd widths, one and several row blocks ending in a partial one,
 # N a power of two (the second accumulator all padding), N past 256 (both used), a 3-D x.

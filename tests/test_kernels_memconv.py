@@ -13,16 +13,12 @@ from kernel_helpers import (
     autocast,
     check_against_float64,
     cuda,
-    gpu_semantics,  # noqa: F401  (fixture)
 )
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import rwmn.ops
 from kernels import memconv
 from rwmn import reference
-
-# A GPU's semantics on the interpreter, every allocation NaN-poisoned (kernel_helpers).
-pytestmark = pytest.mark.usefixtures("gpu_semantics")
 
 # (batch, c_in, c_out, n, d, k, stride): n not divisible by the stride, several channel
 # counts, d not a power of two, k > s, k == s, k < s, stride larger than n.

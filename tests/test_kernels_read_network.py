@@ -13,7 +13,6 @@ from kernel_helpers import (
     cbp_fft_threshold,
     check_against_float64,
     cuda,
-    gpu_semantics,  # noqa: F401  (fixture)
 )
 
 import rwmn.ops
@@ -25,11 +24,7 @@ from kernels.cbp import plan as cbp_plan
 from kernels.work import executed_work
 from rwmn import reference
 
-# A GPU's semantics on the interpreter, every allocation NaN-poisoned (kernel_helpers).
-pytestmark = [
-    pytest.mark.usefixtures("gpu_semantics"),
-    pytest.mark.filterwarnings("ignore:kernels. read_network computes its CBP"),
-]
+pytestmark = pytest.mark.filterwarnings("ignore:kernels. read_network computes its CBP")
 
 SHARP = 1.3
 

