@@ -17,16 +17,24 @@ from kernels._common import arrival_counters, last_to_arrive, pow2_at_least
 
 
 @triton.jit
-def softmax_block(tile, u, rn, r_ok, z_ptrs, pm_ptr, pl_ptr, acc_ptrs, d_ok, sharp):
-    """Write z, block max, block sum and block readout of the rows ``tile`` [BR, BD]."""
-    rhat = tile * rn[:, None]
-    z = sharp * tl.sum(rhat * u[None, :], axis=1)
+def _block_weights(z, r_ok, z_ptrs, pm_ptr, pl_ptr):
+    """Store the block's logits z (its valid rows), their max and the sum of e^(z - max);
+    return the weights e^(z - max) (0 on invalid rows)."""
     z = tl.where(r_ok, z, float("-inf"))
     tl.store(z_ptrs, z, mask=r_ok)
     m = tl.max(z, axis=0)
     e = tl.exp(z - m)
     tl.store(pm_ptr, m)
     tl.store(pl_ptr, tl.sum(e, axis=0))
+    return e
+
+
+@triton.jit
+def softmax_block(tile, u, rn, r_ok, z_ptrs, pm_ptr, pl_ptr, acc_ptrs, d_ok, sharp):
+    """Write z, block max, block sum and block readout of the rows ``tile`` [BR, BD]."""
+    rhat = tile * rn[:, None]
+    z = sharp * tl.sum(rhat * u[None, :], axis=1)
+    e = _block_weights(z, r_ok, z_ptrs, pm_ptr, pl_ptr)
     tl.store(acc_ptrs, tl.sum(e[:, None] * rhat, axis=0), mask=d_ok)
 
 
@@ -39,12 +47,7 @@ def softmax_block_split(
     rhat1 = tile1 * rn[:, None]
     rhat2 = tile2 * rn[:, None]
     z = sharp * (tl.sum(rhat1 * u1[None, :], axis=1) + tl.sum(rhat2 * u2[None, :], axis=1))
-    z = tl.where(r_ok, z, float("-inf"))
-    tl.store(z_ptrs, z, mask=r_ok)
-    m = tl.max(z, axis=0)
-    e = tl.exp(z - m)
-    tl.store(pm_ptr, m)
-    tl.store(pl_ptr, tl.sum(e, axis=0))
+    e = _block_weights(z, r_ok, z_ptrs, pm_ptr, pl_ptr)
     tl.store(acc_ptrs1, tl.sum(e[:, None] * rhat1, axis=0), mask=ok1)
     tl.store(acc_ptrs2, tl.sum(e[:, None] * rhat2, axis=0), mask=ok2)
 

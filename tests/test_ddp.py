@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from tiny_run import DIM, REPO, TINY_FLAGS
 
 from rwmn import RWMNConfig
 from rwmn.data.synthetic import SyntheticConfig, generate
@@ -32,8 +33,6 @@ pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo"
 )
 
-REPO = Path(__file__).resolve().parent.parent
-DIM = 12
 # Seven val movies of 7 questions (14 batches of 4 and 3): the two ranks' shares of a full
 # validation differ in size.
 TINY_DATA = dict(
@@ -42,12 +41,8 @@ TINY_DATA = dict(
 )  # fmt: skip
 MODEL = dict(dim_text=DIM, dim_memory=DIM, dim_sub=DIM, dim_rgb=16, dim_mcb=20,
              write="3-2-2", read="3-1-2")  # fmt: skip
-FLAGS = [
-    "--dim_text", str(DIM), "--dim_memory", str(DIM), "--dim_sub", str(DIM),
-    "--dim_rgb", "16", "--dim_mcb", "20", "--write", "3-2-2", "--read", "3-1-2",
-    "--batch_size", "4", "--validation_step", "3", "--full_validation_step", "5",
-    "--checkpoint_step", "4", "--max_steps", "10", "--init_lr", "0.05", "--device", "cpu",
-]  # fmt: skip
+FLAGS = [*TINY_FLAGS, "--checkpoint_step", "4", "--max_steps", "10", "--init_lr", "0.05",
+         "--device", "cpu"]  # fmt: skip
 
 WRAPPER = """
 import atexit, json, os, signal, sys

@@ -24,24 +24,12 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from tiny_run import DIM, REPO, TINY_DATA, TINY_FLAGS
 
 from rwmn import ops
 from rwmn.data.synthetic import SyntheticConfig, generate
 from rwmn.rundir import RunLock
 from rwmn.training import UNUSED_RELEASE_FLAGS, build_parser, main
-
-REPO = Path(__file__).resolve().parent.parent
-DIM = 12
-TINY_DATA = dict(
-    train_movies=4, val_movies=2, test_movies=2, questions_per_movie=6,
-    min_scenes=2, max_scenes=3, scene_len=4, dim_text=DIM, dim_sub=DIM, dim_rgb=16,
-)  # fmt: skip
-MODEL_FLAGS = [
-    "--dim_text", str(DIM), "--dim_memory", str(DIM), "--dim_sub", str(DIM),
-    "--dim_rgb", "16", "--dim_mcb", "20", "--write", "3-2-2", "--read", "3-1-2",
-]  # fmt: skip
-TINY_FLAGS = [*MODEL_FLAGS, "--batch_size", "4", "--validation_step", "3",
-              "--full_validation_step", "5"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

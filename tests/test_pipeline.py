@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from tiny_run import DIM, REPO, TINY_DATA, TINY_FLAGS
 from torch.overrides import TorchFunctionMode
 
 from rwmn import RWMNConfig
@@ -33,18 +34,7 @@ from rwmn.loop import make_adagrad
 from rwmn.model import RWMN
 from rwmn.training import TrainConfig, Trainer, main
 
-REPO = Path(__file__).resolve().parent.parent
-DIM = 12
-TINY_DATA = dict(
-    train_movies=4, val_movies=2, test_movies=2, questions_per_movie=6,
-    min_scenes=2, max_scenes=3, scene_len=4, dim_text=DIM, dim_sub=DIM, dim_rgb=16,
-)  # fmt: skip
-MODEL_FLAGS = [
-    "--dim_text", str(DIM), "--dim_memory", str(DIM), "--dim_sub", str(DIM),
-    "--dim_rgb", "16", "--dim_mcb", "20", "--write", "3-2-2", "--read", "3-1-2",
-]  # fmt: skip
-TINY_FLAGS = [*MODEL_FLAGS, "--batch_size", "4", "--validation_step", "3",
-              "--full_validation_step", "5", "--init_lr", "0.05"]  # fmt: skip
+TINY_FLAGS = [*TINY_FLAGS, "--init_lr", "0.05"]
 CACHED = ("device", "host")
 CPU = torch.device("cpu")
 

@@ -8,22 +8,12 @@ import os
 import numpy as np
 import pytest
 import torch
+from tiny_run import DIM, TINY_DATA, TINY_FLAGS
 
 from rwmn import RWMNConfig
 from rwmn.data.movieqa import MovieQAData
 from rwmn.data.synthetic import SyntheticConfig, generate
 from rwmn.training import CheckpointError, TrainConfig, Trainer, atomic_save, main
-
-DIM = 12
-TINY_DATA = dict(
-    train_movies=4, val_movies=2, test_movies=2, questions_per_movie=6,
-    min_scenes=2, max_scenes=3, scene_len=4, dim_text=DIM, dim_sub=DIM, dim_rgb=16,
-)  # fmt: skip
-TINY_FLAGS = [
-    "--dim_text", str(DIM), "--dim_memory", str(DIM), "--dim_sub", str(DIM),
-    "--dim_rgb", "16", "--dim_mcb", "20", "--write", "3-2-2", "--read", "3-1-2",
-    "--batch_size", "4", "--validation_step", "3", "--full_validation_step", "5",
-]  # fmt: skip
 
 
 def _quiet(_message: str) -> None:

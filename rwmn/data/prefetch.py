@@ -29,8 +29,8 @@ from rwmn.data.cache import BatchSource
 from rwmn.data.movieqa import QABatch
 
 
-class Prefetcher:
-    """Random training batches of ``source`` on ``device``, one drawn ahead."""
+class NoPrefetch:
+    """``--prefetch false``: each batch drawn and moved when the step asks for it."""
 
     def __init__(
         self,
@@ -41,6 +41,22 @@ class Prefetcher:
     ) -> None:
         self.source, self.sampler, self.batch_size = source, sampler, batch_size
         self.device = torch.device(device)
+        self._start()
+
+    def _start(self) -> None:
+        """What a subclass sets up once its source, sampler and device are known."""
+
+    def next(self, draw_ahead: bool = True) -> QABatch:
+        return self.source.random_batch(self.sampler, self.batch_size).to(self.device)
+
+    def sampler_state(self) -> dict:
+        return copy.deepcopy(self.sampler.bit_generator.state)
+
+
+class Prefetcher(NoPrefetch):
+    """Random training batches of ``source`` on ``device``, one drawn ahead."""
+
+    def _start(self) -> None:
         self.stream = None
         if self.device.type == "cuda":
             self.stream = torch.cuda.Stream(self.device)
@@ -79,24 +95,4 @@ class Prefetcher:
         """The sampler's state as if no batch had been drawn ahead (for checkpoints)."""
         if self._state_before_pending is not None:
             return copy.deepcopy(self._state_before_pending)
-        return copy.deepcopy(self.sampler.bit_generator.state)
-
-
-class NoPrefetch:
-    """``--prefetch false``: each batch drawn and moved when the step asks for it."""
-
-    def __init__(
-        self,
-        source: BatchSource,
-        sampler: np.random.Generator,
-        batch_size: int,
-        device: torch.device,
-    ) -> None:
-        self.source, self.sampler, self.batch_size = source, sampler, batch_size
-        self.device = torch.device(device)
-
-    def next(self, draw_ahead: bool = True) -> QABatch:
-        return self.source.random_batch(self.sampler, self.batch_size).to(self.device)
-
-    def sampler_state(self) -> dict:
         return copy.deepcopy(self.sampler.bit_generator.state)
