@@ -1,4 +1,7 @@
-"""``python -m bench <command> [args]``: the one entry point of bench/ (bench/cli.py)."""
+"""``python -m bench <command> [args]``: the one entry point of bench/ (bench/cli.py).
+
+May import: bench.cli.
+"""
 
 import sys
 

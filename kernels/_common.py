@@ -8,6 +8,8 @@ function of shapes, dtypes and options, and launches through :func:`launch`. Ins
 :func:`record_launches` the launches are recorded instead of run: the compile gate
 (``bench.compile_report``) runs the model and the bench cases that way and compiles exactly
 what they would launch, with Triton's real code generator, for each GPU target.
+
+May import: torch, triton, kernels.reference.
 """
 
 from __future__ import annotations
@@ -226,15 +228,23 @@ def warn_once(message: str) -> None:
         _warn_once(message)
 
 
-def dtype_fallback(op: str, *dtypes: torch.dtype) -> bool:
-    """Whether ``op`` runs the reference because the kernels do not run one of ``dtypes``
-    (float64, integers); warns once, naming the op and the dtypes."""
-    if all(t in FUSED_DTYPES for t in dtypes):
-        return False
-    warn_once(
-        f"kernels: {op} runs the reference for {'/'.join(dict.fromkeys(map(str, dtypes)))} "
-        f"inputs: the fused kernels support {', '.join(str(t) for t in FUSED_DTYPES)}"
-    )
+def runs_reference(op: str, *dtypes: torch.dtype, **sizes: tuple[int, int]) -> bool:
+    """The fused entry points' one fallback rule: whether ``op`` runs its twin in
+    kernels.reference because its kernels do not run one of ``dtypes`` (float64, integers)
+    or a size is past what their tiles hold (name=(size, limit)); warns once, naming the op
+    and the reason. Which backend runs at all is rwmn.ops's choice, from the device."""
+    if not all(t in FUSED_DTYPES for t in dtypes):
+        reason = (
+            f"{'/'.join(dict.fromkeys(map(str, dtypes)))} inputs: the fused kernels support "
+            f"{', '.join(str(t) for t in FUSED_DTYPES)}"
+        )
+    else:
+        over = [(name, size, limit) for name, (size, limit) in sizes.items() if size > limit]
+        if not over:
+            return False
+        name, size, limit = over[0]
+        reason = f"{name} = {size}: its kernels hold at most {limit}"
+    warn_once(f"kernels: {op} runs the reference for {reason}")
     return True
 
 

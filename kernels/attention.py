@@ -26,6 +26,9 @@ Toeplitz implicit GEMM as kernels/memconv.py (see its docstring), so the read me
 never lands in device memory in the forward. Its backward recomputes the tile, forms
 dL/dy = [y > 0] dr for the pre-activation y (written once, [B, c_out, m, d]) and hands
 it to the memory_conv backward kernels for dx, dw; dbias = sum of dL/dy.
+
+May import: torch, triton, kernels._common, kernels.memconv, kernels.readout,
+kernels.reference.
 """
 
 from __future__ import annotations
@@ -43,12 +46,11 @@ from kernels._common import (
     cast,
     compute_dtype,
     dot_precision,
-    dtype_fallback,
     last_to_arrive,
     launch,
     pow2_at_least,
+    runs_reference,
     sum_rows,
-    warn_once,
 )
 from kernels.memconv import _toeplitz_conv_tile, conv_input_grads
 from kernels.readout import merge_constexprs, merge_if_last, readout_buffers, softmax_block
@@ -677,16 +679,6 @@ _conv_attention_read_op.register_autograd(
 # --------------------------------------------------------------------------------------
 
 
-def _width_fusable(d: int, op: str) -> bool:
-    if d > MAX_FUSED_D:
-        warn_once(
-            f"kernels: {op} runs the reference for rows of width {d}: a fused tile holds the "
-            f"whole width in registers, at most {MAX_FUSED_D}"
-        )
-        return False
-    return True
-
-
 def attention_read(
     rows: torch.Tensor, u: torch.Tensor, sharp: float, normalize: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -701,7 +693,7 @@ def attention_read(
             f"attention_read: rows {tuple(rows.shape)} and u {tuple(u.shape)} disagree on B"
         )
     dtype = compute_dtype(rows, u)
-    if dtype_fallback("attention_read", dtype) or not _width_fusable(u.shape[-1], "attention_read"):
+    if runs_reference("attention_read", dtype, width=(u.shape[-1], MAX_FUSED_D)):
         return reference.attention_read(rows, u, sharp, normalize)
     o, p, _ = torch.ops.rwmn.attention_read(
         cast(rows, dtype), cast(u, dtype), float(sharp), normalize
@@ -735,7 +727,7 @@ def conv_attention_read(
         raise ValueError(f"conv_attention_read: stride must be >= 1, got {stride}")
     dtype = compute_dtype(x, weight, bias, u)
     op = "conv_attention_read"
-    if dtype_fallback(op, dtype) or not _width_fusable(d, op):
+    if runs_reference(op, dtype, width=(d, MAX_FUSED_D)):
         return reference.conv_attention_read(x, weight, bias, stride, u, sharp)
     o, p, _ = torch.ops.rwmn.conv_attention_read(
         cast(x, dtype), cast(weight, dtype), cast(bias, dtype), stride, cast(u, dtype), float(sharp)

@@ -10,6 +10,8 @@ backward from g = dL:
     legacy: dL/dx_b = s_b * (dL/ds_b - <s_b, dL/ds_b>).
 The reference takes three launches forward (the fp32 cast, log_softmax, nll) and three
 back; the model's B x A is tiny (32 x 5), so one program does all rows in fp32.
+
+May import: torch, triton, kernels._common, kernels.reference.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import triton.language as tl
 from torch.library import triton_op
 
 from kernels import reference
-from kernels._common import LaunchConfig, dtype_fallback, launch, warn_once
+from kernels._common import LaunchConfig, launch, runs_reference
 
 #: Rows per step of the single program's loop, and the widest score row it holds.
 BLOCK_B = 64
@@ -190,13 +192,7 @@ def cross_entropy(
         )
     if keep is not None and keep.shape != target.shape:
         raise ValueError(f"cross_entropy: keep {tuple(keep.shape)} must be [B] like target")
-    if logits.shape[1] > MAX_FUSED_A:
-        warn_once(
-            f"kernels: cross_entropy runs the reference for {logits.shape[1]} scores a "
-            f"question: the fused kernel holds at most {MAX_FUSED_A}"
-        )
-        return reference.cross_entropy(logits, target, keep, legacy)
-    if dtype_fallback("cross_entropy", logits.dtype):
+    if runs_reference("cross_entropy", logits.dtype, answers=(logits.shape[1], MAX_FUSED_A)):
         return reference.cross_entropy(logits, target, keep, legacy)
     return torch.ops.rwmn.cross_entropy(logits.contiguous(), target.contiguous(), keep, legacy)
 

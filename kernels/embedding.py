@@ -28,6 +28,8 @@ casts, the GEMM, the output's norm) and six back. Here:
   rows (x^ recomputed from x and the stored norms, rounded exactly as in the forward)
   and writes dW in W's dtype; the programs of the first K tile also sum db. No partial
   sums, no cast.
+
+May import: torch, triton, kernels._common, kernels.reference, kernels.unit_norm.
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ from kernels._common import (
     LaunchConfig,
     compute_dtype,
     dot_precision,
-    dtype_fallback,
     launch,
+    runs_reference,
 )
 from kernels.unit_norm import row_norms, unit_norm_backward, unit_norm_forward
 
@@ -294,7 +296,7 @@ def embed(
             f"[{n}, {k}], [{n}])"
         )
     dtype = compute_dtype(x, weight, bias)
-    if dtype_fallback("embed", dtype):
+    if runs_reference("embed", dtype):
         return reference.embed(x, weight, bias, normalize_input)
     rows = x.reshape(-1, k).contiguous()
     y, _, _ = torch.ops.rwmn.embed(rows, weight.contiguous(), bias, dtype, normalize_input)

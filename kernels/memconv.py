@@ -29,6 +29,8 @@ shift of the tap is a shift of g: dw[o, c, a, t0 + delta] = sum_{b,i,j} H[(b,i,j
 shifts (15 of 16 columns used at c_out = 3) and M only needs the taps t0 = u * SHIFTS.
 K is split across programs and the fp32 partials summed afterwards (deterministic).
     dbias[o] = sum_{b, i, j} g[b, o, i, j]
+
+May import: torch, triton, kernels._common, kernels.reference.
 """
 
 from __future__ import annotations
@@ -46,10 +48,10 @@ from kernels._common import (
     cast,
     compute_dtype,
     dot_precision,
-    dtype_fallback,
     last_to_arrive,
     launch,
     pow2_at_least,
+    runs_reference,
 )
 from kernels.reference import same_padding
 
@@ -699,7 +701,7 @@ def memory_conv(
             f"{tuple(weight.shape)} (expected [..., {c_in}, n, {d}])"
         )
     dtype = compute_dtype(x, weight, bias)
-    if dtype_fallback("memory_conv", dtype):
+    if runs_reference("memory_conv", dtype):
         return reference.memory_conv(x, weight, bias, stride, relu)
     lead, n = x.shape[:-3], x.shape[-2]
     x4 = cast(x.reshape(-1, c_in, n, d), dtype)

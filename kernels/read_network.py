@@ -42,6 +42,9 @@ same spectral GEMM, its ReLU output stored), then one memory_conv per further la
 the last and the conv-attention launch: the layers before the last are materialised, Mq
 is not. Backward as above (the first layer's ReLU mask from its saved output). See
 kernels/README.md.
+
+May import: torch, triton, kernels._common, kernels.attention, kernels.cbp, kernels.memconv,
+kernels.readout, kernels.reference, kernels.spectral_weights.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ dtype; half-precision inputs are upcast where PyTorch requires it (FFT) and the 
 cast back to the inputs' dtype.
 
 Shapes follow the model (docs/model.md): d is the memory width, C memory channels, m slots.
+
+May import: torch.
 """
 
 from __future__ import annotations

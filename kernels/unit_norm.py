@@ -19,6 +19,8 @@ The model's last hop ends in the answer scores s_i = <g_i, u'> (g_i the A embedd
 answers): that update and the scores run as one op (answer_scores) in one launch each way;
 its backward takes g = sum_i ds_i g_i as dL/du' and stores dg_i = ds_i u'. u' is rounded
 to the output dtype before the products, as the reference's separate product sees it.
+
+May import: torch, triton, kernels._common, kernels.reference.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import triton.language as tl
 from torch.library import triton_op
 
 from kernels import reference
-from kernels._common import UNIT_NORM_EPS, LaunchConfig, dtype_fallback, launch
+from kernels._common import UNIT_NORM_EPS, LaunchConfig, launch, runs_reference
 
 #: Elements of one program's tile (rows x pow2(d)): 4096 fp32 per tile, two tiles live in
 #: the backward, 32 or 64 registers a thread at 4 warps.
@@ -384,7 +386,7 @@ _answer_scores_op.register_autograd(_answer_backward, setup_context=_answer_setu
 
 def unit_norm(x: torch.Tensor) -> torch.Tensor:
     """Fused kernels.reference.unit_norm (default eps) along the last axis of x."""
-    if dtype_fallback("unit_norm", x.dtype):
+    if runs_reference("unit_norm", x.dtype):
         return reference.unit_norm(x)
     if x.dim() == 0:
         raise ValueError("unit_norm: the input needs a last axis")
@@ -403,7 +405,7 @@ def hop_update(o: torch.Tensor, u: torch.Tensor, a: float, b: float) -> torch.Te
             f"hop_update: o {tuple(o.shape)} and u {tuple(u.shape)} must have one shape with "
             "a last axis"
         )
-    if dtype_fallback("hop_update", o.dtype, u.dtype):
+    if runs_reference("hop_update", o.dtype, u.dtype):
         return reference.hop_update(o, u, a, b)
     d = o.shape[-1]
     o2, u2 = o.reshape(-1, d).contiguous(), u.reshape(-1, d).contiguous()
@@ -418,7 +420,7 @@ def answer_scores(o: torch.Tensor, u: torch.Tensor, g: torch.Tensor, a: float, b
             f"answer_scores: o {tuple(o.shape)} and u {tuple(u.shape)} must be [B, d] and "
             f"the answers {tuple(g.shape)} [B, A, d]"
         )
-    if dtype_fallback("answer_scores", o.dtype, u.dtype, g.dtype):
+    if runs_reference("answer_scores", o.dtype, u.dtype, g.dtype):
         return reference.answer_scores(o, u, g, a, b)
     return torch.ops.rwmn.answer_scores(
         o.contiguous(), u.contiguous(), g.contiguous(), float(a), float(b)

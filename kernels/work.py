@@ -24,6 +24,8 @@ Conventions (every formula below follows them):
   matrices of a stage, the inverse hash) count at their size per load.
 
 Everything here is a pure function of shapes, dtypes and the launch configuration.
+
+May import: torch, kernels._common.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""AttentionRead: the nn.Module around ``rwmn.ops.attention_read``."""
+"""AttentionRead: the nn.Module around ``rwmn.ops.attention_read``.
+
+May import: torch, rwmn.ops.
+"""
 
 from __future__ import annotations
 

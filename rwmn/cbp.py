@@ -1,4 +1,7 @@
-"""CompactBilinearPooling: the nn.Module around ``rwmn.ops.cbp``."""
+"""CompactBilinearPooling: the nn.Module around ``rwmn.ops.cbp``.
+
+May import: numpy, torch, rwmn.ops.
+"""
 
 from __future__ import annotations
 

@@ -6,6 +6,8 @@ only: a file holding anything else (a pickled object whose ``__reduce__`` would 
 when unpickled) is refused with one line naming it, and nothing in it runs. The dict is
 then checked key by key before any of it is used, so a truncated, foreign or hand-edited
 file gives one line naming the file and the key, never a traceback.
+
+May import: torch, rwmn.cli.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Command-line helpers shared by ``train.py`` and ``python -m rwmn.data.synthetic``."""
+"""Command-line helpers shared by ``train.py`` and ``python -m rwmn.data.synthetic``.
+
+May import: the standard library only.
+"""
 
 from __future__ import annotations
 

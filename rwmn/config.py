@@ -1,4 +1,7 @@
-"""Typed configuration of the RWMN model (docs/model.md sections 1-6)."""
+"""Typed configuration of the RWMN model (docs/model.md sections 1-6).
+
+May import: the standard library only.
+"""
 
 from __future__ import annotations
 

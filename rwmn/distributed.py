@@ -19,6 +19,8 @@ Batch streams: an optimizer step of ``N`` ranks with ``--movies_per_step K`` con
 ``r * K + k`` (:func:`slot_sampler`), so the batches of a step depend on ``--seed`` and on
 ``N * K`` only: one process with ``--movies_per_step 2`` draws, each step, rank 0's and then
 rank 1's movie of a two-rank run, and makes the same update up to rounding (tested).
+
+May import: numpy, torch, rwmn.config.
 """
 
 from __future__ import annotations

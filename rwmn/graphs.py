@@ -10,6 +10,8 @@ learning rate (a device tensor the captured Adagrad step reads) are copied in.
 
 The pieces that do not need CUDA are separate, so the CPU tests check them:
 :class:`StaticBatch` (a padded batch) and :func:`padded_step` (what is captured).
+
+May import: torch, rwmn.config, rwmn.data.movieqa, rwmn.loop, rwmn.padding.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@
 * :func:`make_adagrad`: torch's Adagrad with its fused or foreach implementation where
   this torch has one for the device; the update rule (and so the schedule) is Adagrad's.
 * :func:`compile_model`: ``torch.compile`` with ``--compile_mode``.
+
+May import: torch.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""MemoryConv and MemoryConvStack: nn.Modules around ``rwmn.ops.memory_conv``."""
+"""MemoryConv and MemoryConvStack: nn.Modules around ``rwmn.ops.memory_conv``.
+
+May import: torch, rwmn.config, rwmn.ops.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""The Read-Write Memory Network (docs/model.md sections 1-6)."""
+"""The Read-Write Memory Network (docs/model.md sections 1-6).
+
+May import: torch, rwmn.cbp, rwmn.config, rwmn.memconv, rwmn.ops, rwmn.padding,
+rwmn.profiling, rwmn.read_network.
+"""
 
 from __future__ import annotations
 

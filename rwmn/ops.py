@@ -21,6 +21,9 @@ read once at import; an unknown value does not break the import but raises
 The choice is held as an attribute of a module-level object rather than a ContextVar
 because TorchDynamo guards on such attributes (a compiled model recompiles when the
 backend changes) but cannot trace ContextVar reads. It is process-wide, not per thread.
+
+May import: torch, kernels._common, kernels.reference, and the fused kernel modules
+(kernels.*, by importlib where the backend needs them).
 """
 
 from __future__ import annotations

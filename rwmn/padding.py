@@ -22,6 +22,8 @@ plan of :func:`padding_plan` makes exact:
 Every mask and index is a tensor whose shape depends on the bucket only; its values
 depend on n and are computed on the host (:func:`padding_plan`) and copied into the
 captured graph's input buffers before a replay.
+
+May import: torch, rwmn.config, rwmn.ops.
 """
 
 from __future__ import annotations

@@ -21,6 +21,8 @@ ranges appear as ``rwmn`` domain ranges such as ``step``, ``read/hop0``.
 
     @nvtx_range("checkpoint", "train")
     def save(...): ...
+
+May import: nvtx, torch.
 """
 
 from __future__ import annotations

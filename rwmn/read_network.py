@@ -1,4 +1,7 @@
-"""ReadNetwork: the nn.Module around ``rwmn.ops.read_network`` (docs/model.md section 4)."""
+"""ReadNetwork: the nn.Module around ``rwmn.ops.read_network`` (docs/model.md section 4).
+
+May import: torch, rwmn.cbp, rwmn.config, rwmn.memconv, rwmn.ops, rwmn.padding.
+"""
 
 from __future__ import annotations
 

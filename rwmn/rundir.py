@@ -11,6 +11,8 @@
 A directory holds a run when any of config.json, metrics.jsonl, tensorboard/, last.pt or
 best.pt exists. The lock uses ``fcntl.flock``: POSIX systems (Linux, macOS; elsewhere runs
 are not locked); on a network file system it is as reliable as that file system's locks.
+
+May import: rwmn.checkpoint.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ The parts, each in its module: the run's configuration and device (rwmn.train_co
 the command line (rwmn.train_cli), the resume rules (rwmn.resume) and the Trainer with
 its steps, evaluations, checkpoints and loop (rwmn.trainer). This module imports them and
 re-exports the names code outside the package imports from it; nothing in rwmn imports it.
+
+May import: rwmn.checkpoint, rwmn.cli, rwmn.config, rwmn.distributed, rwmn.ops,
+rwmn.profiling, rwmn.resume, rwmn.rundir, rwmn.train_cli, rwmn.train_config, rwmn.trainer.
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ inputs ``[j s - pad_before, j s - pad_before + k)`` clipped to the input. The at
 are the (channel, slot) rows of the last layer, channel-major (``c * m + j``); in
 ``--legacy`` mode the release's row-major NHWC reshape makes row i of a layer with C
 channels belong to slot ``i // C`` (docs/model.md section 6).
+
+May import: matplotlib, numpy, torch, rwmn.checkpoint, rwmn.config, rwmn.reference.
 """
 
 from __future__ import annotations

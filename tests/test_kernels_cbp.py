@@ -542,7 +542,7 @@ def test_ops_dispatch_calls_fused_kernel(monkeypatch, request):
 
 @pytest.mark.parametrize(
     ("out_dim", "dtype", "match"),
-    [(cbp_plan.MAX_FUSED_DIM + 1, torch.float32, "exceeds"), (16, torch.float64, "float64")],
+    [(cbp_plan.MAX_FUSED_DIM + 1, torch.float32, "at most"), (16, torch.float64, "float64")],
 )
 def test_fallback_warns_once(out_dim, dtype, match, request):
     kernels_common._warn_once.cache_clear()
@@ -558,10 +558,16 @@ def test_fallback_warns_once(out_dim, dtype, match, request):
 
 
 def test_sizes_up_to_the_limit_are_fused():
+    """Sizes up to MAX_FUSED_DIM launch the kernels (recorded, not run); one past it runs the
+    reference."""
     x, y = torch.zeros(2, 3), torch.zeros(2, 5, dtype=torch.bfloat16)
-    for out_dim in (300, 600, 4096, 16000, cbp_plan.MAX_FUSED_DIM):
-        assert cbp_ops._fallback_reason(x, y, out_dim) is None
-    assert cbp_ops._fallback_reason(x, y, cbp_plan.MAX_FUSED_DIM + 1) is not None
+    gen = torch.Generator().manual_seed(3)
+    for out_dim in (300, 600, 4096, 16000, cbp_plan.MAX_FUSED_DIM, cbp_plan.MAX_FUSED_DIM + 1):
+        hashes = (*make_hashes(3, out_dim, gen), *make_hashes(5, out_dim, gen))
+        with warnings.catch_warnings(), record_launches() as launches:
+            warnings.simplefilter("ignore")
+            kcbp.cbp(x, y, *hashes, out_dim)
+        assert bool(launches) == (out_dim <= cbp_plan.MAX_FUSED_DIM), out_dim
 
 
 @pytest.mark.cuda

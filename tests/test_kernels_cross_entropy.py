@@ -10,6 +10,7 @@ from kernel_helpers import (
     check_against_float64,
 )
 
+import kernels._common as kernels_common
 import rwmn.ops
 from kernels import cross_entropy as ce
 from kernels._common import record_launches
@@ -69,3 +70,15 @@ def test_bad_shapes_raise():
         ce.cross_entropy(torch.randn(4, 3), torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="keep"):
         ce.cross_entropy(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), torch.ones(3) > 0)
+
+
+def test_too_many_answers_fall_back_with_one_warning():
+    """Past the scores a program holds, the reference runs (nothing launched), warned once."""
+    kernels_common._warn_once.cache_clear()
+    n = ce.MAX_FUSED_A + 1
+    logits, target = torch.randn(3, n), torch.tensor([0, 5, n - 1])
+    match = f"cross_entropy runs the reference for answers = {n}: its kernels hold at most"
+    with pytest.warns(UserWarning, match=match), record_launches() as launches:
+        loss = ce.cross_entropy(logits, target)
+    assert not launches
+    torch.testing.assert_close(loss, reference.cross_entropy(logits, target), rtol=0, atol=0)

@@ -1,4 +1,7 @@
-"""``python -m bench.gpu_session``: the same as ``python -m bench gpu_session``."""
+"""``python -m bench.gpu_session``: the same as ``python -m bench gpu_session``.
+
+May import: bench.gpu_session.session.
+"""
 
 import sys
 

@@ -70,6 +70,8 @@ Custom ops. ``rwmn::cbp_fft`` / ``rwmn::cbp_fft_backward`` and ``rwmn::cbp_fft_f
 / ``rwmn::cbp_dense_backward`` are ``torch.library.triton_op``s launched through
 ``wrap_triton`` with ``register_autograd``, so ``torch.compile(fullgraph=True)`` traces them
 without a graph break.
+
+May import: kernels.cbp.kernels, kernels.cbp.ops, kernels.cbp.plan.
 """
 
 from kernels.cbp.kernels import twiddle

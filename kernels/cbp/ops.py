@@ -10,7 +10,8 @@ and the custom ops call the launchers through this module's globals, so tests ca
 either.
 
 May import: torch, triton (not triton.language), kernels._common, kernels.reference,
-kernels.cbp.plan, kernels.cbp.kernels, kernels.cbp.dense and kernels.cbp.sums.
+kernels.unit_norm (the normalised CBP), kernels.cbp.plan, kernels.cbp.kernels,
+kernels.cbp.dense and kernels.cbp.sums.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import triton
 from torch.library import triton_op
 
 from kernels import reference
-from kernels._common import FUSED_DTYPES, compute_dtype, launch, warn_once
+from kernels._common import compute_dtype, launch, runs_reference
 from kernels.cbp import dense as dense_kernels
 from kernels.cbp import kernels as cbp_kernels
 from kernels.cbp.plan import (
@@ -518,18 +519,6 @@ cbp_dense.register_autograd(_dense_backward, setup_context=_dense_setup_context)
 # --------------------------------------------------------------------------------------
 
 
-def _fallback_reason(x: torch.Tensor, y: torch.Tensor, out_dim: int) -> str | None:
-    if out_dim > MAX_FUSED_DIM:
-        return (
-            f"out_dim={out_dim} exceeds the fused limit {MAX_FUSED_DIM} (the dense "
-            "sketch-DFT grows as D^2 and the int32 phase index h*k must not overflow)"
-        )
-    for name, t in (("x", x), ("y", y)):
-        if t.dtype not in FUSED_DTYPES:
-            return f"{name} of dtype {t.dtype} is not fused (only fp32, bf16 and fp16 are)"
-    return None
-
-
 def cbp_with_vjp(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -595,9 +584,7 @@ def cbp(
         )
     if out_dim < 1:
         raise ValueError(f"cbp: out_dim must be positive, got {out_dim}")
-    reason = _fallback_reason(x, y, out_dim)
-    if reason is not None:
-        warn_once(f"kernels.cbp: {reason}; using kernels.reference.cbp")
+    if runs_reference("cbp", x.dtype, y.dtype, out_dim=(out_dim, MAX_FUSED_DIM)):
         return reference.cbp(x, y, h1, s1, h2, s2, out_dim, sum_pool, normalize)
     check_hash("h1", h1, s1, x.shape[-1], out_dim)
     check_hash("h2", h2, s2, y.shape[-1], out_dim)

@@ -1,4 +1,7 @@
-"""Data: the release's HDF5 layout (docs/data.md) and a synthetic generator for it."""
+"""Data: the release's HDF5 layout (docs/data.md) and a synthetic generator for it.
+
+May import: rwmn.data.movieqa.
+"""
 
 from rwmn.data.movieqa import DataError, MovieQAData, QABatch
 

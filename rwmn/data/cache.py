@@ -18,6 +18,8 @@ the run before it trains), and then serves batches from one of:
 fp32 on the device. Every source draws its batches with :func:`rwmn.data.movieqa.draw`
 from the same generator and converts float32 values to the storage dtype the same way, so
 all modes give bit-identical batches.
+
+May import: numpy, torch, rwmn.data.movieqa.
 """
 
 from __future__ import annotations

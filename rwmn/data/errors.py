@@ -1,4 +1,7 @@
-"""The error every data reader raises: one line naming the file and dataset."""
+"""The error every data reader raises: one line naming the file and dataset.
+
+May import: the standard library only.
+"""
 
 
 class DataError(ValueError):

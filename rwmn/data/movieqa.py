@@ -11,6 +11,8 @@ read when a batch needs them and checked then for NaN and inf; :meth:`MovieQADat
 reads and checks a whole movie at once, which ``rwmn.data.cache`` does for every movie of
 a split before training starts. A file that cannot be read (truncated, not HDF5) or holds
 the wrong kind of data raises :class:`DataError` with one line naming the file and dataset.
+
+May import: h5py, numpy, torch, rwmn.cli, rwmn.data.errors, rwmn.data.release.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ Determinism: batches are drawn from the sampler in step order, exactly as withou
 prefetcher. The batch drawn ahead is not yet used when a checkpoint is written, so
 :meth:`Prefetcher.sampler_state` is the sampler's state from *before* that draw: a run
 resumed from the checkpoint draws the same batch again and goes on bit-identically.
+
+May import: numpy, torch, rwmn.data.cache, rwmn.data.movieqa.
 """
 
 from __future__ import annotations

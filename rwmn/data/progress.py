@@ -1,4 +1,7 @@
-"""Progress of reading a split before training: movies, sizes, rate and time left."""
+"""Progress of reading a split before training: movies, sizes, rate and time left.
+
+May import: rwmn.data.movieqa.
+"""
 
 from __future__ import annotations
 

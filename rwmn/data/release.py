@@ -21,6 +21,8 @@ kind (``pickle`` first of all) is refused with a :class:`~rwmn.data.movieqa.Data
 naming the file and the node. HDF5 external links, virtual datasets and external raw
 storage that point outside the data directory are refused too (:func:`check_node`), in the
 story files and the QA files alike.
+
+May import: h5py, rwmn.cli, rwmn.data.errors.
 """
 
 from __future__ import annotations

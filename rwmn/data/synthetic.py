@@ -17,6 +17,8 @@ vector is a dataset-wide constant direction plus a noisy projection of the value
 of the two keeps the key and the value.
 
     python -m rwmn.data.synthetic --out DIR --source sub
+
+May import: h5py, numpy, rwmn.cli, rwmn.config.
 """
 
 from __future__ import annotations
