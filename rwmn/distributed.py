@@ -26,6 +26,7 @@ May import: numpy, torch, rwmn.config.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -135,6 +136,9 @@ class Comm:
 
     def __exit__(self, exc_type, *exc) -> None:
         if self.started:
+            # The run's DDP reducer and its gloo work objects, if a reference cycle keeps
+            # them, are freed now, while the process group they use still exists.
+            gc.collect()
             if exc_type is None:
                 # Every rank leaves together: a rank that tears its gloo connections down
                 # while a peer is still finishing its last collective makes that peer fail
