@@ -20,14 +20,16 @@ the type checks, layouts, register allocation or ptxas. This module closes that 
    divisibility attributes), then de-duplicate.
 3. **Compile** each distinct specialisation for each target with ``triton.compile`` and
    read the cubin back: registers, spill stores/loads (ptxas ``-v``), shared memory
-   (Triton's dynamic plus the cubin's static), local memory, and the SASS instruction mix
-   (HGMMA = Hopper wgmma, HMMA = mma.sync, FFMA = CUDA-core fp32 FMA).
+   (Triton's dynamic plus the cubin's static), local memory, and for configurations at the
+   model's sizes the SASS instruction mix (HGMMA = Hopper wgmma, HMMA = mma.sync, FFMA =
+   CUDA-core fp32 FMA; tiny-size configurations are built and checked, not disassembled).
 4. **Report** ``compile-<arch>.json`` and ``.md`` (default ``bench/results/``).
 
 The gate's rules (:func:`violations`, checked by tests/test_compile_gate.py): every
 configuration compiles; nothing spills, except CBP beyond the model's sizes (output D >
 4096, whose spills are reported); shared memory within the per-block limit of the target;
-and wgmma (HGMMA) on sm_90a in the bf16/fp16 hot kernels (WGMMA_KERNELS).
+and wgmma (HGMMA) on sm_90a in the bf16/fp16 hot kernels (WGMMA_KERNELS) at the model's
+sizes.
 
 Run with ``TRITON_INTERPRET`` unset: interpreted kernels cannot be compiled.
 
@@ -318,7 +320,9 @@ def _ptxas_info(ptx: str, arch: str) -> tuple[int, int, int]:
     return parsed
 
 
-def _cubin_info(cubin: bytes) -> dict:
+def _cubin_info(cubin: bytes, sass: bool) -> dict:
+    """Static shared memory and local bytes; with ``sass`` the counts of SASS_OPS in the
+    disassembly (most of a job's time after the build itself: ~0.6 s a kernel), else None."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.cubin"
         path.write_bytes(cubin)
@@ -326,19 +330,22 @@ def _cubin_info(cubin: bytes) -> dict:
             [_nvidia_bin("cuobjdump"), "--dump-resource-usage", str(path)],
             capture_output=True, text=True, check=True,
         ).stdout  # fmt: skip
-        sass = subprocess.run(
-            [_nvidia_bin("cuobjdump"), "--dump-sass", str(path)],
-            capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
+        code = ""
+        if sass:
+            code = subprocess.run(
+                [_nvidia_bin("cuobjdump"), "--dump-sass", str(path)],
+                capture_output=True, text=True, check=True,
+            ).stdout  # fmt: skip
     m = _RESOURCE.search(res)
     info = {"static_shared": int(m.group(3)), "local_bytes": int(m.group(4))} if m else {}
     for op in SASS_OPS:
-        info[op] = len(re.findall(rf"\b{op}\b", sass))
+        info[op] = len(re.findall(rf"\b{op}\b", code)) if sass else None
     return info
 
 
-def compile_job(job: CompileJob, arch: str) -> dict:
-    """Compile one job for one arch; the row of the report (``error`` set on failure)."""
+def compile_job(job: CompileJob, arch: str, sass: bool = True) -> dict:
+    """Compile one job for one arch; the row of the report (``error`` set on failure). With
+    ``sass`` (the model's sizes) its instruction mix is counted too."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -358,7 +365,7 @@ def compile_job(job: CompileJob, arch: str) -> dict:
         parsed = _parse_ptxas_log(log.getvalue()) or _ptxas_info(compiled.asm["ptx"], arch)
         regs, spill_st, spill_ld = parsed
         row.update(registers=regs, spill_store=spill_st, spill_load=spill_ld)
-        info = _cubin_info(compiled.asm["cubin"])
+        info = _cubin_info(compiled.asm["cubin"], sass)
         row.update(info)
         row["shared"] = int(compiled.metadata.shared) + info.get("static_shared", 0)
     except Exception as exc:  # a failed build is a row of the report, not a crash
@@ -416,7 +423,10 @@ def build(
         os.environ.update(TRITON_ALWAYS_COMPILE="1", TRITON_DUMP_PTXAS_LOG="1")
         ctx = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            rows = list(pool.map(compile_job, [e[0] for e in ordered], [arch] * len(ordered)))
+            rows = list(
+                pool.map(compile_job, [e[0] for e in ordered], [arch] * len(ordered),
+                         [e[2] for e in ordered])
+            )  # fmt: skip
         out_rows = []
         for (job, labels, model_size), row in zip(ordered, rows, strict=True):
             row.update(
@@ -488,7 +498,8 @@ def violations(arch_report: dict) -> list[str]:
 
 
 def _needs_wgmma(row: dict) -> bool:
-    if row["arch"] != "sm_90a" or row["dtype"] == "fp32" or row["kernel"] not in WGMMA_KERNELS:
+    hot = row["arch"] == "sm_90a" and row["model_size"] and row["dtype"] != "fp32"
+    if not hot or row["kernel"] not in WGMMA_KERNELS:
         return False
     if not row["kernel"].startswith("_cbp"):
         return True
@@ -540,8 +551,9 @@ def to_markdown(arch_report: dict) -> str:
         lines.append(
             f"| {r['kernel']} | {r['dtype']} | {cfg} | {r['num_warps']}/{r['num_stages']} | "
             f"{'yes' if r['model_size'] else 'no'} | {r['registers']} | "
-            f"{r['spill_store']}/{r['spill_load']} | {r['shared']} | {r['HGMMA']} | "
-            f"{r['HMMA']} | {r['FFMA']} | {r['compile_s']} |"
+            f"{r['spill_store']}/{r['spill_load']} | {r['shared']} | "
+            + " | ".join("-" if r[op] is None else str(r[op]) for op in SASS_OPS)
+            + f" | {r['compile_s']} |"
         )
     return "\n".join(lines) + "\n"
 
