@@ -443,8 +443,9 @@ def _cbp_dense_spectra(a, grid) -> Work:
 # --------------------------------------------------------------------------------------
 
 
-def fft_work(a) -> Work:
-    """One complex FFT of _fft (all its Stockham stages) from the launch's constexprs."""
+def fft_work(a, out_esize: int = F32) -> Work:
+    """One complex FFT of _fft (all its Stockham stages) from the launch's constexprs; with
+    ``out_esize`` the last stage writes elements of that size (_fft_into's output rows)."""
     d, bj = a["D"], a["BLOCK_J"]
     macs = bytes_ = 0
     ns = 1
@@ -454,7 +455,8 @@ def fft_work(a) -> Work:
         tiles = -(-j // bj)
         macs += 3 * tiles * bj * p * p
         # The stage's DFT matrix, its input and output vectors (re, im), the twiddles.
-        bytes_ += 2 * p * p * F32 + 4 * d * F32 + (2 * d * F32 if ns > 1 else 0)
+        out = 2 * d * (out_esize if i == a["STAGES"] else F32)
+        bytes_ += 2 * p * p * F32 + 2 * d * F32 + out + (2 * d * F32 if ns > 1 else 0)
         ns *= r
     return Work(macs, bytes_)
 
@@ -485,9 +487,9 @@ def _cbp_spectra(a, grid) -> Work:
 @_formula("_cbp_product_kernel")
 def _cbp_product(a, grid) -> Work:
     d = a["D"]
-    e = _esize(a["out_ptr"])
-    # Both rows' P and Q at every bin in, the packed product out; the inverse; rows out.
-    per_pair = fft_work(a) + Work(0, 8 * d * F32 + 2 * d * F32 + 2 * d * F32 + 2 * d * e)
+    # Both rows' P and Q at every bin in, the packed product out; the inverse, whose last
+    # stage writes the two output rows.
+    per_pair = fft_work(a, _esize(a["out_ptr"])) + Work(0, 8 * d * F32 + 2 * d * F32)
     return per_pair * _pairs(a, grid)
 
 
@@ -513,10 +515,15 @@ def _cbp_fwd(a, grid) -> Work:
     ex, ey, eo = _esize(a["x_ptr"]), _esize(a["y_ptr"]), _esize(a["out_ptr"])
     sketches = 2 * (_sketch_bytes(a["N1"], d, ex) + _sketch_bytes(a["N2"], d, ey))
     products = 8 * d * F32 + 2 * d * F32
-    rows_out = 2 * d * F32 + 2 * d * eo
     # With NORMALIZE the two rows' inverse norms of x and of y.
     norms = 4 * F32 if a["NORMALIZE"] else 0
-    return (fft_work(a) * 3 + Work(0, sketches + products + rows_out + norms)) * _pairs(a, grid)
+    # Two forward FFTs, then the inverse, whose last stage writes the two output rows (in
+    # fp32 the inverse stays in scratch and the rows are copied out).
+    if a["PRECISION"] == "ieee":
+        ffts = fft_work(a) * 3 + Work(0, 2 * d * F32 + 2 * d * eo)
+    else:
+        ffts = fft_work(a) * 2 + fft_work(a, eo)
+    return (ffts + Work(0, sketches + products + norms)) * _pairs(a, grid)
 
 
 @_formula("_cbp_bwd_kernel")

@@ -1,7 +1,7 @@
 """bench.census and kernels.work: the launch and work census of a training step, pinned.
 
-A change that adds a launch to the fused step, or executes more work, fails here; lower
-the pins in the same commit that lowers the counts (and regenerate
+A change that adds a launch to the fused step, or executes more work or moves more bytes,
+fails here; lower the pins in the same commit that lowers the counts (and regenerate
 bench/results/census-cpu.*: ``python -m bench census --out bench/results``).
 """
 
@@ -22,6 +22,8 @@ KERNELS = Path(__file__).resolve().parent.parent / "kernels"
 FUSED_LAUNCHES = {("video_sub", "bf16"): 37, ("sub", "bf16"): 30}
 #: Multiply-adds the fused video_sub bf16 step executes (tile padding included).
 FUSED_VIDEO_MACS = 23_124_220_520
+#: Bytes its launches move to and from global memory (scratch included).
+FUSED_VIDEO_BYTES = 2_362_390_676
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +35,7 @@ def test_fused_video_sub_step_is_pinned(video_bf16):
     totals = video_bf16.totals
     assert totals["launches"] == FUSED_LAUNCHES[("video_sub", "bf16")]
     assert totals["macs"] == FUSED_VIDEO_MACS
+    assert totals["bytes"] == FUSED_VIDEO_BYTES
     assert totals["syncs"] == 0, video_bf16.syncs
 
 

@@ -22,6 +22,7 @@ from test_kernels_cbp import _errors, half_precision_limit, make_inputs
 import kernels.cbp as kcbp
 import kernels.cbp.dense as cbp_dense
 import kernels.cbp.kernels as cbp_kernels
+import kernels.cbp.plan as cbp_plan
 import kernels.memconv as kmemconv
 import tests.gpu_semantics as gs
 from kernels import reference
@@ -263,20 +264,22 @@ def _cbp_check(x_shape, y_shape, out_dim, dtype=torch.float32):
         "tl.debug_barrier()  # the FFT reads sketch bins written by other threads\n"
         "    z, _ = _fft(",
         "tl.debug_barrier()  # the inverses read bins written by other threads",
+        "tl.debug_barrier()  # the caller reads what the last stage's threads wrote",
     ],
-    ids=["fft-stage", "after-sketch", "before-inverse"],
+    ids=["fft-stage", "after-sketch", "before-inverse", "fft-end"],
 )
 def test_a_deleted_barrier_is_caught(barrier, monkeypatch, tmp_path):
-    """FFT path (D = 15 = 3 x 5): with a barrier deleted the plain interpreter still gets
-    every value right; the barrier-epoch checker raises."""
+    """FFT path (D = 45 = 3 x 15, two stages): with a barrier deleted the plain interpreter
+    still gets every value right; the barrier-epoch checker raises."""
+    assert len(cbp_plan.fft_plan(45, min_dim=1)) == 2
     plant(
         monkeypatch, tmp_path, cbp_kernels, barrier, barrier.replace("tl.debug_barrier()", "pass")
     )
     cbp_fft_threshold(monkeypatch, 1)
     with gs.gpu_semantics(PLAIN):
-        _cbp_check((3, 13), (3, 11), 15)
+        _cbp_check((3, 13), (3, 11), 45)
     with semantics(), pytest.raises(Exception, match="BarrierRace"):
-        _cbp_check((3, 13), (3, 11), 15)
+        _cbp_check((3, 13), (3, 11), 45)
 
 
 def test_a_removed_other_is_caught(monkeypatch, tmp_path):

@@ -227,6 +227,13 @@ def check_dense_launchers_write_every_element(x_shape, y_shape, out_dim, seed):
     _check_against_truth(x, y, h1, s1, h2, s2, lead, g, out, gx, gy)
 
 
+def guarded(rows: int, out_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A NaN-poisoned [rows, out_dim] output and the poisoned row just after it in memory:
+    the FFT launches write two rows per inverse, the second only where it exists."""
+    buf = torch.full((rows + 1, out_dim), float("nan"), device=DEVICE)
+    return buf[:rows], buf[rows]
+
+
 def check_fft_launchers_write_every_element(x_shape, y_shape, out_dim, seed):
     """FFT path (spectra, product, backward launches). Spectra, outputs, gradients and every
     workspace start as NaN; the spectra must equal the float64 DFT of the sketches."""
@@ -253,9 +260,10 @@ def check_fft_launchers_write_every_element(x_shape, y_shape, out_dim, seed):
             spec, np.concatenate((dft.real, dft.imag), -1), what=f"{name} spectra"
         )
 
-    out = poisoned(rows, out_dim)
+    out, guard = guarded(rows, out_dim)
     ws = poisoned(cbp_plan.workspace_numel("product", out_dim, rows))
     cbp_ops.cbp_product_launch(xs, ys, xidx, yidx, twiddles, out, ws, radices, "ieee")
+    assert guard.isnan().all(), "the product launch wrote past its last output row"
     gx, gy = poisoned(rows, x.shape[-1]), poisoned(rows, y.shape[-1])
     ws = poisoned(cbp_plan.workspace_numel("backward", out_dim, rows))
     cbp_ops.cbp_backward_launch(
@@ -329,12 +337,13 @@ def check_fft_forward_launcher_writes_every_element(shape1, shape2, out_dim, see
     x, y, h1, s1, h2, s2 = make_inputs(shape1, shape2, out_dim, seed)
     x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
     rows = x2.shape[0]
-    out = torch.full((rows, out_dim), float("nan"), device=DEVICE)
+    out, guard = guarded(rows, out_dim)
     ws = torch.full(
         (cbp_plan.workspace_numel("forward", out_dim, rows),), float("nan"), device=DEVICE
     )
     twiddles = cbp_plan.twiddle_table(out_dim, DEVICE)
     cbp_ops.cbp_forward_launch(x2, y2, h1, s1, h2, s2, twiddles, out, ws, radices)
+    assert guard.isnan().all(), "the forward launch wrote past its last output row"
     npx, npy, nh1, ns1, nh2, ns2 = to_np(x2, y2, h1, s1, h2, s2)
     truth = np_cbp(npx, npy, nh1.astype(np.int64), ns1, nh2.astype(np.int64), ns2, out_dim, False)
     assert_close_to_truth(out, truth, what="forward-only out")

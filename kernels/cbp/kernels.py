@@ -57,9 +57,11 @@ def _fft_stage(
     BLOCK_J: tl.constexpr,
     SIGN: tl.constexpr,
     PRECISION: tl.constexpr,
+    im_ok,
 ):
     """One radix-R Stockham stage of a length-D complex DFT (module doc), src -> dst, both
-    planar (re at [0, D), im at [D, 2N)); SIGN = -1 forward, +1 inverse (unscaled).
+    planar (re at [0, D), im at [D, 2N)); SIGN = -1 forward, +1 inverse (unscaled). dst is
+    written in its own dtype, its im half only where im_ok.
 
     y[(j div NS) NS R + (j mod NS) + u NS] = sum_{t < R} W_R^{t u} w_N^{t (j mod NS) D/(NS R)}
     src[j + t D / R], with W_R = e^{SIGN 2 pi i / R}. A tile holds BLOCK_J values of j (rows,
@@ -92,8 +94,9 @@ def _fft_stage(
         t2 = tl.dot(vi, wi, input_precision=PRECISION)
         t3 = tl.dot(_dot_operand(vr + vi, PRECISION), wsum, input_precision=PRECISION)
         dst_idx = ((j // NS) * (NS * R) + k)[:, None] + NS * t[None, :]
-        tl.store(dst + dst_idx, t1 - t2, mask=m)
-        tl.store(dst + D + dst_idx, t3 - t1 - t2, mask=m)
+        out_ty = dst.dtype.element_ty
+        tl.store(dst + dst_idx, (t1 - t2).to(out_ty), mask=m)
+        tl.store(dst + D + dst_idx, (t3 - t1 - t2).to(out_ty), mask=tl.where(im_ok, m, False))
 
 
 @triton.jit
@@ -119,21 +122,66 @@ def _fft(
     radices R1..R4 (unused ones are 1), ping-ponging between a and b. The caller has made a
     visible to the whole program (barrier). Returns (result, other): the buffer holding the
     result and the free one; ends with a barrier, so the result is visible."""
-    _fft_stage(a, b, tab_ptr, D, R1, 1, P1, BLOCK_J, SIGN, PRECISION)
-    tl.debug_barrier()  # the next stage reads what other threads of the program wrote
-    if STAGES > 1:
-        _fft_stage(b, a, tab_ptr, D, R2, R1, P2, BLOCK_J, SIGN, PRECISION)
-        tl.debug_barrier()
-    if STAGES > 2:
-        _fft_stage(a, b, tab_ptr, D, R3, R1 * R2, P3, BLOCK_J, SIGN, PRECISION)
-        tl.debug_barrier()
-    if STAGES > 3:
-        _fft_stage(b, a, tab_ptr, D, R4, R1 * R2 * R3, P4, BLOCK_J, SIGN, PRECISION)
-        tl.debug_barrier()
     if STAGES % 2 == 1:
+        _fft_into(a, b, b, 0, True, tab_ptr, D, R1, R2, R3, R4, P1, P2, P3, P4, STAGES, BLOCK_J,
+                  SIGN, PRECISION)  # fmt: skip
         return b, a
     else:
+        _fft_into(a, b, a, 0, True, tab_ptr, D, R1, R2, R3, R4, P1, P2, P3, P4, STAGES, BLOCK_J,
+                  SIGN, PRECISION)  # fmt: skip
         return a, b
+
+
+@triton.jit
+def _fft_into(
+    a,
+    b,
+    out_ptr,
+    out_row,
+    im_ok,
+    tab_ptr,
+    D: tl.constexpr,
+    R1: tl.constexpr,
+    R2: tl.constexpr,
+    R3: tl.constexpr,
+    R4: tl.constexpr,
+    P1: tl.constexpr,
+    P2: tl.constexpr,
+    P3: tl.constexpr,
+    P4: tl.constexpr,
+    STAGES: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    SIGN: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """_fft with the last stage writing out = out_ptr + out_row D (re at out[0, D), im at
+    out[D, 2D) where im_ok, in out's dtype): an inverse whose real and imaginary parts are
+    two output rows stores them there, with no scratch round trip and no copy. The stages
+    before ping-pong between a (the input) and b. Ends with a barrier."""
+    # The row's 64-bit address is formed where the last stage needs it, not carried
+    # through the stages before (a register the fp32 kernels do not have to spare).
+    if STAGES == 1:
+        out = out_ptr + tl.cast(out_row, tl.int64) * D
+        _fft_stage(a, out, tab_ptr, D, R1, 1, P1, BLOCK_J, SIGN, PRECISION, im_ok)
+    else:
+        _fft_stage(a, b, tab_ptr, D, R1, 1, P1, BLOCK_J, SIGN, PRECISION, True)
+        tl.debug_barrier()  # the next stage reads what other threads of the program wrote
+        if STAGES == 2:
+            out = out_ptr + tl.cast(out_row, tl.int64) * D
+            _fft_stage(b, out, tab_ptr, D, R2, R1, P2, BLOCK_J, SIGN, PRECISION, im_ok)
+        else:
+            _fft_stage(b, a, tab_ptr, D, R2, R1, P2, BLOCK_J, SIGN, PRECISION, True)
+            tl.debug_barrier()
+            if STAGES == 3:
+                out = out_ptr + tl.cast(out_row, tl.int64) * D
+                _fft_stage(a, out, tab_ptr, D, R3, R1 * R2, P3, BLOCK_J, SIGN, PRECISION, im_ok)
+            else:
+                _fft_stage(a, b, tab_ptr, D, R3, R1 * R2, P3, BLOCK_J, SIGN, PRECISION, True)
+                tl.debug_barrier()
+                out = out_ptr + tl.cast(out_row, tl.int64) * D
+                _fft_stage(b, out, tab_ptr, D, R4, R1 * R2 * R3, P4, BLOCK_J, SIGN, PRECISION,
+                           im_ok)  # fmt: skip
+    tl.debug_barrier()  # the caller reads what the last stage's threads wrote
 
 
 @triton.jit
@@ -341,19 +389,10 @@ def _cbp_product_kernel(
             tl.store(ws + k, ar - bi, mask=km)
             tl.store(ws + D + k, ai + br, mask=km)
         tl.debug_barrier()  # the FFT reads bins written by other threads
-        z, _ = _fft(ws, ws + 2 * D, tab_ptr, D, R1, R2, R3, R4, P1, P2, P3, P4, STAGES,
-                    BLOCK_J, 1, PRECISION)  # fmt: skip
-        out_a = out_ptr + tl.cast(ra, tl.int64) * D
-        for j0 in range(0, D, BLOCK_S):
-            j = j0 + tl.arange(0, BLOCK_S)
-            jm = j < D
-            tl.store(out_a + j, tl.load(z + j, mask=jm).to(out_ptr.dtype.element_ty), mask=jm)
-            tl.store(
-                out_a + D + j,
-                tl.load(z + D + j, mask=tl.where(has_b, jm, False)).to(out_ptr.dtype.element_ty),
-                mask=tl.where(has_b, jm, False),
-            )
-        tl.debug_barrier()  # the next pair overwrites the buffers this pair just read
+        # Rows a and b are out's rows ra, ra + 1: the inverse's last stage writes them. Its
+        # closing barrier keeps the next pair from overwriting buffers still being read.
+        _fft_into(ws, ws + 2 * D, out_ptr, ra, has_b, tab_ptr, D, R1, R2, R3, R4, P1, P2, P3, P4,
+                  STAGES, BLOCK_J, 1, PRECISION)  # fmt: skip
 
 
 @triton.jit
@@ -438,7 +477,6 @@ def _cbp_fwd_kernel(
     for pair in range(first, tl.minimum(first + PAIRS_PER_PROGRAM, tl.cdiv(R, 2))):
         ra = 2 * pair
         has_b = ra + 1 < R
-        ra64 = tl.cast(ra, tl.int64)
         # With NORMALIZE each sketch is scaled by its row's inverse norm as it is written:
         # x and y of a row travel as one complex FFT, so they must be of one magnitude.
         _sketch_pair(x_ptr, y_ptr, xn_ptr, yn_ptr, ra, order1_ptr, start1_ptr, sign1_ptr,
@@ -461,18 +499,25 @@ def _cbp_fwd_kernel(
             tl.store(spare + k, ar - bi, mask=km)
             tl.store(spare + D + k, ai + br, mask=km)
         tl.debug_barrier()  # the inverse reads bins written by other threads
-        # P_a Q_a is consumed: its buffer is the inverse's ping-pong partner.
-        z, _ = _fft(spare, za, tab_ptr, D, R1, R2, R3, R4, P1, P2, P3, P4, STAGES, BLOCK_J, 1,
-                    PRECISION)  # fmt: skip
-        out_a = out_ptr + ra64 * D
-        for j0 in range(0, D, BLOCK_S):
-            j = j0 + tl.arange(0, BLOCK_S)
-            jm = j < D
-            tl.store(out_a + j, tl.load(z + j, mask=jm).to(out_ptr.dtype.element_ty), mask=jm)
-            jb = tl.where(has_b, jm, False)
-            tl.store(out_a + D + j, tl.load(z + D + j, mask=jb).to(out_ptr.dtype.element_ty),
-                     mask=jb)  # fmt: skip
-        tl.debug_barrier()  # the next pair overwrites the buffers this pair just read
+        # P_a Q_a is consumed: its buffer is the inverse's ping-pong partner. Its last stage
+        # writes out's rows ra (re) and ra + 1 (im), and its closing barrier keeps the next
+        # pair from overwriting buffers still being read; except in fp32 ("ieee"), whose
+        # build then spills (ptxas keeps the extra row pointer of the stage's j loop on the
+        # stack, 72 B on sm_80): there the inverse stays in scratch and the rows are copied.
+        if PRECISION == "ieee":
+            z, _ = _fft(spare, za, tab_ptr, D, R1, R2, R3, R4, P1, P2, P3, P4, STAGES, BLOCK_J,
+                        1, PRECISION)  # fmt: skip
+            out_a = out_ptr + tl.cast(ra, tl.int64) * D
+            for j0 in range(0, D, BLOCK_S):
+                j = j0 + tl.arange(0, BLOCK_S)
+                jm = j < D
+                jb = tl.where(has_b, jm, False)
+                tl.store(out_a + j, tl.load(z + j, mask=jm), mask=jm)
+                tl.store(out_a + D + j, tl.load(z + D + j, mask=jb), mask=jb)
+            tl.debug_barrier()
+        else:
+            _fft_into(spare, za, out_ptr, ra, has_b, tab_ptr, D, R1, R2, R3, R4, P1, P2, P3,
+                      P4, STAGES, BLOCK_J, 1, PRECISION)  # fmt: skip
 
 
 @triton.jit
