@@ -158,8 +158,6 @@ def _fft_into(
     out[D, 2D) where im_ok, in out's dtype): an inverse whose real and imaginary parts are
     two output rows stores them there, with no scratch round trip and no copy. The stages
     before ping-pong between a (the input) and b. Ends with a barrier."""
-    # The row's 64-bit address is formed where the last stage needs it, not carried
-    # through the stages before (a register the fp32 kernels do not have to spare).
     if STAGES == 1:
         out = out_ptr + tl.cast(out_row, tl.int64) * D
         _fft_stage(a, out, tab_ptr, D, R1, 1, P1, BLOCK_J, SIGN, PRECISION, im_ok)
@@ -512,8 +510,9 @@ def _cbp_fwd_kernel(
                 j = j0 + tl.arange(0, BLOCK_S)
                 jm = j < D
                 jb = tl.where(has_b, jm, False)
-                tl.store(out_a + j, tl.load(z + j, mask=jm), mask=jm)
-                tl.store(out_a + D + j, tl.load(z + D + j, mask=jb), mask=jb)
+                out_ty = out_ptr.dtype.element_ty
+                tl.store(out_a + j, tl.load(z + j, mask=jm).to(out_ty), mask=jm)
+                tl.store(out_a + D + j, tl.load(z + D + j, mask=jb).to(out_ty), mask=jb)
             tl.debug_barrier()
         else:
             _fft_into(spare, za, out_ptr, ra, has_b, tab_ptr, D, R1, R2, R3, R4, P1, P2, P3,
