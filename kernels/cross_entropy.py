@@ -48,6 +48,14 @@ def _row_max(s):
 
 
 @triton.jit
+def _log1p(u):
+    """log(1 + u) to a few ulps for u >= 0, from log alone (Goldberg's form)."""
+    w = 1.0 + u
+    exact = w == 1.0
+    return tl.where(exact, u, tl.log(w) * (u / tl.where(exact, 1.0, w - 1.0)))
+
+
+@triton.jit
 def _count(keep_ptr, B, HAS_KEEP: tl.constexpr, BLOCK_B: tl.constexpr):
     """The number of kept questions (fp32)."""
     if HAS_KEEP:
@@ -74,11 +82,15 @@ def _ce_fwd_kernel(
         ok = r_ok[:, None] & (cols < A)[None, :]
         s = _scores(x_ptr, rows, cols, ok, A, LEGACY)
         big = _row_max(s)
-        total_e = tl.sum(tl.where(ok, tl.exp(s - big[:, None]), 0.0), axis=1)
-        lse = big + tl.log(tl.where(r_ok, total_e, 1.0))
+        top = s == big[:, None]
+        # lse - s_t = log1p(rest) - (s_t - max), rest = sum(exp(s - max)) - 1 summed over
+        # all but one of the max's columns (each exactly 1): no cancellation where the
+        # target leads and the loss is small.
+        rest = tl.sum(tl.where(ok & ~top, tl.exp(s - big[:, None]), 0.0), axis=1)
+        rest += tl.sum(top.to(tl.float32), axis=1) - 1.0
         t = tl.load(t_ptr + rows, mask=r_ok, other=0)
-        picked = tl.sum(tl.where(cols[None, :] == t[:, None], s, 0.0), axis=1)
-        per_row = tl.where(r_ok, lse - picked, 0.0)
+        picked = tl.sum(tl.where(cols[None, :] == t[:, None], s - big[:, None], 0.0), axis=1)
+        per_row = tl.where(r_ok, _log1p(tl.where(r_ok, rest, 0.0)) - picked, 0.0)
         if HAS_KEEP:
             per_row = tl.where(tl.load(keep_ptr + rows, mask=r_ok, other=0) != 0, per_row, 0.0)
         total += tl.sum(per_row, axis=0)
@@ -100,13 +112,25 @@ def _ce_bwd_kernel(
         e = tl.where(ok, tl.exp(s - _row_max(s)[:, None]), 0.0)
         p = e / tl.where(r_ok, tl.sum(e, axis=1), 1.0)[:, None]
         t = tl.load(t_ptr + rows, mask=r_ok, other=0)
-        ds = scale * (p - tl.where(cols[None, :] == t[:, None], 1.0, 0.0))
+        is_t = cols[None, :] == t[:, None]
+        c = tl.where(r_ok, scale, 0.0)  # each row's dL/dloss_b
         if HAS_KEEP:
-            kept = tl.load(keep_ptr + rows, mask=r_ok, other=0) != 0
-            ds = tl.where(kept[:, None], ds, 0.0)
+            c = tl.where(tl.load(keep_ptr + rows, mask=r_ok, other=0) != 0, c, 0.0)
+        # 1 - p_t as the sum of the other answers' p: no cancellation where p_t is near one.
+        p_rest = tl.sum(tl.where(is_t, 0.0, p), axis=1)
         if LEGACY:
+            # ds_i - <s, ds> with ds = p - onehot(t) and sum(s) = 1, regrouped so that each
+            # sum has terms of one sign: dx stays accurate where s_t is near one.
             sm = tl.where(ok, s, 0.0)  # the softmax of x
-            ds = sm * (ds - tl.sum(sm * ds, axis=1)[:, None])
+            s_t = tl.sum(tl.where(is_t, sm, 0.0), axis=1)
+            s_rest = tl.sum(tl.where(is_t, 0.0, sm), axis=1)
+            sp_rest = tl.sum(tl.where(is_t, 0.0, sm * p), axis=1)
+            inner = tl.where(
+                is_t, -(s_rest * p_rest + sp_rest)[:, None], p + (s_t * p_rest - sp_rest)[:, None]
+            )
+            ds = c[:, None] * (sm * inner)
+        else:
+            ds = c[:, None] * tl.where(is_t, -p_rest[:, None], p)
         offs = rows.to(tl.int64)[:, None] * A + cols[None, :]
         tl.store(dx_ptr + offs, ds.to(dx_ptr.dtype.element_ty), mask=ok)
 

@@ -62,6 +62,7 @@ def outputs_and_grads(fn, inputs, cotangents):
 def assert_matches(fused, ref_same_dtype, ref64, what, ratio=ERROR_RATIO, rel_atol=FP32_REL_ATOL):
     """Fused error vs float64 within ratio x the reference's own error (+ a small atol)."""
     assert fused.shape == ref64.shape, f"{what}: shape {tuple(fused.shape)} vs {tuple(ref64.shape)}"
+    assert ref64.dtype == torch.float64, f"{what}: the float64 reference computed in {ref64.dtype}"
     fused64, own64 = fused.double().cpu(), ref_same_dtype.double().cpu()
     assert torch.isfinite(fused64).all(), f"{what}: non-finite values (unwritten output?)"
     err = (fused64 - ref64.cpu()).abs().max().item()

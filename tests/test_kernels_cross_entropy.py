@@ -19,6 +19,8 @@ from rwmn import reference
 # (B, A): the model's, one row, several row steps ending in a partial one, A not a power
 # of two and wider than one.
 SHAPES = [(32, 5), (1, 5), (130, 7), (3, 2)]
+#: Relative error allowed for each value in test_confident_answers (~80 fp32 ulps).
+RELATIVE_ERROR = 1e-5
 
 
 def _fns(target, keep, legacy):
@@ -38,6 +40,33 @@ def test_matches_float64(shape, masked, legacy):
         keep = torch.rand(batch) < 0.7
         keep[0] = True
     check_against_float64(*_fns(target, keep, legacy), [torch.randn(batch, a) * 3.0])
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["paper", "legacy"])
+@pytest.mark.parametrize("margin", [6.0, 12.0])
+def test_confident_answers(margin, legacy):
+    """The target well ahead of the other answers (a trained model's batch), scores away
+    from zero: the loss and dx are small differences of O(1) terms, and only
+    cancellation-free forms of them stay within the rule against float64."""
+    x = torch.randn(32, 5)
+    target = x.argmax(1)
+    x[torch.arange(32), target] += margin
+    x += 16.0
+    fused, ref = _fns(target, None, legacy)
+    check_against_float64(fused, ref, [x])
+    # Stronger than the rule (torch's own forms cancel here too): every value, however
+    # small, to RELATIVE_ERROR of its float64 value.
+    for what, got, want in zip(
+        ("loss", "dx"), _loss_and_grad(fused, x), _loss_and_grad(ref, x.double()), strict=True
+    ):
+        rel = ((got.double() - want).abs() / want.abs()).max().item()
+        assert rel <= RELATIVE_ERROR, f"{what}: relative error {rel:.2e} vs float64"
+
+
+def _loss_and_grad(fn, x):
+    x = x.clone().requires_grad_()
+    loss = fn(x)
+    return loss.detach(), torch.autograd.grad(loss, x)[0]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
