@@ -378,7 +378,7 @@ def test_legacy_matches_release_graph(case):
     ce = (torch.logsumexp(probs, -1) - probs[torch.arange(4), target]).mean()
     l2 = sum((p.detach() ** 2).sum() for p in model.parameters()) / 2
     torch.testing.assert_close(
-        model.loss(logits, target), (ce + cfg.reg * l2).float(), rtol=1e-6, atol=0
+        model.loss(logits, target), ce + cfg.reg * l2, rtol=1e-6, atol=0
     )
 
 
@@ -417,7 +417,7 @@ def test_paper_mode_matches_direct_composition(case):
     ce = F.cross_entropy(expected, target)
     l2 = sum((p.detach() ** 2).sum() for p in model.parameters()) / 2
     torch.testing.assert_close(
-        model.loss(logits, target), (ce + cfg.reg * l2).float(), rtol=1e-6, atol=0
+        model.loss(logits, target), ce + cfg.reg * l2, rtol=1e-6, atol=0
     )
 
 
