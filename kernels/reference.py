@@ -53,10 +53,10 @@ def cross_entropy(
     keep: torch.Tensor | None = None,
     legacy: bool = False,
 ) -> torch.Tensor:
-    """Mean softmax cross-entropy of logits [B, A] (in fp32) against target [B]; of
-    softmax(logits) in the release's legacy form; with ``keep`` (a padded batch's question
-    mask) the mean over the kept questions (docs/model.md section 6). Half-precision
-    logits are scored in fp32; float64 stays float64 (the tests' ground truth)."""
+    """Mean softmax cross-entropy of logits [B, A] against target [B]; of softmax(logits)
+    in the release's legacy form; with ``keep`` (a padded batch's question mask) the mean
+    over the kept questions (docs/model.md section 6). Half-precision logits are scored in
+    fp32; float64 stays float64 (the tests' ground truth)."""
     scores = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     if legacy:
         scores = torch.softmax(scores, dim=-1)

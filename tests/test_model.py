@@ -377,9 +377,7 @@ def test_legacy_matches_release_graph(case):
     probs = torch.softmax(expected, -1)
     ce = (torch.logsumexp(probs, -1) - probs[torch.arange(4), target]).mean()
     l2 = sum((p.detach() ** 2).sum() for p in model.parameters()) / 2
-    torch.testing.assert_close(
-        model.loss(logits, target), ce + cfg.reg * l2, rtol=1e-6, atol=0
-    )
+    torch.testing.assert_close(model.loss(logits, target), ce + cfg.reg * l2, rtol=1e-6, atol=0)
 
 
 def test_legacy_interleaving_matters():
@@ -416,9 +414,7 @@ def test_paper_mode_matches_direct_composition(case):
     target = torch.tensor([4, 0, 2])
     ce = F.cross_entropy(expected, target)
     l2 = sum((p.detach() ** 2).sum() for p in model.parameters()) / 2
-    torch.testing.assert_close(
-        model.loss(logits, target), ce + cfg.reg * l2, rtol=1e-6, atol=0
-    )
+    torch.testing.assert_close(model.loss(logits, target), ce + cfg.reg * l2, rtol=1e-6, atol=0)
 
 
 def test_paper_and_legacy_differ():
